@@ -1,0 +1,908 @@
+"""Infrastructure shared by every method file: CLIP loading, zero-shot heads, datasets, metrics,
+evaluation, run directories and the one training loop. No method logic lives here.
+
+Conventions (METHODS.md):
+  * Logits are `s · n(f(x)) @ Wᵀ` where W [K, D] is the head and s = clip.logit_scale.exp() is the
+    model's own learned temperature (100 for OpenAI CLIP, ~20 for the mini CLIP). The scale is never
+    baked into W: W starts as unit-norm class embeddings, so WiSE-FT interpolating the head and the
+    tower is interpolating like with like.
+  * A batch is a dict {"image": [B,3,H,W], "label": [B], "index": [B]}; `index` points into the
+    training split so methods with per-image side data (ARF's captions) can look it up.
+  * `loss_fn(model, batch) -> (loss, terms)` where `terms` is a dict of floats/0-d tensors shown in
+    the progress bar and the log.
+  * Every run directory holds args.json, log.jsonl, ckpt/step_*.pt, final.pt and results.jsonl; every
+    evaluation row is also appended to <runs root>/results.jsonl so evaluate.py can tabulate them all.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent
+ECE_BINS = 15
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments: a dataclass per method file, presets per --data, parsed into argparse.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainArgs:
+    data: str = "miniworld"  # miniworld | imagenet | domainnet | folder
+    data_root: str = ""  # dataset folder (not needed for miniworld); see README for layouts
+    model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
+    pretrained: str = ""  # open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a weights file
+    steps: int = 300  # optimiser steps
+    batch_size: int = 128  # global batch per optimiser step (split over processes and accumulation)
+    grad_accum: int = 1  # micro-batches accumulated per step
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine to 0
+    clip_grad: float = 1.0  # max global gradient norm (0 = off)
+    crop_scale: float = 0.5  # lower bound of RandomResizedCrop's area scale (papers: 0.08)
+    seed: int = 0  # seeds data order, augmentation and initialisation
+    workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    eval_every: int = 100  # steps between held-out evaluations (0 = only at the end)
+    ckpt_every: int = 100  # steps between resumable checkpoints (0 = only final.pt)
+    eval_batch_size: int = 512  # batch size for evaluation
+    out: str = ""  # run directory (default runs/<method>-<data>-<model>-s<seed>)
+    resume: bool = False  # continue from the newest readable checkpoint in --out
+    device: str = ""  # cuda | cpu (default: cuda when available)
+
+
+def _field_comments(cls) -> dict:
+    """The `# comment` after each dataclass field, used as its --help text."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def parse_args(args_cls, presets: dict, argv: Optional[Sequence[str]] = None):
+    """Dataclass defaults < PRESETS[--data] < command line. Unknown --data fails with the choices."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data", default=args_cls.data)
+    data = pre.parse_known_args(argv)[0].data
+    if data not in DATASETS:
+        raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
+    defaults = {**{f.name: f.default for f in dataclasses.fields(args_cls)}, **presets.get(data, {})}
+    parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0])
+    helps = _field_comments(args_cls)
+    for f in dataclasses.fields(args_cls):
+        flag, default = "--" + f.name.replace("_", "-"), defaults[f.name]
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+        else:
+            typ = type(default) if default is not None else str
+            parser.add_argument(flag, type=typ, default=default, help=f"{helps.get(f.name, '')} (default: {default})")
+    args = args_cls(**vars(parser.parse_args(argv)))
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    problems = []
+    if args.batch_size <= 0:
+        problems.append(f"--batch-size must be positive (got {args.batch_size})")
+    if args.lr < 0:
+        problems.append(f"--lr must be >= 0 (got {args.lr})")
+    if args.steps < 0:
+        problems.append(f"--steps must be >= 0 (got {args.steps})")
+    if args.grad_accum <= 0:
+        problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: any open_clip CLIP, a weights file, or the built-in miniclip; plus the classifier wrapper.
+# ----------------------------------------------------------------------------------------------
+def get_device(name: str = "") -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_clip(model_name: str = "miniclip", pretrained: str = "", device="cpu"):
+    """Returns (clip, tokenizer, preprocess_cfg). `pretrained` is an open_clip tag or a weights file."""
+    import open_clip
+
+    if model_name.endswith(".json") and os.path.isfile(model_name):  # a custom open_clip config file
+        open_clip.add_model_config(model_name)
+        model_name = Path(model_name).stem
+    if model_name == "miniclip":
+        import miniworld
+
+        if pretrained and not os.path.isfile(pretrained):
+            raise SystemExit(f"error: --pretrained {pretrained!r} is not a file (miniclip takes a weights file or nothing)")
+        clip, tokenizer = miniworld.load_miniclip(device=device, path=pretrained or None)
+    else:
+        if model_name not in open_clip.list_models():
+            raise SystemExit(f"error: unknown --model {model_name!r}. Known: miniclip, " + ", ".join(open_clip.list_models()))
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained and pretrained not in tags and not os.path.isfile(pretrained):
+            raise SystemExit(
+                f"error: --pretrained {pretrained!r} is neither a file nor a tag of {model_name}. Tags: {', '.join(tags) or 'none'}"
+            )
+        try:
+            clip = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+        except RuntimeError as e:  # a file that is not a checkpoint, or weights that cannot be fetched
+            raise SystemExit(f"error: could not load {model_name} weights {pretrained!r}: {e}") from None
+        tokenizer = open_clip.get_tokenizer(model_name)
+    clip.eval()
+    return clip, tokenizer, dict(clip.visual.preprocess_cfg)
+
+
+def image_transforms(preprocess_cfg: dict, crop_scale: float):
+    """Train: random resized crop (scale crop_scale..1) + flip, the papers' augmentation. Eval: the
+    model's own resize + centre crop."""
+    import open_clip
+    from torchvision import transforms as T
+
+    size = preprocess_cfg["size"]
+    size = size if isinstance(size, int) else size[-1]
+    mean, std = preprocess_cfg["mean"], preprocess_cfg["std"]
+    train = T.Compose([
+        T.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+    evaluation = open_clip.image_transform(size, is_train=False, mean=mean, std=std,
+                                           resize_mode=preprocess_cfg.get("resize_mode"),
+                                           interpolation=preprocess_cfg.get("interpolation"))
+    return train, evaluation
+
+
+class ClipClassifier(nn.Module):
+    """A CLIP plus a linear head W [K, D]; logits = s · n(f(x)) @ Wᵀ with s = exp(logit_scale)."""
+
+    def __init__(self, clip: nn.Module, head: torch.Tensor, tokenizer=None):
+        super().__init__()
+        self.clip = clip
+        self.head = nn.Parameter(head.clone())  # [K, D]
+        self.tokenizer = tokenizer
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(images), dim=-1)  # [B, D]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.image_features(images) @ self.head.t()  # [B, K]
+
+
+def set_trainable(model: ClipClassifier, image: bool = True, text: bool = False, head: bool = True, scale: bool = False):
+    """Freeze everything, then unfreeze the named parts. The default is FT's: image tower + head."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    text_modules = [model.clip.transformer, model.clip.token_embedding, model.clip.ln_final] if hasattr(model.clip, "transformer") else [model.clip.text]
+    if image:
+        model.clip.visual.requires_grad_(True)
+    if text:
+        for m in text_modules:
+            m.requires_grad_(True)
+        for name in ("positional_embedding", "text_projection"):
+            p = getattr(model.clip, name, None)
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(True)
+    model.head.requires_grad_(head)
+    model.clip.logit_scale.requires_grad_(scale)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot heads
+# ----------------------------------------------------------------------------------------------
+def as_template_fns(templates) -> list:
+    return [t if callable(t) else t.format for t in templates]
+
+
+@torch.no_grad()
+def zeroshot_head(clip, tokenizer, classnames, templates, device=None) -> torch.Tensor:
+    """W [K, D]: row k = n(mean_t n(g(template_t(class_k)))), unit norm (open_clip's builder)."""
+    import open_clip
+
+    device = device or next(clip.parameters()).device
+    weights = open_clip.build_zero_shot_classifier(
+        clip, tokenizer, list(classnames), as_template_fns(templates), num_classes_per_batch=max(1, 2048 // len(templates)),
+        device=device,
+    )  # [D, K]
+    return weights.t().float().contiguous()
+
+
+@torch.no_grad()
+def template_embeddings(clip, tokenizer, classnames, templates, device=None, batch_size: int = 2048) -> torch.Tensor:
+    """Per-prompt text embeddings n(g(template_t(class_k))) as [K, T, D]; CAR-FT's context head
+    averages these over classes (open_clip's builder only returns the class average)."""
+    device = device or next(clip.parameters()).device
+    fns = as_template_fns(templates)
+    texts = [fn(c) for c in classnames for fn in fns]
+    out = [clip.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).view(len(classnames), len(fns), -1)  # [K, T, D]
+
+
+def special_token_ids(tokenizer) -> tuple[int, int, int]:
+    """(sot, eot, vocab_size) of an open_clip SimpleTokenizer or the miniworld word tokenizer."""
+    vocab_size = getattr(tokenizer, "vocab_size", None) or len(tokenizer.encoder)
+    return tokenizer.sot_token_id, tokenizer.eot_token_id, vocab_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: image lists, splits, tasks by name
+# ----------------------------------------------------------------------------------------------
+class ArrayImages:
+    """Images held in memory as uint8 [N, H, W, 3] (miniworld)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, captions: Optional[list] = None):
+        self.images, self.labels, self.captions = images, np.asarray(labels, dtype=np.int64), captions
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(self.images[i])
+
+    def subset(self, idx):
+        idx = np.asarray(idx)
+        caps = [self.captions[i] for i in idx] if self.captions is not None else None
+        return ArrayImages(self.images[idx], self.labels[idx], caps)
+
+
+def load_rgb(path: str):
+    """Open any image as 8-bit RGB (CMYK, palette, alpha, grayscale, 16-bit); None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale to 8 bits
+                arr = np.asarray(img, dtype=np.float64)
+                arr = (255.0 * arr / max(arr.max(), 1.0)).astype(np.uint8)
+                return Image.fromarray(arr).convert("RGB")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+class FileImages:
+    """Images on disk given as (path, label) pairs; unreadable files are skipped and counted."""
+
+    def __init__(self, paths: list, labels):
+        self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i: int):
+        return load_rgb(self.paths[i])
+
+    def subset(self, idx):
+        return FileImages([self.paths[i] for i in idx], self.labels[np.asarray(idx)])
+
+
+@dataclass
+class Split:
+    name: str
+    kind: str  # train | heldout | id | ood | zeroshot
+    images: object  # ArrayImages | FileImages
+    classnames: list  # the label space `images.labels` index into
+    templates: list  # prompt templates for this split's text head
+    class_subset: Optional[list] = None  # only these classes are scored (ImageNet-R/A: 200 of 1000)
+
+
+@dataclass
+class Task:
+    name: str
+    classnames: list
+    templates: list
+    train: Split
+    heldout: Split
+    tests: list = field(default_factory=list)  # id first, then ood, then zeroshot
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+LAYOUTS = {
+    "imagenet": """DIR/train/nXXXXXXXX/*.JPEG         (1000 wnid folders)
+DIR/val/nXXXXXXXX/*.JPEG           (validation regrouped into wnid folders)
+optional OOD sets, scored when present:
+DIR/imagenetv2/0 ... 999/*.jpeg    (ImageNet-V2 matched-frequency, folders named by class index)
+DIR/imagenet-r/nXXXXXXXX/*.jpg     (200 wnids)
+DIR/imagenet-a/nXXXXXXXX/*.jpg     (200 wnids)
+DIR/imagenet-sketch/nXXXXXXXX/*.JPEG""",
+    "domainnet": """DIR/{real,painting,clipart,infograph,sketch}/<class>/*.jpg
+DIR/{domain}_train.txt, DIR/{domain}_test.txt   (official split files: '<domain>/<class>/<file> <label>' per line)""",
+    "folder": """DIR/train/<class>/*.jpg            (training images, one folder per class)
+DIR/<test split>/<class>/*.jpg     (one or more test folders with the same class folder names;
+                                    'test' or 'val' is in-distribution, every other folder is OOD)""",
+}
+
+
+def missing_root(data: str, root: str, what: str):
+    raise SystemExit(f"error: {what} not found for --data {data} (--data-root {root!r}). Expected layout:\n{LAYOUTS[data]}")
+
+
+def scan_class_folders(folder: Path, class_index: dict) -> tuple[list, list]:
+    """(paths, labels) for folder/<class>/<image>; folder names are mapped through class_index."""
+    paths, labels = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if sub.name not in class_index:
+            raise SystemExit(f"error: class folder {sub} is not in the training classes {sorted(class_index)[:10]}...")
+        files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            print(f"warning: empty class folder {sub} (skipped)")
+        paths += [str(f) for f in files]
+        labels += [class_index[sub.name]] * len(files)
+    return paths, labels
+
+
+def heldout_split(images, seed: int, count: int):
+    """Deterministically move `count` training images into a held-out slice for model selection."""
+    order = np.random.default_rng(seed + 12345).permutation(len(images))
+    count = min(count, len(images) // 10)
+    return images.subset(np.sort(order[count:])), images.subset(np.sort(order[:count]))
+
+
+def load_miniworld(root: str, seed: int) -> Task:
+    import miniworld
+
+    task = miniworld.load_task()
+    classnames, templates = task["classnames"], task["templates"]
+    splits = []
+    for name, s in task["splits"].items():
+        images = ArrayImages(s["images"], s["labels"], s.get("captions"))
+        splits.append(Split(name, s["kind"], images, s.get("classnames", classnames), s.get("templates", templates)))
+    by_kind = {k: [s for s in splits if s.kind == k] for k in ("train", "heldout", "id", "ood", "zeroshot")}
+    return Task("miniworld", classnames, templates, by_kind["train"][0], by_kind["heldout"][0],
+                by_kind["id"] + by_kind["ood"] + by_kind["zeroshot"])
+
+
+def load_imagenet(root: str, seed: int) -> Task:
+    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    base = Path(root)
+    if not root or not (base / "train").is_dir() or not (base / "val").is_dir():
+        missing_root("imagenet", root, "train/ and val/")
+    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    if len(wnids) != len(IMAGENET_CLASSNAMES):
+        raise SystemExit(f"error: {base/'train'} has {len(wnids)} class folders; ImageNet needs {len(IMAGENET_CLASSNAMES)} wnids")
+    index = {w: i for i, w in enumerate(wnids)}
+    names, templates = list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES)
+    train, heldout = heldout_split(FileImages(*scan_class_folders(base / "train", index)), seed, 10_000)
+    tests = [Split("val", "id", FileImages(*scan_class_folders(base / "val", index)), names, templates)]
+    v2 = base / "imagenetv2"
+    if v2.is_dir():  # folders are class indices: map by integer, never by string order
+        paths, labels = [], []
+        for sub in sorted((p for p in v2.iterdir() if p.is_dir()), key=lambda p: int(p.name)):
+            files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            paths += [str(f) for f in files]
+            labels += [int(sub.name)] * len(files)
+        tests.append(Split("imagenet-v2", "ood", FileImages(paths, labels), names, templates))
+    for name in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
+        if (base / name).is_dir():
+            images = FileImages(*scan_class_folders(base / name, index))
+            present = sorted(set(images.labels.tolist()))
+            subset = present if len(present) < len(names) else None
+            tests.append(Split(name, "ood", images, names, templates, subset))
+    return Task("imagenet", names, templates, Split("train", "train", train, names, templates),
+                Split("heldout", "heldout", heldout, names, templates), tests)
+
+
+DOMAINNET_DOMAINS = ("real", "painting", "clipart", "infograph", "sketch")
+
+
+def read_domainnet_split(base: Path, domain: str, part: str) -> tuple[list, list, dict]:
+    listing = base / f"{domain}_{part}.txt"
+    if not listing.is_file():
+        missing_root("domainnet", str(base), str(listing))
+    paths, labels, names = [], [], {}
+    for line in listing.read_text().splitlines():
+        if not line.strip():
+            continue
+        rel, label = line.rsplit(maxsplit=1)
+        paths.append(str(base / rel))
+        labels.append(int(label))
+        names.setdefault(int(label), rel.split("/")[1].lower().replace("_", " "))
+    return paths, labels, names
+
+
+def load_domainnet(root: str, seed: int) -> Task:
+    """Labels come from the official split files, so every domain shares one class order whatever
+    the case of its folder names."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    base = Path(root)
+    if not root or not base.is_dir():
+        missing_root("domainnet", root, "the DomainNet folder")
+    train_paths, train_labels, names = read_domainnet_split(base, "real", "train")
+    classnames = [names[i] for i in range(len(names))]
+    templates = list(OPENAI_IMAGENET_TEMPLATES)
+    train, heldout = heldout_split(FileImages(train_paths, train_labels), seed, 5_000)
+    tests = []
+    for domain in DOMAINNET_DOMAINS:
+        if domain != "real" and not (base / f"{domain}_test.txt").is_file():
+            continue
+        paths, labels, dnames = read_domainnet_split(base, domain, "test")
+        clash = {i: (n, classnames[i]) for i, n in dnames.items() if i < len(classnames) and n != classnames[i]}
+        if clash:
+            raise SystemExit(f"error: {domain}_test.txt labels disagree with real_train.txt: {list(clash.items())[:3]}")
+        tests.append(Split(domain, "id" if domain == "real" else "ood", FileImages(paths, labels), classnames, templates))
+    return Task("domainnet", classnames, templates, Split("train", "train", train, classnames, templates),
+                Split("heldout", "heldout", heldout, classnames, templates), tests)
+
+
+def load_folder(root: str, seed: int) -> Task:
+    from open_clip import SIMPLE_IMAGENET_TEMPLATES
+
+    base = Path(root)
+    if not root or not (base / "train").is_dir():
+        missing_root("folder", root, "train/")
+    folders = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    index = {c: i for i, c in enumerate(folders)}
+    classnames = [c.replace("_", " ") for c in folders]
+    templates = list(SIMPLE_IMAGENET_TEMPLATES)
+    train, heldout = heldout_split(FileImages(*scan_class_folders(base / "train", index)), seed, 10_000)
+    if len(train) == 0:
+        raise SystemExit(f"error: no images under {base/'train'}. Expected layout:\n{LAYOUTS['folder']}")
+    tests = []
+    for sub in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "train"):
+        kind = "id" if sub.name in ("test", "val") else "ood"
+        tests.append(Split(sub.name, kind, FileImages(*scan_class_folders(sub, index)), classnames, templates))
+    if not tests:
+        missing_root("folder", root, "a test folder beside train/")
+    tests.sort(key=lambda s: s.kind != "id")
+    return Task("folder", classnames, templates, Split("train", "train", train, classnames, templates),
+                Split("heldout", "heldout", heldout, classnames, templates), tests)
+
+
+DATASETS = {"miniworld": load_miniworld, "imagenet": load_imagenet, "domainnet": load_domainnet, "folder": load_folder}
+
+
+def load_task(data: str, root: str = "", seed: int = 0) -> Task:
+    if data not in DATASETS:
+        raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[data](root, seed)
+
+
+class TransformedImages(torch.utils.data.Dataset):
+    """Applies a transform; an index may carry its own seed so augmentation is a pure function of
+    (seed, position in the data stream), which is what makes kill-and-resume bit-exact."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        img = self.images.load(index)
+        if img is None:
+            return None
+        if sample_seed is None:
+            x = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                x = self.transform(img)
+        return {"image": x, "label": int(self.images.labels[index]), "index": index}
+
+
+def collate_skipping_bad(samples):
+    """Default collation of the readable samples; `n_bad` counts the unreadable ones."""
+    good = [s for s in samples if s is not None]
+    batch = torch.utils.data.default_collate(good) if good else {}
+    batch["n_bad"] = len(samples) - len(good)
+    return batch
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields the micro-batches of steps [start, total) for one process. Sample p of the stream is
+    element p % N of the permutation of epoch p // N; its augmentation seed is a hash of (seed, p)."""
+
+    def __init__(self, n: int, global_batch: int, accum: int, rank: int, world: int, seed: int, start: int, total: int):
+        assert global_batch % (accum * world) == 0, "batch size must divide by grad_accum × processes"
+        self.n, self.B, self.accum, self.rank, self.world = n, global_batch, accum, rank, world
+        self.seed, self.start, self.total, self._perms = seed, start, total, {}
+
+    def _perm(self, epoch):
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def __len__(self):
+        return (self.total - self.start) * self.accum
+
+    def __iter__(self):
+        micro = self.B // (self.accum * self.world)
+        for step in range(self.start, self.total):
+            for a in range(self.accum):
+                first = step * self.B + (a * self.world + self.rank) * micro
+                yield [(self._perm(p // self.n)[p % self.n], (self.seed * 2_654_435_761 + p) % 2**63) for p in range(first, first + micro)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and evaluation
+# ----------------------------------------------------------------------------------------------
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict:
+    """Accuracy, expected calibration error (equal-width confidence bins) and NLL."""
+    logits, labels = logits.float(), labels.long()
+    logp = logits.log_softmax(-1)  # [N, K]
+    conf, pred = logp.exp().max(-1)  # [N]
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    bin_of = torch.bucketize(conf, edges[1:-1], right=False)  # bin b holds (edges[b], edges[b+1]]
+    ece = torch.zeros(())
+    for b in range(bins):
+        in_bin = bin_of == b
+        if in_bin.any():
+            ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
+    nll = F.nll_loss(logp, labels)
+    return {"acc": correct.mean().item(), "ece": ece.item(), "nll": nll.item(), "n": len(labels)}
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.inference_mode()
+def predict(forward: Callable, images, transform, device, batch_size: int = 512, workers: int = 0):
+    """Runs `forward(images) -> logits` over an image list; returns (logits [N,K], labels [N], n_bad)."""
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate_skipping_bad)
+    outs, labels, bad = [], [], 0
+    for batch in loader:
+        bad += batch["n_bad"]
+        if "image" not in batch:
+            continue
+        with autocast(device):
+            outs.append(forward(batch["image"].to(device, non_blocking=True)).float().cpu())
+        labels.append(batch["label"])
+    if not outs:
+        raise SystemExit("error: no readable images in this split")
+    return torch.cat(outs), torch.cat(labels), bad
+
+
+def split_head(model: ClipClassifier, split: Split, task: Task) -> torch.Tensor:
+    """The classification head to score a split: the trained head for the task's own classes, a
+    fresh text head from the model's (current) text tower for zero-shot transfer splits."""
+    if split.kind == "zeroshot" or split.classnames != task.classnames:
+        return zeroshot_head(model.clip, model.tokenizer, split.classnames, split.templates)
+    return model.head.detach()
+
+
+def evaluate_split(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> dict:
+    model.eval()
+    head = split_head(model, split, task).to(device)  # [K, D]
+    if split.class_subset is not None:  # score only the classes this split has (ImageNet-R/A)
+        head = head[split.class_subset]
+    forward = lambda x: model.scale * model.image_features(x) @ head.t()  # noqa: E731
+    logits, labels, bad = predict(forward, split.images, transform, device, batch_size, workers)
+    if split.class_subset is not None:
+        remap = torch.full((len(split.classnames),), -1, dtype=torch.long)
+        remap[torch.tensor(split.class_subset)] = torch.arange(len(split.class_subset))
+        labels = remap[labels]
+    return {**classification_metrics(logits, labels), "skipped": bad}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: directories, results, checkpoints
+# ----------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temp file, fsync, rename: a kill mid-write never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_run(args, method: str) -> Path:
+    """Creates the run directory, refusing to overwrite a finished or started run unless --resume."""
+    run = Path(args.out or f"runs/{method}-{args.data}-{Path(args.model).stem}-s{args.seed}")
+    if is_main_process():
+        if (run / "args.json").exists() and not args.resume:
+            raise SystemExit(f"error: {run} already holds a run. Pass --resume to continue it, or --out NEW_DIR.")
+        (run / "ckpt").mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps({"method": method, **dataclasses.asdict(args)}, indent=2))
+    barrier()
+    return run
+
+
+def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = ""):
+    """Appends one line per split to run/results.jsonl and to the runs root's results.jsonl."""
+    if not is_main_process():
+        return
+    common = {"run": str(run), "method": method, "tag": tag, "data": args.data, "model": args.model,
+              "pretrained": args.pretrained, "step": step, "seed": args.seed, "commit": git_commit(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    lines = "".join(json.dumps({**common, **row}) + "\n" for row in rows)
+    for path in {run / "results.jsonl", run.parent / "results.jsonl"}:
+        with open(path, "a") as f:
+            f.write(lines)
+
+
+def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=0, splits=None) -> list:
+    rows = []
+    for split in splits or task.tests:
+        metrics = evaluate_split(model, split, task, transform, device, batch_size, workers)
+        rows.append({"split": split.name, "kind": split.kind, **metrics})
+        print(f"  {split.name:<16} {split.kind:<9} acc {100*metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}"
+              + (f"  (skipped {metrics['skipped']} unreadable)" if metrics["skipped"] else ""))
+    return rows
+
+
+def checkpoint_meta(args, method: str, task: Task) -> dict:
+    return {"method": method, "model": args.model, "pretrained": args.pretrained, "data": args.data,
+            "classnames": task.classnames}
+
+
+def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
+    """Rebuilds a ClipClassifier from a final.pt / step checkpoint; checks the class list."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "final.pt"
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        meta = ckpt["meta"]
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same actionable message
+        raise SystemExit(f"error: {path} is not a checkpoint written by this repo ({type(e).__name__}: {e})") from None
+    if task is not None and meta["classnames"] != task.classnames:
+        raise SystemExit(f"error: {path} was trained on {len(meta['classnames'])} classes of {meta['data']!r}; "
+                         f"--data {task.name} has {len(task.classnames)} different classes")
+    clip, tokenizer, pp = load_clip(meta["model"], meta["pretrained"], device)
+    model = ClipClassifier(clip, torch.zeros_like(ckpt["model"]["head"]), tokenizer)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), meta, pp
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun): gloo on CPU, nccl on GPU
+# ----------------------------------------------------------------------------------------------
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_gradients(params: list, world: int):
+    """Averages gradients over processes in one flat buffer. Method losses call sub-modules
+    (clip.encode_image, frozen teachers) directly, which DistributedDataParallel's forward hook
+    cannot see, so the reduction is explicit."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, total: int, warmup_frac: float) -> float:
+    warm = max(1, int(warmup_frac * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def newest_checkpoint(run: Path):
+    """The newest checkpoint that loads; torn or corrupt files are reported and passed over."""
+    for path in sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one")
+    return None, None
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, extra_state: Optional[dict] = None) -> nn.Module:
+    """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch)`.
+
+    AdamW (fused on CUDA), linear warm-up + cosine, bf16 autocast on CUDA, gradient accumulation,
+    gradient clipping, held-out evaluation every `eval_every` steps, atomic checkpoints every
+    `ckpt_every` steps (model, optimiser, RNG, step, and the state_dict of each module in
+    `extra_state`, e.g. an EMA copy), `--resume`, and gradient averaging under torchrun.
+    `after_step(step)` runs after each optimiser step (EMA updates, interruption in tests)."""
+    model, task, run, device = env.model, env.task, env.run, env.device
+    rank, world = init_distributed(device)
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
+    extra_state = extra_state or {}
+
+    start = 0
+    if args.resume:
+        path, ckpt = newest_checkpoint(run)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            for name, module in extra_state.items():
+                module.load_state_dict(ckpt["extra"][name])
+            set_rng_state(ckpt["rng"])
+            start = ckpt["step"]
+            print(f"resuming from {path} (step {start}/{args.steps})")
+        else:
+            print(f"no readable checkpoint in {run/'ckpt'}; starting from step 0")
+
+    def save_checkpoint(step):
+        if not is_main_process():
+            return
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "extra": {k: m.state_dict() for k, m in extra_state.items()}, "rng": rng_state(), "step": step}
+        atomic_save(state, run / "ckpt" / f"step_{step}.pt")
+        for old in sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
+            old.unlink()  # keep the two newest: one may be mid-write when a job is killed
+
+    batches = StepBatchSampler(len(task.train.images), args.batch_size, args.grad_accum, rank, world, args.seed, start, args.steps)
+    loader = torch.utils.data.DataLoader(TransformedImages(task.train.images, env.train_tf), batch_sampler=batches,
+                                         num_workers=args.workers, collate_fn=collate_skipping_bad,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    batch_iter = iter(loader)
+    log = open(run / "log.jsonl", "a") if is_main_process() else None
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not is_main_process(), dynamic_ncols=True)
+    bad_images = 0
+    model.train()
+    for step in bar:
+        terms_sum: dict = {}
+        for _ in range(args.grad_accum):
+            batch = next(batch_iter)
+            bad_images += batch.pop("n_bad")
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast(device):
+                loss, terms = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                last = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+                raise NonFiniteLoss(
+                    f"loss is {loss.item()} at step {step} (terms: { {k: float(v) for k, v in terms.items()} }). "
+                    f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
+            (loss / args.grad_accum).backward()
+            for k, v in {"loss": loss, **terms}.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / args.grad_accum
+        all_reduce_gradients(params, world)
+        if args.clip_grad > 0:
+            terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step + 1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
+        record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms_sum}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps and is_main_process():
+            record["heldout_acc"] = evaluate_split(model, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
+            bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
+            model.train()
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+            save_checkpoint(step + 1)
+    if bad_images and is_main_process():
+        print(f"warning: skipped {bad_images} unreadable training images (see above for the folder)")
+    if log:
+        log.close()
+    model.eval()
+    return model
+
+
+def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Optional[int] = None) -> list:
+    """The end of every method's main: final.pt, evaluation on every test split, results.jsonl."""
+    model = model or env.model
+    if not is_main_process():
+        return []
+    atomic_save({"model": model.state_dict(), "meta": checkpoint_meta(args, env.method, env.task)}, env.run / "final.pt")
+    print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
+    rows = evaluate_task(model, env.task, env.eval_tf, env.device, args.eval_batch_size, args.workers)
+    log_results(env.run, env.method, args, rows, args.steps if step is None else step, tag)
+    return rows
+
+
+def setup(args, method: str):
+    """The start of every method's main: seed, device, CLIP, task, transforms, zero-shot classifier,
+    run directory. Returns a namespace with all of them."""
+    seed_everything(args.seed)
+    args.workers = min(args.workers, os.cpu_count() or 1)
+    device = get_device(args.device)
+    init_distributed(device)
+    clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
+    task = load_task(args.data, args.data_root, args.seed)
+    train_tf, eval_tf = image_transforms(pp, args.crop_scale)
+    head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
+    model = ClipClassifier(clip, head, tokenizer).to(device)
+    run = make_run(args, method)
+    return argparse.Namespace(device=device, clip=clip, tokenizer=tokenizer, task=task, train_tf=train_tf,
+                              eval_tf=eval_tf, model=model, run=run, method=method)
