@@ -1,0 +1,229 @@
+"""ARF: the contrastive loss against a hand loop, retrieval with known answers, the embedding and
+caption caches, the BLIP-2 plumbing (a tiny random BLIP-2 built offline), pool rows that must be
+skipped, and an end-to-end run on generated folder data."""
+import json
+import math
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import arf
+from common import FileImages, image_transforms, load_classifier, load_clip, zeroshot_head
+from conftest import REPO, write_images
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+def hand_contrastive(img, txt, s, groups):
+    """Symmetric InfoNCE with one python loop per direction and row, in float64."""
+    img, txt, B = img.double().tolist(), txt.double().tolist(), len(img)
+    total = 0.0
+    for a, b in ((img, txt), (txt, img)):
+        for i in range(B):
+            row = [s * sum(x * y for x, y in zip(a[i], b[j])) for j in range(B)]
+            lse = math.log(sum(math.exp(r) for r in row))
+            pos = [j for j in range(B) if groups[j] == groups[i]]
+            total -= sum(row[j] - lse for j in pos) / len(pos) / B
+    return total / 2
+
+
+@pytest.mark.parametrize("groups", [None, [0, 1, 0, 2, 1, 0]])
+def test_contrastive_loss_matches_hand_loop(groups):
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    got = arf.clip_contrastive_loss(img, txt, torch.tensor(7.3), None if groups is None else torch.tensor(groups))
+    want = hand_contrastive(img, txt, 7.3, groups or list(range(6)))
+    assert abs(got.item() - want) < 1e-5
+
+
+def test_contrastive_loss_closed_forms():
+    x = F.normalize(torch.randn(4, 8), dim=-1)
+    same = x[:1].expand(4, 8)
+    assert abs(arf.clip_contrastive_loss(same, same, 10.0).item() - math.log(4)) < 1e-5  # no signal: log B
+    eye = torch.eye(4, 8)
+    assert arf.clip_contrastive_loss(eye, eye, 100.0).item() < 1e-30 + 1e-6  # perfectly aligned pairs
+    # duplicated prompts with targets spread over the duplicates: identical texts are not negatives
+    labels = torch.tensor([0, 0, 1, 1])
+    prompts = eye[[0, 0, 2, 2]]
+    grouped = arf.clip_contrastive_loss(prompts, prompts, 100.0, labels).item()
+    assert abs(grouped - math.log(2)) < 1e-4  # the mass is split over two equal positives, nothing else
+
+
+def test_arf_loss_weights_and_switches():
+    g = torch.Generator().manual_seed(1)
+    e = lambda n: F.normalize(torch.randn(n, 6, generator=g), dim=-1)  # noqa: E731
+    img, cls, cap, rimg, rtxt, labels = e(5), e(5), e(5), e(3), e(3), torch.tensor([0, 1, 0, 2, 1])
+    loss, terms = arf.arf_loss(img, cls, labels, 5.0, cap, None, rimg, rtxt, None)
+    assert set(terms) == {"l_ft", "l_cap", "l_ret"}
+    want = (arf.W_FT * arf.clip_contrastive_loss(img, cls, 5.0, labels) + arf.W_CAP * arf.clip_contrastive_loss(img, cap, 5.0)
+            + arf.W_RET * arf.clip_contrastive_loss(rimg, rtxt, 5.0))
+    assert abs(loss.item() - want.item()) < 1e-6
+    only_ft, terms = arf.arf_loss(img, cls, labels, 5.0)
+    assert set(terms) == {"l_ft"} and abs(only_ft.item() - terms["l_ft"].item()) < 1e-6
+
+
+def test_search_returns_the_known_neighbours(monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16))
+    pool = centres[rng.integers(0, 40, 5000)] + 0.3 * rng.normal(size=(5000, 16))  # clustered, like embeddings
+    pool = (pool / np.linalg.norm(pool, axis=1, keepdims=True)).astype(np.float32)
+    picked = rng.choice(5000, 200, replace=False)
+    queries = pool[picked] + 0.01 * rng.normal(size=(200, 16)).astype(np.float32)
+    top = arf.search(arf.build_index(pool), queries, 3)
+    assert "Flat (exact)" in capsys.readouterr().out
+    assert (top[:, 0] == picked).all()
+    exact = np.argsort(-(queries @ pool.T), axis=1)[:, :3]
+    assert (top == exact).all()
+    monkeypatch.setattr(arf, "EXACT_MAX", 1000)  # the approximate path a >1M pool takes
+    top = arf.search(arf.build_index(pool), queries, 3)
+    assert "IVF64,Flat" in capsys.readouterr().out
+    assert (top[:, 0] == picked).mean() >= 0.97
+
+
+def make_pool(folder: Path, copies: list) -> Path:
+    """Pool TSV: copies of the given images, random distractors, and 4 rows that must be skipped
+    (no caption column, empty caption, missing file, extra column) plus one unreadable image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["filepath\ttitle"]
+    for i, src in enumerate(copies):
+        Image.open(src).save(folder / f"copy{i}.png")
+        rows.append(f"copy{i}.png\ta copy of image {i}")
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+        rows.append(f"noise{i}.png\tnoise number {i}")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+    rows += ["copy0.png", "copy0.png\t ", "gone.png\ta missing file", "copy1.png\ta caption\textra", "corrupt.png\tunreadable"]
+    (folder / "pool.tsv").write_text("\n".join(rows) + "\n")
+    return folder / "pool.tsv"
+
+
+def test_pool_bad_rows_retrieval_and_embedding_cache(tmp_path, tiny_model):
+    clip, _, pp = load_clip(tiny_model)
+    _, eval_tf = image_transforms(pp, 0.5)
+    write_images(tmp_path / "train", 6, seed=5)
+    train = FileImages(sorted(str(p) for p in (tmp_path / "train").iterdir()), [0] * 6)
+    pool_tsv = make_pool(tmp_path / "pool", train.paths[:4])
+    images, captions, bad = arf.read_pool(str(pool_tsv), "filepath", "title", "\t")
+    assert bad == 4 and len(images) == 4 + 30 + 1 and captions[0] == "a copy of image 0"
+
+    cache = tmp_path / "pool-emb.npy"
+    emb, ok = arf.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
+    assert emb.dtype == np.float16 and isinstance(emb, np.memmap) and ok.sum() == 34 and not ok[-1]
+    rows = np.flatnonzero(ok)
+    query, _ = arf.embed_images(clip, train, eval_tf, tmp_path / "q.npy", 4, torch.device("cpu"))
+    top = arf.search(arf.build_index(rows_emb := np.asarray(emb[rows], dtype=np.float32)), query[:4], 1)
+    assert (rows[top[:, 0]] == np.arange(4)).all()  # each training image finds its own copy
+    assert rows_emb.shape == (34, 32)
+
+    def fail(*_):
+        raise AssertionError("the cached embeddings should have been reused")
+
+    clip.encode_image = fail
+    again, ok2 = arf.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
+    assert np.array_equal(np.asarray(again), np.asarray(emb)) and np.array_equal(ok, ok2)
+
+
+def tiny_blip2(folder: Path) -> str:
+    """A randomly initialised BLIP-2 (ViT + Q-Former + OPT, a few thousand parameters) and its
+    processor, saved like a hub checkpoint; built offline from a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                              OPTConfig, PreTrainedTokenizerFast)
+
+    words = ["<pad>", "</s>", "<unk>"] + "a photo of red green blue cat dog owl fox on the grass".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="</s>", unk_token="<unk>")
+    processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tok, num_query_tokens=4)
+    image_token = tok.convert_tokens_to_ids("<image>")  # the processor added it
+    text = OPTConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                     max_position_embeddings=64, word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    config = Blip2Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                            encoder_hidden_size=16, vocab_size=len(tok)),
+        text_config=text.to_dict(), num_query_tokens=4, image_token_index=image_token)
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory) -> str:
+    return tiny_blip2(tmp_path_factory.mktemp("blip2"))
+
+
+def test_blip2_captions_batching_and_cache(tmp_path, blip2_dir, monkeypatch):
+    from transformers import Blip2ForConditionalGeneration
+
+    write_images(tmp_path / "imgs", 10, seed=9)
+    images = FileImages(sorted(str(p) for p in (tmp_path / "imgs").iterdir()), [0] * 10)
+    calls, generate = [], Blip2ForConditionalGeneration.generate
+
+    def counting(self, pixel_values, **kw):
+        calls.append(len(pixel_values))
+        return generate(self, pixel_values=pixel_values, **kw)
+
+    monkeypatch.setattr(Blip2ForConditionalGeneration, "generate", counting)
+    cache = tmp_path / "captions.tsv"
+    caps = arf.blip2_captions(images, blip2_dir, cache, 4, torch.device("cpu"))
+    assert calls == [4, 4, 2] and len(caps) == 10 and all(isinstance(c, str) and "\t" not in c for c in caps)
+    lines = cache.read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == images.paths  # keyed by image path
+
+    calls.clear()
+    assert arf.blip2_captions(images, blip2_dir, cache, 4, torch.device("cpu")) == caps and calls == []  # all cached
+    cache.write_text("\n".join(lines[:7]) + "\n" + lines[7][:5])  # as if killed mid-write after 7 captions
+    assert arf.blip2_captions(images, blip2_dir, cache, 4, torch.device("cpu")) == caps and calls == [3]
+
+
+def test_dataset_captions_file(tmp_path):
+    write_images(tmp_path / "data" / "train" / "cat", 3, seed=1)
+    images = FileImages(sorted(str(p) for p in (tmp_path / "data" / "train" / "cat").iterdir()), [0] * 3)
+    (tmp_path / "data" / "caps.tsv").write_text("".join(f"train/cat/{Path(p).name}\tcat number {i}\n" for i, p in enumerate(images.paths)))
+    args = Namespace(captioner="dataset", captions=str(tmp_path / "data" / "caps.tsv"), data="folder")
+    env = Namespace(task=Namespace(train=Namespace(images=images)))
+    assert arf.train_captions(args, env) == ["cat number 0", "cat number 1", "cat number 2"]
+    (tmp_path / "data" / "caps.tsv").write_text(f"train/cat/{Path(images.paths[0]).name}\tonly one\n")
+    with pytest.raises(SystemExit, match="no caption for 2 of 3"):
+        arf.train_captions(args, env)
+
+
+def test_end_to_end_blip2_pool_and_rerun(tmp_path, tiny_model, folder_data, blip2_dir, capsys):
+    pool = make_pool(tmp_path / "pool", sorted((Path(folder_data) / "train" / "cat").iterdir())[:3])
+    base = [sys.executable, str(REPO / "arf.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+            "--steps", "3", "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "0", "--captioner", "blip2",
+            "--captioner-model", blip2_dir, "--caption-batch-size", "16", "--pool", str(pool), "--retrieve-k", "2",
+            "--cache", str(tmp_path / "cache")]
+    first = subprocess.run(base + ["--out", "runs/a"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "captioning 44 images" in first.stdout and "skipped 4 rows" in first.stdout and "1 unreadable" in first.stdout
+    assert "faiss index: Flat (exact) over 33 pool images" in first.stdout
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "a" / "results.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"test", "sketch"} and {r["method"] for r in rows} == {"arf"}
+    model, _, _ = load_classifier(str(tmp_path / "runs" / "a"))
+    from common import load_task
+
+    task = load_task("folder", folder_data)
+    head = zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates)  # from the fine-tuned tower
+    assert torch.allclose(model.head, head, atol=1e-5)
+    log = [json.loads(line) for line in (tmp_path / "runs" / "a" / "log.jsonl").read_text().splitlines()]
+    assert {"l_ft", "l_cap", "l_ret"} <= set(log[0])
+
+    capsys.readouterr()
+    arf.main(base[2:] + ["--out", str(tmp_path / "runs" / "b"), "--no-cap"])  # in-process: main(argv) works too
+    out = capsys.readouterr()
+    assert "captioning" not in out.out and "embedding" not in out.err + out.out  # captions and embeddings cached
+    assert "retrieved" in out.out
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "b" / "results.jsonl").read_text().splitlines()]
+    assert {r["tag"] for r in rows} == {"no-cap"}
