@@ -126,30 +126,39 @@ def get_device(name: str = "") -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_clip(model_name: str = "miniclip", pretrained: str = "", device="cpu"):
-    """Returns (clip, tokenizer, preprocess_cfg). `pretrained` is an open_clip tag or a weights file."""
+def resolve_model(model_name: str, pretrained: str = "") -> str:
+    """Checks --model/--pretrained before anything slow happens; returns the open_clip model name."""
     import open_clip
 
     if model_name.endswith(".json") and os.path.isfile(model_name):  # a custom open_clip config file
         open_clip.add_model_config(model_name)
         model_name = Path(model_name).stem
     if model_name == "miniclip":
-        import miniworld
-
         if pretrained and not os.path.isfile(pretrained):
             raise SystemExit(f"error: --pretrained {pretrained!r} is not a file (miniclip takes a weights file or nothing)")
+        return model_name
+    if model_name not in open_clip.list_models():
+        raise SystemExit(f"error: unknown --model {model_name!r}. Known: miniclip, " + ", ".join(open_clip.list_models()))
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained and pretrained not in tags and not os.path.isfile(pretrained):
+        raise SystemExit(
+            f"error: --pretrained {pretrained!r} is neither a file nor a tag of {model_name}. Tags: {', '.join(tags) or 'none'}")
+    return model_name
+
+
+def load_clip(model_name: str = "miniclip", pretrained: str = "", device="cpu"):
+    """Returns (clip, tokenizer, preprocess_cfg). `pretrained` is an open_clip tag or a weights file."""
+    import open_clip
+
+    model_name = resolve_model(model_name, pretrained)
+    if model_name == "miniclip":
+        import miniworld
+
         clip, tokenizer = miniworld.load_miniclip(device=device, path=pretrained or None)
     else:
-        if model_name not in open_clip.list_models():
-            raise SystemExit(f"error: unknown --model {model_name!r}. Known: miniclip, " + ", ".join(open_clip.list_models()))
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if pretrained and pretrained not in tags and not os.path.isfile(pretrained):
-            raise SystemExit(
-                f"error: --pretrained {pretrained!r} is neither a file nor a tag of {model_name}. Tags: {', '.join(tags) or 'none'}"
-            )
         try:
             clip = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
-        except RuntimeError as e:  # a file that is not a checkpoint, or weights that cannot be fetched
+        except Exception as e:  # noqa: BLE001 -- a file that is not a checkpoint, or weights that cannot be fetched
             raise SystemExit(f"error: could not load {model_name} weights {pretrained!r}: {e}") from None
         tokenizer = open_clip.get_tokenizer(model_name)
     clip.eval()
@@ -898,8 +907,9 @@ def setup(args, method: str):
     args.workers = min(args.workers, os.cpu_count() or 1)
     device = get_device(args.device)
     init_distributed(device)
-    clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
+    resolve_model(args.model, args.pretrained)
     task = load_task(args.data, args.data_root, args.seed)
+    clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
     head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
     model = ClipClassifier(clip, head, tokenizer).to(device)

@@ -1,0 +1,296 @@
+"""Foundation tests: metrics against hand computations, zero-shot heads, dataset layouts, the
+training loop's resume and DDP equivalence, the FT smoke run, and actionable errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, write_images
+
+import common
+
+
+def run_script(args, cwd, env_extra=None, check=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def test_ece_and_nll_match_hand_computation():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    labels = torch.tensor([0, 1, 1, 0])
+    m = common.classification_metrics(probs.log(), labels)
+    # confidences 0.9 (right), 0.6 (wrong), 0.7 (right), 0.8 (wrong); each sits alone in its bin
+    # of width 1/15, so ECE = mean |conf - correct|.
+    assert m["acc"] == pytest.approx(0.5)
+    assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.8) / 4, abs=1e-6)
+    assert m["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.4) + np.log(0.7) + np.log(0.2)) / 4, abs=1e-6)
+
+
+def test_ece_zero_for_perfectly_calibrated_toy():
+    # 10 samples at confidence 0.8 of which exactly 8 are right; 5 at confidence 0.6 with 3 right.
+    p_hi = torch.tensor([[0.8, 0.2]]).repeat(10, 1)
+    p_lo = torch.tensor([[0.6, 0.4]]).repeat(5, 1)
+    labels = torch.tensor([0] * 8 + [1] * 2 + [0] * 3 + [1] * 2)
+    m = common.classification_metrics(torch.cat([p_hi, p_lo]).log(), labels)
+    assert m["ece"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------- zero-shot head
+def test_zeroshot_head_shape_norm_and_template_order(tiny_model):
+    clip, tok, _ = common.load_clip(tiny_model)
+    classes, templates = ["cat", "dog", "owl"], ["a photo of a {}.", "a sketch of a {}.", "art of the {}."]
+    head = common.zeroshot_head(clip, tok, classes, templates)
+    assert head.shape == (3, 32)
+    assert torch.allclose(head.norm(dim=-1), torch.ones(3), atol=1e-5)
+    reordered = common.zeroshot_head(clip, tok, classes, templates[::-1])
+    assert torch.allclose(head, reordered, atol=1e-5)
+    per_template = common.template_embeddings(clip, tok, classes, templates)  # [K, T, D]
+    assert per_template.shape == (3, 3, 32)
+    assert torch.allclose(torch.nn.functional.normalize(per_template.mean(1), dim=-1), head, atol=1e-5)
+    other = common.zeroshot_head(clip, tok, ["cat", "dog", "fox"], templates)
+    assert not torch.allclose(head[2], other[2], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------- datasets
+def make_imagenet_tree(root: Path, r_wnids: list):
+    from open_clip import IMAGENET_CLASSNAMES
+
+    wnids = [f"n{i:08d}" for i in range(len(IMAGENET_CLASSNAMES))]
+    for w in wnids:
+        write_images(root / "train" / w, 1, seed=int(w[1:]), size=(8, 8))
+    for w in wnids[:5]:
+        write_images(root / "val" / w, 1, seed=1, size=(8, 8))
+    for idx in (2, 10):  # ImageNet-V2 folders are class indices
+        write_images(root / "imagenetv2" / str(idx), 2, seed=idx, size=(8, 8))
+    for w in r_wnids:
+        write_images(root / "imagenet-r" / w, 2, seed=3, size=(8, 8))
+    return wnids
+
+
+def test_imagenet_layout_v2_by_integer_and_r_subset(tmp_path):
+    wnids = make_imagenet_tree(tmp_path, r_wnids=["n00000007", "n00000100", "n00000999"])
+    task = common.load_task("imagenet", str(tmp_path))
+    assert len(task.classnames) == 1000 and len(task.train.images) + len(task.heldout.images) == 1000
+    splits = {s.name: s for s in task.tests}
+    assert splits["val"].kind == "id"
+    v2 = splits["imagenet-v2"]
+    assert sorted(set(v2.images.labels.tolist())) == [2, 10]  # folder "10" is class 10, not class 2
+    assert all(f"/{lab}/" in p for p, lab in zip(v2.images.paths, v2.images.labels))
+    assert splits["imagenet-r"].class_subset == [7, 100, 999]
+
+
+def test_subset_scoring_equals_argmax_over_subset_classes(tmp_path, tiny_model):
+    """Scoring ImageNet-R on its subset == argmax restricted to those classes of the full head."""
+    clip, tok, pp = common.load_clip(tiny_model)
+    torch.manual_seed(0)
+    model = common.ClipClassifier(clip, torch.nn.functional.normalize(torch.randn(10, 32), dim=-1), tok)
+    subset = [1, 4, 7]
+    paths, labels = [], []
+    for k in subset:
+        write_images(tmp_path / str(k), 4, seed=k)
+        paths += [str(p) for p in sorted((tmp_path / str(k)).iterdir())]
+        labels += [k] * 4
+    images = common.FileImages(paths, labels)
+    classnames = [f"c{i}" for i in range(10)]
+    split = common.Split("r", "ood", images, classnames, ["{}"], class_subset=subset)
+    task = common.Task("t", classnames, ["{}"], split, split, [split])
+    eval_tf = common.image_transforms(pp, 1.0)[1]
+    m = common.evaluate_split(model, split, task, eval_tf, torch.device("cpu"))
+    logits, y, _ = common.predict(model, images, eval_tf, torch.device("cpu"))
+    pred = torch.tensor(subset)[logits[:, subset].argmax(-1)]
+    assert m["acc"] == pytest.approx((pred == y).float().mean().item())
+    assert m["n"] == 12
+
+
+def test_domainnet_class_order_from_split_files_whatever_folder_case(tmp_path):
+    classes = ["aircraft_carrier", "The_Eiffel_Tower", "zebra"]
+    for domain in ("real", "sketch"):
+        lines = []
+        for label, name in enumerate(classes):
+            folder = name.lower() if domain == "sketch" else name  # different case per domain
+            write_images(tmp_path / domain / folder, 2, seed=label, size=(8, 8))
+            lines += [f"{domain}/{folder}/img{i}.jpg {label}" for i in range(2)]
+        for part in ("train", "test"):
+            (tmp_path / f"{domain}_{part}.txt").write_text("\n".join(lines) + "\n")
+    task = common.load_task("domainnet", str(tmp_path))
+    assert task.classnames == ["aircraft carrier", "the eiffel tower", "zebra"]
+    sketch = next(s for s in task.tests if s.name == "sketch")
+    assert sketch.kind == "ood" and sketch.classnames == task.classnames
+    assert sketch.images.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+# --------------------------------------------------------------------------------- training loop
+def micro_args(root, model, out, **kw):
+    base = dict(data="folder", data_root=root, model=model, steps=6, batch_size=8, lr=1e-3, eval_every=0,
+                ckpt_every=3, out=str(out), workers=0, crop_scale=0.5)
+    return common.TrainArgs(**{**base, **kw})
+
+
+def ft_loss(model, batch):
+    loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+    return loss, {"ce": loss.detach()}
+
+
+def train_run(args, after_step=None):
+    env = common.setup(args, "ft")
+    common.set_trainable(env.model)
+    common.train(env, ft_loss, args, after_step=after_step)
+    return env.model.state_dict()
+
+
+def test_resume_gives_identical_weights(tmp_path, folder_data, tiny_model):
+    straight = train_run(micro_args(folder_data, tiny_model, tmp_path / "a"))
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(step):
+        if step == 4:  # after the step-3 checkpoint, before step 4 is saved
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_run(micro_args(folder_data, tiny_model, tmp_path / "b"), after_step=interrupt)
+    assert (tmp_path / "b" / "ckpt" / "step_3.pt").exists()
+    resumed = train_run(micro_args(folder_data, tiny_model, tmp_path / "b", resume=True))
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    changed = train_run(micro_args(folder_data, tiny_model, tmp_path / "c", seed=1))
+    assert not torch.equal(changed["head"], straight["head"])
+
+
+def test_rerun_into_existing_run_refuses(tmp_path, folder_data, tiny_model):
+    train_run(micro_args(folder_data, tiny_model, tmp_path / "a", steps=1))
+    with pytest.raises(SystemExit, match="--resume"):
+        train_run(micro_args(folder_data, tiny_model, tmp_path / "a", steps=1))
+
+
+def test_nan_loss_stops_with_step_and_terms(tmp_path, folder_data, tiny_model):
+    args = micro_args(folder_data, tiny_model, tmp_path / "a")
+    env = common.setup(args, "ft")
+    common.set_trainable(env.model)
+    bad = lambda model, batch: (model(batch["image"]).sum() * float("nan"), {"ce": 1.0})  # noqa: E731
+    with pytest.raises(common.NonFiniteLoss, match="step 0"):
+        common.train(env, bad, args)
+
+
+def test_ddp_two_processes_match_one(tmp_path, folder_data, tiny_model):
+    base = ["baselines.py", "--method", "ft", "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+            "--steps", "3", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "0", "--ckpt-every", "0"]
+    run_script([str(REPO / base[0]), *base[1:], "--out", str(tmp_path / "one")], cwd=tmp_path)
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                str(REPO / base[0]), *base[1:], "--out", str(tmp_path / "two")], cwd=tmp_path,
+               env_extra={"OMP_NUM_THREADS": "1"})
+    one = torch.load(tmp_path / "one" / "final.pt", weights_only=False)["model"]
+    two = torch.load(tmp_path / "two" / "final.pt", weights_only=False)["model"]
+    for k in one:
+        a, b = one[k], two[k]
+        if k.endswith("attn.in_proj_bias"):
+            # The key bias has an exactly-zero gradient (softmax is shift-invariant), so Adam divides
+            # float round-off by its own magnitude there; every parameter that learns must match.
+            width = a.shape[0] // 3
+            a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
+        assert torch.allclose(a, b, atol=1e-5), k
+    init = common.load_clip(tiny_model)[0].state_dict()
+    moved = max((one["clip." + k] - v).abs().max().item() for k, v in init.items() if k.startswith("visual"))
+    assert moved > 1e-4  # the runs trained (the comparison is not between two untouched models)
+
+
+# ------------------------------------------------------------------------------------------ smoke
+def test_baselines_ft_end_to_end_and_table(tmp_path, folder_data, tiny_model):
+    out = tmp_path / "runs" / "ft"
+    run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", folder_data,
+                "--model", tiny_model, "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--out", str(out)], cwd=tmp_path)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"test", "sketch"}
+    for r in rows:
+        assert {"method", "data", "model", "split", "acc", "ece", "nll", "seed", "commit", "step"} <= set(r)
+        assert r["method"] == "ft" and r["n"] == 16
+    assert (out / "args.json").exists() and (out / "final.pt").exists()
+    table = run_script([str(REPO / "evaluate.py"), "table", str(tmp_path / "runs" / "results.jsonl")], cwd=tmp_path).stdout
+    assert "| ft | 1 |" in table and "OOD mean" in table
+    again = run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", str(out)], cwd=tmp_path).stdout
+    acc_test = next(r["acc"] for r in rows if r["split"] == "test")
+    assert f"acc {100*acc_test:6.2f}" in again
+    plot = tmp_path / "p.png"
+    run_script([str(REPO / "evaluate.py"), "plot", str(tmp_path / "runs" / "results.jsonl"), "--out", str(plot)], cwd=tmp_path)
+    assert plot.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "imagenet", "--data-root", "/nonexistent"], "Expected layout"),
+    (["--data", "cifar"], "unknown --data"),
+    (["--model", "ViT-Q-99"], "unknown --model"),
+    (["--model", "ViT-B-32", "--pretrained", "/no/such/weights.pt"], "neither a file nor a tag"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+])
+def test_bad_arguments_give_one_clear_message(tmp_path, extra, message):
+    proc = run_script([str(REPO / "baselines.py"), "--method", "ft", *extra], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_weights_file_that_is_not_a_checkpoint(tmp_path, tiny_model):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="could not load"):
+        common.load_clip(tiny_model, str(junk))
+
+
+def test_odd_images_are_converted_and_broken_ones_skipped_and_counted(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray((np.arange(400).reshape(20, 20) * 100).astype(np.uint16)).save(folder / "deep.png")
+    Image.fromarray(rgb).save(folder / "ok.jpg")
+    (folder / "truncated.jpg").write_bytes((folder / "ok.jpg").read_bytes()[:100])
+    paths = sorted(str(p) for p in folder.iterdir())
+    images = common.FileImages(paths, [0] * len(paths))
+    for p in paths:
+        img = common.load_rgb(p)
+        assert (img is None) == p.endswith("truncated.jpg")
+        if img is not None:
+            assert img.mode == "RGB" and img.size == (20, 20)
+    deep = np.asarray(common.load_rgb(str(folder / "deep.png")))
+    assert deep.max() == 255 and deep.min() == 0  # rescaled, not clipped to white
+    tf = common.image_transforms({"size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3}, 1.0)[1]
+    forward = lambda x: x.flatten(1)[:, :2]  # noqa: E731
+    logits, labels, bad = common.predict(forward, images, tf, torch.device("cpu"), batch_size=4)
+    assert bad == 1 and len(labels) == len(paths) - 1
+
+
+def test_class_list_mismatch_between_checkpoint_and_data(tmp_path, folder_data, tiny_model):
+    env = common.setup(micro_args(folder_data, tiny_model, tmp_path / "b", steps=0), "ft")
+    common.finish(env, micro_args(folder_data, tiny_model, tmp_path / "b", steps=0))
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for k, name in enumerate(["ant", "bee"]):
+            write_images(other / split / name, 3, seed=k)
+    task = common.load_task("folder", str(other))
+    with pytest.raises(SystemExit, match="different classes"):
+        common.load_classifier(tmp_path / "b", task=task)
+
+
+def test_empty_class_folder_is_reported_not_fatal(tmp_path, capsys):
+    for name in ("a", "b"):
+        write_images(tmp_path / "train" / name, 3, seed=1)
+        write_images(tmp_path / "test" / name, 2, seed=2)
+    (tmp_path / "train" / "c").mkdir()
+    task = common.load_task("folder", str(tmp_path))
+    assert "empty class folder" in capsys.readouterr().out
+    assert task.classnames == ["a", "b", "c"]
