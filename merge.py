@@ -1,0 +1,502 @@
+"""Combining fine-tuned CLIPs after training: WiSE-FT, TPGM / TPGM-C, model soups, output ensembles.
+
+WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): interpolate every weight,
+head included, between the zero-shot model θ0 and the fine-tuned θ_ft. α = 0 is zero-shot, α = 1 is
+FT; the curve in between usually bows above the straight line on OOD accuracy.
+
+    θ_α = (1 − α) · θ0 + α · θ_ft
+
+TPGM (Tian et al. 2023, "Trainable Projected Gradient Method for robust fine-tuning"): a per-tensor
+radius γ_l keeps layer l within an L2 ball around θ0; the radii are learned on held-out data (never
+test) with Adam (lr 1e-2, 200 steps) while θ0 and θ_ft stay fixed.
+
+    θ_p,l = θ0,l + min(1, γ_l / ‖θ_ft,l − θ0,l‖) · (θ_ft,l − θ0,l)
+    min_γ  CE(held-out; θ_p(γ))                                   (TPGM)
+    min_γ  CE(held-out; θ_p(γ)) + μ · mean_l γ_l / ‖θ_ft,l − θ0,l‖  (TPGM-C, our choice of penalty)
+
+Model soups (Wortsman et al. 2022, "Model soups"): average the weights of runs fine-tuned from one
+shared initialisation. Uniform soup = plain average; greedy soup = sort runs by held-out accuracy
+and add a run only if the soup's held-out accuracy strictly improves. Output ensembles average the
+logits instead (greedy variant selected the same way), at N times the inference cost.
+
+Choices where the papers are silent (METHODS.md asks to state them):
+  * θ0 is rebuilt exactly as `common.setup` built it for the run (same seed, same zero-shot head), so
+    α = 0 reproduces a zero-shot run bit for bit; α = 0 / 1 and saturated radii select the endpoint
+    tensors themselves instead of computing them, so the endpoints are exact.
+  * Non-float tensors (BatchNorm counters) take the value of the nearer endpoint.
+  * TPGM uses the L2 norm per tensor, radii start at ‖Δ‖/2 (the official code's init), are kept in
+    [0, ‖Δ‖] by projection after each Adam step, and see held-out images through the eval transform.
+  * TPGM-C's penalty is the mean projection ratio γ_l/‖Δ_l‖ over tensors, so μ does not depend on the
+    number of tensors or their sizes: μ is the held-out CE one would pay to move every tensor to θ0.
+  * Soups need one shared initialisation and architecture and are refused otherwise; output
+    ensembles only need the same task (logits of any architectures can be averaged).
+
+Run (any run directory written by a method file; see docs/merge.md for measured numbers):
+  python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1
+  python merge.py tpgm --ckpt runs/ft-miniworld-miniclip-s0
+  python merge.py tpgm-c --ckpt runs/ft-miniworld-miniclip-s0 --reg 1.0
+  python merge.py soup --kind greedy --ckpt runs/ft-*-s0 runs/ft-lr3e-5-s0 ...
+  python merge.py ensemble --kind output --ckpt RUN1 RUN2 RUN3
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (ClipClassifier, TransformedImages, atomic_save, autocast, classification_metrics,
+                    collate_skipping_bad, evaluate_split, evaluate_task, get_device, image_transforms,
+                    load_classifier, load_clip, load_task, log_results, predict, seed_everything, split_head,
+                    zeroshot_head)
+
+WISE_ALPHAS = "0:1:0.1"  # the paper's sweep; α = 0.5 is its default operating point
+TPGM_LR = 1e-2  # Adam on the radii (Tian et al.)
+TPGM_STEPS = 200
+TPGM_BATCH = 128  # held-out images per radius step
+TPGM_INIT = 0.5  # radii start at this fraction of ‖θ_ft − θ0‖ (official TPGM code)
+TPGM_C_REG = 1.0  # μ: weight of TPGM-C's mean-ratio penalty (the Lipsum-FT paper sweeps 0.1–5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions over state dicts
+# ----------------------------------------------------------------------------------------------
+def check_compatible(states: list, names: list):
+    """Same keys, shapes and dtypes, or a message naming the first difference."""
+    ref = states[0]
+    for state, name in zip(states[1:], names[1:]):
+        if state.keys() != ref.keys():
+            diff = sorted(set(state) ^ set(ref))[:3]
+            raise SystemExit(f"error: {name} and {names[0]} are different architectures (parameters {diff} differ)")
+        for k, v in ref.items():
+            if state[k].shape != v.shape or state[k].dtype != v.dtype:
+                raise SystemExit(f"error: {name} and {names[0]} are different architectures: {k} is "
+                                 f"{tuple(state[k].shape)} {state[k].dtype} vs {tuple(v.shape)} {v.dtype}")
+
+
+def wise(state0: dict, state1: dict, alpha: float) -> dict:
+    """θ_α = (1 − α)·θ0 + α·θ1 on every float tensor; α = 0 and 1 return the endpoints' own values."""
+    check_compatible([state0, state1], ["θ0", "θ_ft"])
+    out = {}
+    for k, a in state0.items():
+        b = state1[k]
+        if alpha == 0 or (not a.is_floating_point() and alpha < 0.5):
+            out[k] = a.clone()
+        elif alpha == 1 or not a.is_floating_point():
+            out[k] = b.clone()
+        else:
+            out[k] = torch.lerp(a, b, alpha)  # a + α(b − a), computed from the nearer end
+    return out
+
+
+def tpgm_distances(state0: dict, state1: dict) -> dict:
+    """‖θ_ft,l − θ0,l‖ for every float tensor that fine-tuning moved (the tensors TPGM projects)."""
+    return {k: (state1[k].float() - a.float()).norm().item() for k, a in state0.items()
+            if a.is_floating_point() and not torch.equal(a, state1[k])}
+
+
+def tpgm_project(state0: dict, state1: dict, radii: dict) -> dict:
+    """θ_p,l = θ0,l + min(1, γ_l/‖Δ_l‖)·Δ_l for the tensors in `radii`; the others are θ_ft's. A ratio
+    ≥ 1 returns θ_ft's tensor and a radius ≤ 0 returns θ0's, exactly."""
+    check_compatible([state0, state1], ["θ0", "θ_ft"])
+    out = {k: v.clone() for k, v in state1.items()}
+    for k, gamma in radii.items():
+        a, b = state0[k], state1[k]
+        dist = (b.float() - a.float()).norm().item()
+        if gamma <= 0:
+            out[k] = a.clone()
+        elif gamma < dist:
+            out[k] = torch.lerp(a, b, gamma / dist)
+    return out
+
+
+def tpgm_penalty(ratios: torch.Tensor, reg: float) -> torch.Tensor:
+    """TPGM-C: μ · mean_l γ_l/‖Δ_l‖ over the projected tensors [L]; 0 for plain TPGM (μ = 0)."""
+    return reg * ratios.mean()
+
+
+def uniform_soup(states: list) -> dict:
+    """Average of the states as a running mean, so N copies of one model give that model exactly."""
+    check_compatible(states, [f"ingredient {i}" for i in range(len(states))])
+    out = {k: v.clone() for k, v in states[0].items()}
+    for n, state in enumerate(states[1:], start=2):
+        for k, v in out.items():
+            if v.is_floating_point():
+                v.add_(state[k] - v, alpha=1.0 / n)  # mean_n = mean_{n-1} + (x_n − mean_{n-1}) / n
+    return out
+
+
+def ensemble_logits(logits: list) -> torch.Tensor:
+    """Output ensemble: the mean of the members' logits [N, K]."""
+    return torch.stack(logits).mean(0)  # [M, N, K] -> [N, K]
+
+
+def greedy_select(scores: list, score_of) -> tuple:
+    """Greedy soup / ensemble selection (Wortsman et al. 2022a). `scores[i]` is member i's own held-out
+    accuracy, `score_of(indices)` the held-out accuracy of combining those members. Members are tried
+    best first; one joins only if the combination strictly improves. Returns (chosen, its score, trace)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep the given order
+    chosen, best, trace = [order[0]], scores[order[0]], []
+    for i in order[1:]:
+        score = score_of(chosen + [i])
+        trace.append((i, score, score > best))
+        if score > best:
+            chosen, best = chosen + [i], score
+    return chosen, best, trace
+
+
+def effective_robustness_margin(points_curve: list, point: tuple) -> float:
+    """OOD margin of `point` = (ID, OOD) over the piecewise-linear WiSE-FT curve through `points_curve`
+    [(ID, OOD), ...] in α order, at equal ID (METHODS.md, Evaluation). Where the curve crosses that ID
+    more than once (ID is not monotone in α), the highest curve OOD is the bar. NaN when the ID lies
+    outside the curve's ID range: the curve is not extrapolated."""
+    x, y = point
+    bars = [y0 for x0, y0 in points_curve if x0 == x]
+    for (x0, y0), (x1, y1) in zip(points_curve, points_curve[1:]):
+        if x0 != x1 and min(x0, x1) <= x <= max(x0, x1):
+            bars.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return y - max(bars) if bars else math.nan
+
+
+def parse_alphas(spec: str) -> list:
+    """"0:1:0.1" (start:stop:step, stop included) or "0,0.5,1"."""
+    if ":" in spec:
+        start, stop, step = (float(s) for s in spec.split(":"))
+        values = np.arange(start, stop + step / 2, step)
+    else:
+        values = [float(s) for s in spec.split(",")]
+    return [round(float(a), 6) for a in values]
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: loading, θ0, evaluation helpers
+# ----------------------------------------------------------------------------------------------
+def load_run(path: str, device, data_root: str = "", tasks: dict = None):
+    """A run directory (or its final.pt) -> namespace(dir, args, meta, model, task, eval_tf, ...)."""
+    ckpt = Path(path)
+    run = ckpt.parent if ckpt.is_file() else ckpt
+    if not (run / "args.json").is_file():
+        raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
+    args = json.loads((run / "args.json").read_text())
+    key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0))
+    tasks = {} if tasks is None else tasks
+    if key not in tasks:
+        tasks[key] = load_task(*key)
+    model, meta, pp = load_classifier(ckpt, device, tasks[key])
+    return argparse.Namespace(dir=run, args=args, meta=meta, model=model, task=tasks[key], seed=key[2],
+                              data_root=key[1], eval_tf=image_transforms(pp, 1.0)[1], method=meta["method"])
+
+
+def zeroshot_classifier(run, device) -> ClipClassifier:
+    """θ0 of a run, built the way common.setup built it: seed, load the CLIP, zero-shot head."""
+    seed_everything(run.seed)  # a randomly initialised architecture depends on it
+    clip, tokenizer, _ = load_clip(run.meta["model"], run.meta["pretrained"], device)
+    head = zeroshot_head(clip, tokenizer, run.task.classnames, run.task.templates, device)
+    return ClipClassifier(clip, head, tokenizer).to(device).eval()
+
+
+def check_same_init(runs: list):
+    """Soups average weights, which only makes sense from one initialisation and architecture."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r.meta["model"] != first.meta["model"]:
+            raise SystemExit(f"error: {r.dir} is a {r.meta['model']} and {first.dir} a {first.meta['model']}: "
+                             "weights of different architectures cannot be averaged")
+        if r.meta["pretrained"] != first.meta["pretrained"]:
+            raise SystemExit(f"error: {r.dir} starts from pretrained={r.meta['pretrained']!r} and {first.dir} from "
+                             f"{first.meta['pretrained']!r}: soups need one shared initialisation")
+        if r.meta["classnames"] != first.meta["classnames"]:
+            raise SystemExit(f"error: {r.dir} and {first.dir} were fine-tuned on different class lists")
+    check_compatible([r.model.state_dict() for r in runs], [str(r.dir) for r in runs])
+    seeds = sorted({r.seed for r in runs})
+    if len(seeds) > 1:  # a random-init architecture differs per seed: compare the actual θ0 weights
+        ref = None
+        for s in seeds:
+            seed_everything(s)
+            clip = load_clip(first.meta["model"], first.meta["pretrained"], "cpu")[0].state_dict()
+            if ref is not None and any(not torch.equal(ref[k], clip[k]) for k in ref):
+                raise SystemExit(f"error: runs with seeds {seeds[0]} and {s} start from different weights "
+                                 f"({first.meta['model']} with pretrained={first.meta['pretrained']!r} is initialised "
+                                 "randomly per seed): soups need one shared initialisation")
+            if ref is None:
+                ref = clip
+        print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
+              "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
+
+
+@torch.no_grad()
+def split_logits(model: ClipClassifier, split, task, tf, device, a) -> tuple:
+    """(logits [N, K], labels [N], n_bad) for one split, scored exactly as common.evaluate_split does."""
+    head = split_head(model, split, task).to(device)  # [K, D]
+    if split.class_subset is not None:
+        head = head[split.class_subset]
+    logits, labels, bad = predict(lambda x: model.scale * model.image_features(x) @ head.t(), split.images, tf,
+                                  device, a.eval_batch_size, a.workers)
+    if split.class_subset is not None:
+        remap = torch.full((len(split.classnames),), -1, dtype=torch.long)
+        remap[torch.tensor(split.class_subset)] = torch.arange(len(split.class_subset))
+        labels = remap[labels]
+    return logits, labels, bad
+
+
+def summary(rows: list) -> tuple:
+    """(ID acc, OOD mean, zero-shot-transfer mean) in % from evaluation rows."""
+    mean = lambda kind: 100 * float(np.mean([r["acc"] for r in rows if r["kind"] == kind] or [np.nan]))  # noqa: E731
+    return mean("id"), mean("ood"), mean("zeroshot")
+
+
+def log_args(run, seed=None):
+    """The fields common.log_results reads, from a run's saved args."""
+    return argparse.Namespace(data=run.args["data"], model=run.meta["model"], pretrained=run.meta["pretrained"],
+                              seed=run.seed if seed is None else seed)
+
+
+def save_merged(out: Path, state: dict, run, method: str, extra: dict):
+    """final.pt + args.json, so a merged model is itself a run that evaluate.py and merge.py accept."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": state, "meta": {**run.meta, "method": method}}, out / "final.pt")
+    (out / "args.json").write_text(json.dumps({**run.args, "method": method, "out": str(out), **extra}, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------
+def cmd_wise(a, device):
+    alphas, tasks, curves = parse_alphas(a.alphas), {}, {}
+    for path in a.ckpt:
+        run = load_run(path, device, a.data_root, tasks)
+        state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
+        state0 = zeroshot_classifier(run, device).state_dict()
+        print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
+        for alpha in alphas:
+            run.model.load_state_dict(wise(state0, state1, alpha))
+            rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
+            log_results(run.dir, run.method, log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}")
+            curves.setdefault(run.method, {}).setdefault(alpha, []).append(summary(rows))
+            print(f"α={alpha:<4g} ID {summary(rows)[0]:6.2f}  OOD mean {summary(rows)[1]:6.2f}  ZS mean {summary(rows)[2]:6.2f}")
+    first = Path(a.ckpt[0])
+    first = first.parent if first.is_file() else first
+    report_wise(curves, a.plot or str(first / "wise_curve.png" if len(a.ckpt) == 1 else first.parent / "wise_curve.png"))
+
+
+def report_wise(curves: dict, out: str):
+    """Markdown table (mean over runs), the headline deltas, effective robustness, and the plot."""
+    means = {m: {al: np.mean(v, axis=0) for al, v in sorted(c.items())} for m, c in curves.items()}
+    print("\n| method | α | runs | ID | OOD mean | ZS mean |\n|---|---|---|---|---|---|")
+    for m, c in means.items():
+        for al, (i, o, z) in c.items():
+            print(f"| {m} | {al:g} | {len(curves[m][al])} | {i:.2f} | {o:.2f} | {z:.2f} |")
+    ref = "ft" if "ft" in means else next(iter(means))
+    ref_curve = [(v[0], v[1]) for v in means[ref].values()]
+    for m, c in means.items():
+        if 0 in c and 0.5 in c and 1 in c:
+            print(f"{m}: WiSE α=0.5 vs α=1: OOD {c[0.5][1] - c[1][1]:+.2f}; vs α=0 (zero-shot): ID {c[0.5][0] - c[0][0]:+.2f}")
+        if m != ref:
+            for al in (0.5, 1):
+                if al in c:
+                    margin = effective_robustness_margin(ref_curve, (c[al][0], c[al][1]))
+                    print(f"{m} α={al:g}: OOD margin over the WiSE curve of {ref} at equal ID: {margin:+.2f}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for n, (m, c) in enumerate(means.items()):
+        al = list(c)
+        line = ax.plot([c[x][0] for x in al], [c[x][1] for x in al], "-o", ms=3, label=f"WiSE-FT on {m}")[0]
+        if 1 in c:
+            ax.plot(*c[1][:2], "s", ms=9, color=line.get_color(), label=f"{m} (α=1)")
+        if 0.5 in c:
+            ax.annotate("α=0.5", c[0.5][:2], textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if 0 in c and n == 0:
+            ax.plot(*c[0][:2], "*", ms=14, color="k", label="zero-shot (α=0)")
+    ax.set_xlabel("ID accuracy (%)")
+    ax.set_ylabel("OOD accuracy (mean over shifts, %)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: float, reg: float, device) -> dict:
+    """TPGM's inner problem: Adam on the per-tensor radii γ [L] with θ0 and θ_ft fixed, minimising the
+    held-out CE (+ TPGM-C's penalty) of the projected model. `batches` yields held-out batches."""
+    device = torch.device(device)
+    dist = tpgm_distances(state0, state1)
+    names = list(dist)
+    norms = torch.tensor([dist[k] for k in names], device=device)  # [L]
+    theta0 = {k: state0[k].to(device) for k in names}
+    delta = {k: (state1[k] - state0[k]).to(device) for k in names}
+    gamma = torch.nn.Parameter(TPGM_INIT * norms)  # [L] radii, in the units of ‖Δ‖
+    opt = torch.optim.Adam([gamma], lr=lr)
+    model = model.requires_grad_(False).eval()
+    for step in range(steps):
+        batch = next(batches)
+        ratio = gamma / norms  # [L], within [0, 1] thanks to the projection below
+        params = {k: theta0[k] + ratio[i] * delta[k] for i, k in enumerate(names)}  # θ0 + (γ/‖Δ‖)Δ
+        with autocast(device):
+            logits = torch.func.functional_call(model, params, (batch["image"].to(device),))  # [B, K]
+        ce = F.cross_entropy(logits.float(), batch["label"].to(device))
+        loss = ce + tpgm_penalty(ratio, reg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # the projected step on the radii: 0 ≤ γ ≤ ‖Δ‖ (beyond it γ has no effect)
+            gamma.copy_(torch.minimum(gamma.clamp(min=0), norms))
+        if (step + 1) % 50 == 0 or step == 0:
+            print(f"  step {step + 1:4d}  held-out ce {ce.item():.4f}  mean γ/‖Δ‖ {ratio.mean().item():.3f}")
+    return dict(zip(names, gamma.detach().tolist()))
+
+
+def cycle(loader):
+    while True:
+        yield from loader
+
+
+def cmd_tpgm(a, device):
+    reg = a.reg if a.command == "tpgm-c" else 0.0
+    tag = f"tpgm-c reg={reg:g}" if reg else "tpgm"
+    run = load_run(a.ckpt[0], device, a.data_root)
+    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
+    state0 = zeroshot_classifier(run, device).state_dict()
+    heldout = run.task.heldout  # never a test split: TPGM's radii are fitted, so they must not see test
+    loader = torch.utils.data.DataLoader(TransformedImages(heldout.images, run.eval_tf), shuffle=True,
+                                         batch_size=min(a.batch_size, len(heldout.images)), num_workers=a.workers,
+                                         collate_fn=collate_skipping_bad, drop_last=True,
+                                         generator=torch.Generator().manual_seed(run.seed))
+    print(f"{tag} on {run.dir}: {a.steps} Adam steps (lr {a.lr}) on '{heldout.name}' ({len(heldout.images)} images)")
+    model = run.model
+    radii = learn_radii(model, state0, state1, cycle(loader), a.steps, a.lr, reg, device)
+    dist, names = tpgm_distances(state0, state1), list(radii)
+    print(f"\nlearned radii ({tag}): tensor, ‖θ_ft − θ0‖, γ, γ/‖Δ‖")
+    for k in names:
+        print(f"  {k:<60} {dist[k]:10.4f} {radii[k]:10.4f} {radii[k] / dist[k]:6.3f}")
+    ratios = np.array([radii[k] / dist[k] for k in names])
+    print(f"ratio γ/‖Δ‖: mean {ratios.mean():.3f}, min {ratios.min():.3f}, max {ratios.max():.3f}")
+    heldout_ft = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
+    state = tpgm_project(state0, state1, radii)
+    model.load_state_dict(state)
+    heldout_p = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
+    print(f"held-out acc: θ_ft {100 * heldout_ft:.2f} -> projected {100 * heldout_p:.2f}")
+    out = Path(a.out or run.dir / tag.replace(" ", "-").replace("=", ""))
+    save_merged(out, state, run, f"{run.method}+{tag.split()[0]}", {"merge": tag, "source": str(run.dir)})
+    (out / "radii.json").write_text(json.dumps({k: {"dist": dist[k], "radius": radii[k], "ratio": radii[k] / dist[k]}
+                                                for k in names}, indent=1))
+    rows = evaluate_task(model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
+    log_results(run.dir, run.method, log_args(run), rows, run.args.get("steps", 0), tag=tag)
+    print(f"{tag}: ID {summary(rows)[0]:.2f}  OOD mean {summary(rows)[1]:.2f}  ZS mean {summary(rows)[2]:.2f}; "
+          f"radii and final.pt in {out}")
+    return rows, radii
+
+
+def combined_run_dir(a, runs, name: str) -> Path:
+    return Path(a.out) if a.out else runs[0].dir.parent / f"{name}-{runs[0].args['data']}-{Path(runs[0].meta['model']).stem}"
+
+
+def cmd_soup(a, device):
+    tasks = {}
+    runs = [load_run(p, device, a.data_root, tasks) for p in a.ckpt]
+    check_same_init(runs)
+    task, tf, model = runs[0].task, runs[0].eval_tf, runs[0].model
+    states = [{k: v.clone() for k, v in r.model.state_dict().items()} for r in runs]
+    for r in runs[1:]:
+        r.model = None  # the states are all we need; free the modules
+
+    def heldout_acc(state):
+        model.load_state_dict(state)
+        return evaluate_split(model, task.heldout, task, tf, device, a.eval_batch_size, a.workers)["acc"]
+
+    if a.kind == "uniform":
+        chosen = list(range(len(runs)))
+    else:
+        scores = [heldout_acc(s) for s in states]
+        for r, s in zip(runs, scores):
+            print(f"  held-out {100 * s:6.2f}  {r.dir}")
+        chosen, best, trace = greedy_select(scores, lambda idx: heldout_acc(uniform_soup([states[i] for i in idx])))
+        for i, score, added in trace:
+            print(f"  try {runs[i].dir}: soup held-out {100 * score:.2f} -> {'added' if added else 'skipped'}")
+        print(f"greedy soup: {len(chosen)} of {len(runs)} runs, held-out {100 * best:.2f} (best single {100 * max(scores):.2f})")
+    state = uniform_soup([states[i] for i in chosen])
+    model.load_state_dict(state)
+    method = "+".join(sorted({r.method for r in runs}))
+    out = combined_run_dir(a, runs, f"soup-{a.kind}")
+    members = [str(runs[i].dir) for i in chosen]
+    save_merged(out, state, runs[0], f"{method}+soup-{a.kind}", {"merge": f"soup {a.kind}", "members": members})
+    rows = evaluate_task(model, task, tf, device, a.eval_batch_size, a.workers)
+    log_results(out, method, log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
+                runs[0].args.get("steps", 0), tag=f"soup {a.kind}")
+    return rows, members
+
+
+def cmd_ensemble(a, device):
+    tasks = {}
+    runs = [load_run(p, device, a.data_root, tasks) for p in a.ckpt]
+    for r in runs[1:]:
+        if r.meta["classnames"] != runs[0].meta["classnames"] or r.args["data"] != runs[0].args["data"]:
+            raise SystemExit(f"error: {r.dir} and {runs[0].dir} were fine-tuned on different tasks")
+    task = runs[0].task
+    chosen = list(range(len(runs)))
+    if a.kind == "greedy":
+        held = [split_logits(r.model, task.heldout, task, r.eval_tf, device, a) for r in runs]
+        labels = held[0][1]
+        acc = lambda idx: classification_metrics(ensemble_logits([held[i][0] for i in idx]), labels)["acc"]  # noqa: E731
+        scores = [acc([i]) for i in range(len(runs))]
+        chosen, best, trace = greedy_select(scores, acc)
+        for i, score, added in trace:
+            print(f"  try {runs[i].dir}: ensemble held-out {100 * score:.2f} -> {'added' if added else 'skipped'}")
+        print(f"greedy ensemble: {len(chosen)} of {len(runs)} runs, held-out {100 * best:.2f} (best single {100 * max(scores):.2f})")
+    rows = []
+    for split in task.tests:
+        outs = [split_logits(runs[i].model, split, task, runs[i].eval_tf, device, a) for i in chosen]
+        metrics = classification_metrics(ensemble_logits([o[0] for o in outs]), outs[0][1])
+        rows.append({"split": split.name, "kind": split.kind, **metrics, "skipped": outs[0][2]})
+        print(f"  {split.name:<16} {split.kind:<9} acc {100 * metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}")
+    members = [str(runs[i].dir) for i in chosen]
+    out = combined_run_dir(a, runs, f"ensemble-{a.kind}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "members.json").write_text(json.dumps(members, indent=1))
+    method = "+".join(sorted({r.method for r in runs}))
+    log_results(out, method, log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
+                runs[0].args.get("steps", 0), tag=f"ensemble {a.kind}")
+    return rows, members
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("wise", "WiSE-FT α sweep"), ("tpgm", "TPGM projection"), ("tpgm-c", "TPGM with a radius penalty"),
+                        ("soup", "uniform / greedy model soup"), ("ensemble", "output / greedy ensemble")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--ckpt", nargs="+", required=True, help="run directories (or their final.pt)")
+        p.add_argument("--data-root", default="", help="dataset folder if it moved since training (default: the run's)")
+        p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
+        p.add_argument("--eval-batch-size", type=int, default=512, help="batch size for evaluation")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+        if name == "wise":
+            p.add_argument("--alphas", default=WISE_ALPHAS, help="start:stop:step (stop included) or a,b,c")
+            p.add_argument("--plot", default="", help="PNG of the ID-vs-OOD curve (default: RUN/wise_curve.png)")
+        else:
+            p.add_argument("--out", default="", help="directory for the merged model / member list")
+        if name.startswith("tpgm"):
+            p.add_argument("--steps", type=int, default=TPGM_STEPS, help="Adam steps on the radii")
+            p.add_argument("--lr", type=float, default=TPGM_LR, help="Adam learning rate on the radii")
+            p.add_argument("--batch-size", type=int, default=TPGM_BATCH, help="held-out images per step")
+        if name == "tpgm-c":
+            p.add_argument("--reg", type=float, default=TPGM_C_REG, help="μ, weight of the mean γ/‖Δ‖ penalty")
+        if name in ("soup", "ensemble"):
+            kinds = ("greedy", "uniform") if name == "soup" else ("greedy", "output")
+            p.add_argument("--kind", choices=kinds, default="greedy", help="greedy: add members by held-out accuracy")
+    a = parser.parse_args(argv)
+    if a.command.startswith("tpgm") and len(a.ckpt) != 1:
+        raise SystemExit(f"error: {a.command} projects one fine-tuned run; got {len(a.ckpt)}")
+    device = get_device(a.device)
+    commands = {"wise": cmd_wise, "tpgm": cmd_tpgm, "tpgm-c": cmd_tpgm, "soup": cmd_soup, "ensemble": cmd_ensemble}
+    return commands[a.command](a, device)
+
+
+if __name__ == "__main__":
+    main()

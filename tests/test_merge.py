@@ -1,0 +1,237 @@
+"""merge.py: exact endpoints of WiSE-FT / TPGM, soups and ensembles of one model, greedy selection,
+effective robustness, and the CLI on tiny fine-tuned runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import baselines
+import merge
+from common import evaluate_split, load_task
+from conftest import COLOURS, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads, and on a shared 2-core box they cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_state(seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": scale * torch.randn(5, 3, generator=g), "b": scale * torch.randn(3, generator=g),
+            "counter": torch.tensor(seed)}  # a non-float buffer (BatchNorm's num_batches_tracked)
+
+
+# ---------------------------------------------------------------- pure functions
+def test_wise_endpoints_are_bit_exact_and_midpoint_is_the_average():
+    s0, s1 = random_state(0, scale=1e3), random_state(1)  # θ0 + 1·(θ1 − θ0) != θ1 in floats at these magnitudes
+    for k in s0:
+        assert torch.equal(merge.wise(s0, s1, 0.0)[k], s0[k])
+        assert torch.equal(merge.wise(s0, s1, 1.0)[k], s1[k])
+    mid = merge.wise(s0, s1, 0.5)
+    torch.testing.assert_close(mid["w"], (s0["w"] + s1["w"]) / 2, rtol=1e-6, atol=1e-6)
+    assert mid["counter"] == s1["counter"] and merge.wise(s0, s1, 0.3)["counter"] == s0["counter"]
+    assert merge.wise(s0, s1, 0.25)["b"][0].item() == pytest.approx(0.75 * s0["b"][0].item() + 0.25 * s1["b"][0].item(), rel=1e-5)
+
+
+def test_wise_refuses_mismatched_architectures():
+    s0, s1 = random_state(0), random_state(1)
+    s1["w"] = torch.zeros(4, 3)
+    with pytest.raises(SystemExit, match="different architectures"):
+        merge.wise(s0, s1, 0.5)
+
+
+def test_tpgm_projection_closed_form():
+    s0, s1 = random_state(0), random_state(1)
+    dist = merge.tpgm_distances(s0, s1)
+    assert set(dist) == {"w", "b"}  # only moved float tensors get a radius
+    big = merge.tpgm_project(s0, s1, {k: 1e9 for k in dist})
+    zero = merge.tpgm_project(s0, s1, {k: 0.0 for k in dist})
+    for k in s0:
+        assert torch.equal(big[k], s1[k])
+        assert torch.equal(zero[k], s0[k] if k in dist else s1[k])
+    half = merge.tpgm_project(s0, s1, {"w": dist["w"] / 4, "b": 1e9})
+    assert (half["w"] - s0["w"]).norm().item() == pytest.approx(dist["w"] / 4, rel=1e-5)  # on the sphere of radius γ
+    torch.testing.assert_close(half["w"], s0["w"] + 0.25 * (s1["w"] - s0["w"]))  # along θ_ft − θ0
+    assert torch.equal(half["b"], s1["b"])
+
+
+def test_uniform_soup_of_copies_is_the_model_and_of_two_is_the_midpoint():
+    s = random_state(3)
+    soup = merge.uniform_soup([s, s, s, s, s])
+    assert all(torch.equal(soup[k], s[k]) for k in s)
+    s0, s1, s2 = random_state(0), random_state(1), random_state(2)
+    torch.testing.assert_close(merge.uniform_soup([s0, s1])["w"], (s0["w"] + s1["w"]) / 2)
+    torch.testing.assert_close(merge.uniform_soup([s0, s1, s2])["w"], (s0["w"] + s1["w"] + s2["w"]) / 3)
+
+
+def test_ensemble_of_one_is_the_model():
+    logits = torch.randn(7, 4)
+    assert torch.equal(merge.ensemble_logits([logits]), logits)
+    torch.testing.assert_close(merge.ensemble_logits([logits, 3 * logits]), 2 * logits)
+
+
+def test_greedy_select_strict_and_never_worse_than_best_member():
+    scores = [0.5, 0.7, 0.6]
+    # hand loop: start from member 1 (0.7); {1,2} ties 0.7 -> not added (strict); {1,0} improves -> added
+    table = {(1, 2): 0.7, (1, 0): 0.75}
+    chosen, best, trace = merge.greedy_select(scores, lambda idx: table[tuple(idx)])
+    assert chosen == [1, 0] and best == 0.75
+    assert trace == [(2, 0.7, False), (0, 0.75, True)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # any scoring: the result is at least the best single member
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        member = torch.rand(n, generator=g).tolist()
+        chosen, best, _ = merge.greedy_select(member, lambda idx: torch.rand(1, generator=g).item())
+        assert best >= max(member) and chosen[0] == max(range(n), key=lambda i: member[i])
+
+
+def test_effective_robustness_margin():
+    curve = [(60.0, 50.0), (70.0, 52.0), (80.0, 48.0)]  # zero-shot -> FT
+    assert merge.effective_robustness_margin(curve, (65.0, 55.0)) == pytest.approx(55.0 - 51.0)
+    assert merge.effective_robustness_margin(curve, (75.0, 47.0)) == pytest.approx(47.0 - 50.0)
+    assert merge.effective_robustness_margin(curve, (70.0, 52.0)) == pytest.approx(0.0)
+    assert math.isnan(merge.effective_robustness_margin(curve, (85.0, 60.0)))  # no extrapolation
+    bent = [(60.0, 50.0), (80.0, 60.0), (75.0, 40.0)]  # ID not monotone in α: the higher bar counts
+    assert merge.effective_robustness_margin(bent, (77.0, 59.0)) == pytest.approx(59.0 - 58.5)  # not 59 - 48
+
+
+def test_parse_alphas():
+    assert merge.parse_alphas("0:1:0.1") == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert merge.parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]
+
+
+# ---------------------------------------------------------------- on tiny fine-tuned runs
+@pytest.fixture(scope="module")
+def module_runs(tmp_path_factory, tiny_model):
+    """Two FT runs from one initialisation (seed 0, different lr) and the zero-shot run, made once;
+    each test writes its own tags and output folders."""
+    base = tmp_path_factory.mktemp("merge")
+    data = base / "folder"
+    for split, n in (("train", 12), ("test", 4), ("sketch", 4)):
+        for k, name in enumerate(["cat", "dog", "red_fox", "owl"]):
+            write_images(data / split / name, n, seed=hash((split, k)) % 2**32, colour=COLOURS[k])
+    runs = base / "runs"
+    common = ["--data", "folder", "--data-root", str(data), "--model", tiny_model, "--batch-size", "8", "--workers", "0"]
+    baselines.main(["--method", "zeroshot", *common, "--out", str(runs / "zs-s0")])
+    baselines.main(["--method", "ft", *common, "--steps", "4", "--lr", "1e-3", "--out", str(runs / "ft-a-s0")])
+    baselines.main(["--method", "ft", *common, "--steps", "3", "--lr", "3e-4", "--out", str(runs / "ft-b-s0")])
+    return {"zs": str(runs / "zs-s0"), "a": str(runs / "ft-a-s0"), "b": str(runs / "ft-b-s0"), "common": common}
+
+
+@pytest.fixture
+def runs(module_runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative outputs (runs/..., curve.png) land in the test's own folder
+    return module_runs
+
+
+def results(run, tag):
+    rows = [json.loads(line) for line in (Path(run) / "results.jsonl").read_text().splitlines()]
+    return {r["split"]: r for r in rows if r["tag"] == tag}
+
+
+def test_wise_cli_endpoints_reproduce_zeroshot_and_ft_runs(runs):
+    merge.main(["wise", "--ckpt", runs["a"], "--alphas", "0,0.5,1"])
+    zs, ft = results(runs["zs"], ""), results(runs["a"], "")
+    for tag, ref in (("wise a=0", zs), ("wise a=1", ft)):
+        got = results(runs["a"], tag)
+        assert set(got) == set(ref)
+        for split in ref:
+            assert (got[split]["acc"], got[split]["nll"], got[split]["ece"]) == (ref[split]["acc"], ref[split]["nll"], ref[split]["ece"])
+    assert "wise a=0.5" in {json.loads(x)["tag"] for x in (Path(runs["a"]).parent / "results.jsonl").read_text().splitlines()}
+    assert Path(runs["a"], "wise_curve.png").stat().st_size > 1000
+    # θ0 rebuilt by merge.py is the zero-shot run's checkpoint, bit for bit
+    run = merge.load_run(runs["a"], "cpu")
+    saved = torch.load(Path(runs["zs"]) / "final.pt", weights_only=False)["model"]
+    built = merge.zeroshot_classifier(run, "cpu").state_dict()
+    assert all(torch.equal(built[k], saved[k]) for k in saved)
+
+
+def test_learn_radii_penalty_and_descent(runs):
+    run = merge.load_run(runs["a"], "cpu")
+    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
+    state0 = merge.zeroshot_classifier(run, "cpu").state_dict()
+    images = torch.stack([run.eval_tf(run.task.train.images.load(i)) for i in range(16)])
+    batch = {"image": images, "label": torch.as_tensor(run.task.train.images.labels[:16])}
+    dist = merge.tpgm_distances(state0, state1)
+    radii = merge.learn_radii(run.model, state0, state1, iter([batch] * 20), 20, 1e-2, 1e4, "cpu")
+    assert all(radii[k] == 0 for k in dist)  # a huge TPGM-C penalty pulls every radius to 0 -> θ0
+    assert all(torch.equal(v, state0[k]) for k, v in merge.tpgm_project(state0, state1, radii).items() if k in dist)
+
+    def ce(state):
+        run.model.load_state_dict(state)
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(run.model(batch["image"]), batch["label"]).item()
+
+    init = ce(merge.tpgm_project(state0, state1, {k: merge.TPGM_INIT * d for k, d in dist.items()}))
+    radii = merge.learn_radii(run.model, state0, state1, iter([batch] * 20), 20, 1e-2, 0.0, "cpu")
+    assert all(0 <= radii[k] <= dist[k] + 1e-6 for k in dist)
+    assert ce(merge.tpgm_project(state0, state1, radii)) < init  # Adam on the radii lowers the fitted CE
+
+
+def test_tpgm_cli_uses_heldout_and_writes_radii(runs, monkeypatch):
+    seen = []
+    real = merge.TransformedImages
+    monkeypatch.setattr(merge, "TransformedImages", lambda images, tf: seen.append(images) or real(images, tf))
+    merge.main(["tpgm-c", "--ckpt", runs["a"], "--steps", "3", "--batch-size", "4", "--reg", "0.5"])
+    run = merge.load_run(runs["a"], "cpu")
+    assert [len(s) for s in seen] == [len(run.task.heldout.images)] and seen[0].paths == run.task.heldout.images.paths
+    radii = json.loads(Path(runs["a"], "tpgm-c-reg0.5", "radii.json").read_text())
+    assert radii and all(0 <= r["ratio"] <= 1 for r in radii.values())
+    assert set(results(runs["a"], "tpgm-c reg=0.5")) == {"test", "sketch"}
+    merge.load_run(Path(runs["a"], "tpgm-c-reg0.5"), "cpu")  # the projected model is itself a loadable run
+
+
+def test_soups_and_ensembles_on_runs(runs):
+    # a soup of N copies of one run is that run; an ensemble of one run is that run
+    rows, _ = merge.main(["soup", "--kind", "uniform", "--ckpt", runs["a"], runs["a"], runs["a"], "--out", "runs/soup-copies"])
+    soup = torch.load("runs/soup-copies/final.pt", weights_only=False)["model"]
+    ft = torch.load(Path(runs["a"]) / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(soup[k], ft[k]) for k in ft)
+    rows, _ = merge.main(["ensemble", "--kind", "output", "--ckpt", runs["a"], "--out", "runs/ens-one"])
+    ref = results(runs["a"], "")
+    for r in rows:
+        assert (r["acc"], r["nll"], r["ece"]) == (ref[r["split"]]["acc"], ref[r["split"]]["nll"], ref[r["split"]]["ece"])
+    # greedy soup: never worse on held-out than its best member
+    merge.main(["soup", "--kind", "greedy", "--ckpt", runs["b"], runs["a"], runs["zs"], "--out", "runs/soup-greedy"])
+    task = load_task("folder", runs["common"][3], 0)
+    accs = []
+    for path in (runs["a"], runs["b"], runs["zs"], "runs/soup-greedy"):
+        r = merge.load_run(path, "cpu")
+        accs.append(evaluate_split(r.model, task.heldout, task, r.eval_tf, torch.device("cpu"))["acc"])
+    assert accs[-1] >= max(accs[:-1])
+    rows, members = merge.main(["ensemble", "--kind", "greedy", "--ckpt", runs["a"], runs["b"], "--out", "runs/ens-g"])
+    assert 1 <= len(members) <= 2 and results("runs/ens-g", "ensemble greedy").keys() == {"test", "sketch"}
+
+
+def test_soup_refuses_other_architectures_and_initialisations(runs, tmp_path):
+    other = tmp_path / "wider.json"
+    cfg = json.loads(Path(runs["common"][5]).read_text())
+    cfg["vision_cfg"]["width"] = 48
+    other.write_text(json.dumps(cfg))
+    common = runs["common"][:4] + ["--batch-size", "8"]
+    baselines.main(["--method", "ft", *common, "--model", str(other), "--steps", "1", "--out", "runs/ft-wide-s0"])
+    baselines.main(["--method", "ft", *common, "--model", runs["common"][5], "--steps", "1", "--seed", "1", "--out", "runs/ft-s1"])
+    with pytest.raises(SystemExit, match="different architectures"):
+        merge.main(["soup", "--ckpt", runs["a"], "runs/ft-wide-s0"])
+    with pytest.raises(SystemExit, match="shared initialisation"):  # a random-init model differs per seed
+        merge.main(["soup", "--ckpt", runs["a"], "runs/ft-s1"])
+
+
+def test_cli_smoke(runs):
+    out = subprocess.run([sys.executable, str(REPO / "merge.py"), "wise", "--ckpt", runs["a"], "--alphas", "0:1:1",
+                          "--plot", "curve.png"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "| ft | 1 | 1 |" in out.stdout and Path("curve.png").is_file()
