@@ -1,0 +1,105 @@
+"""CAR-FT: context-aware robust fine-tuning of CLIP.
+
+Paper: Mao, Chen, Jia, Zhang, Xue & Li, "Context-Aware Robust Fine-Tuning", IJCV 2023 (seeds/002_*,
+abstract only; the Lipsum-FT paper, seeds/001_* appendix B.2-B.3, restates the loss and sweeps β).
+
+Idea. A prompt "a [CONTEXT] of a [CLASS]" lets zero-shot CLIP tell *contexts* (sketch, painting, at
+night, ...) apart, and that awareness is part of why it is robust; fine-tuning on one context erodes it.
+CAR-FT keeps it: a context head built from the prompt templates (one row per template, averaged over
+the task's classes) turns image features into a distribution over contexts, and the fine-tuned image
+tower must keep the zero-shot tower's context distribution on the same augmented images.
+
+    W_ctx[c]  = n( mean_k n(g(T_c(class_k))) )                       context head [C, D], frozen
+    p_ctx(x; θ) = softmax(s · n(f_θ(x)) W_ctxᵀ)                       distribution over C contexts
+    L(θ, W)   = CE(s · n(f_θ(x)) Wᵀ, y) + β · KL( p_ctx(x; θ0) ‖ p_ctx(x; θ) )
+
+Choices (METHODS.md "choose"):
+  * KL direction: teacher first, KL(p_ctx(θ0) ‖ p_ctx(θ)) = Σ_c p0_c (log p0_c − log p_c), the usual
+    distillation direction; batch mean.
+  * Temperature: s = exp(logit_scale), the model's own (100 on OpenAI CLIP, the paper's value; ~20 on a
+    tiny CLIP, where a hard-coded 100 would sharpen both distributions far beyond what the model learned).
+  * β = 1 by default (the paper's order of magnitude; the Lipsum-FT paper sweeps it); --beta to change.
+  * W_ctx is computed once per run from the frozen text tower with the task's templates (the 80 OpenAI
+    ImageNet templates for ImageNet/DomainNet, open_clip's 7 simple templates for folders, miniworld's
+    own style/background/size templates). θ0 is a frozen eval-mode copy of the image tower.
+
+Run:  python car_ft.py                                   (miniworld + miniclip, CPU, minutes)
+      python car_ft.py --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import TrainArgs, finish, parse_args, set_trainable, setup, template_embeddings, train
+
+
+@dataclass
+class Args(TrainArgs):
+    beta: float = 1.0  # β, weight of the context-distribution KL
+
+
+# The paper's recipe (lr 1e-5, batch 256, 10% warm-up + cosine, ImageNet 50k / DomainNet 5k steps); the
+# shared fields equal baselines.py's FT presets so the regulariser is the only difference from FT.
+PRESETS = {
+    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, eval_every=100,
+                      ckpt_every=100, beta=1.0),
+    "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
+                     eval_every=5_000, ckpt_every=5_000, beta=1.0),
+    "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
+                      eval_every=1_000, ckpt_every=1_000, beta=1.0),
+    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4, beta=1.0),
+}
+
+
+@torch.no_grad()
+def context_head(clip, tokenizer, classnames, templates, device=None) -> torch.Tensor:
+    """W_ctx [C, D]: row c = n(mean over classes k of n(g(template_c(class_k))))."""
+    prompts = template_embeddings(clip, tokenizer, classnames, templates, device)  # [K, C, D], unit rows
+    return F.normalize(prompts.mean(0), dim=-1)  # [C, D]
+
+
+def car_regularizer(image_features, image_features_init, context_head, scale) -> torch.Tensor:
+    """KL(p_ctx(θ0) ‖ p_ctx(θ)), batch mean, with p_ctx = softmax(s · n(f) W_ctxᵀ), in at least float32."""
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    w = context_head.to(dtype)  # [C, D]
+    logp = (scale * F.normalize(image_features.to(dtype), dim=-1) @ w.t()).log_softmax(-1)  # [B, C]
+    logp0 = (scale * F.normalize(image_features_init.to(dtype), dim=-1) @ w.t()).log_softmax(-1)  # [B, C]
+    return F.kl_div(logp, logp0, reduction="batchmean", log_target=True)  # Σ_c p0 (log p0 − log p)
+
+
+def car_ft_loss(logits, labels, image_features, image_features_init, context_head, scale, beta: float):
+    """CE(s · n(f_θ(x)) Wᵀ, y) + β · KL(p_ctx(θ0) ‖ p_ctx(θ)). Returns (loss, terms)."""
+    ce = F.cross_entropy(logits, labels)
+    kl = car_regularizer(image_features, image_features_init, context_head, scale)
+    return ce + beta * kl, {"ce": ce.detach(), "kl": kl.detach()}
+
+
+def make_loss_fn(model, w_ctx: torch.Tensor, beta: float):
+    """The training loss: θ0 is a frozen copy of the image tower taken now; W_ctx is fixed."""
+    visual0 = copy.deepcopy(model.clip.visual).requires_grad_(False).eval()  # θ0
+
+    def loss_fn(model, batch):
+        images = batch["image"]  # [B, 3, H, W]
+        features = model.image_features(images)  # [B, D]
+        with torch.no_grad():
+            features0 = F.normalize(visual0(images), dim=-1)  # [B, D], θ0 on the same augmented images
+        scale = model.scale.detach()
+        logits = scale * features @ model.head.t()  # [B, K], ClipClassifier.forward without a second encode
+        return car_ft_loss(logits, batch["label"], features, features0, w_ctx, scale, beta)
+
+    return loss_fn
+
+
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+    env = setup(args, "car_ft")
+    model = set_trainable(env.model, image=True, text=False, head=True)
+    w_ctx = context_head(env.clip, env.tokenizer, env.task.classnames, env.task.templates, env.device)  # [C, D]
+    train(env, make_loss_fn(model, w_ctx, args.beta), args)
+    return finish(env, args, tag=f"beta={args.beta:g}")
+
+
+if __name__ == "__main__":
+    main()
