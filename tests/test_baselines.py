@@ -1,0 +1,214 @@
+"""baselines.py: closed-form properties of each loss (regularisers vanish at θ0, EMA's endpoints, FLYP
+against a hand loop), each method's wiring on a tiny CLIP, and every method end to end in one
+subprocess (the script's __main__ path, run once per method by runpy to pay the imports once)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+
+import baselines
+import common
+
+
+# ------------------------------------------------------------------------------------- pure losses
+def test_regularisers_are_exactly_zero_at_theta0_and_positive_away():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    params = [torch.randn(3, 4, generator=g), torch.randn(7, generator=g)]
+    feats = torch.randn(6, 8, generator=g)
+    ce = F.cross_entropy(logits, labels)
+
+    loss, t = baselines.l2sp_loss(logits, labels, params, [p.clone() for p in params], lam=3.0)
+    assert t["l2sp"].item() == 0.0 and torch.equal(loss, ce)
+    loss, t = baselines.kd_loss(logits, logits.clone(), labels, lam=3.0, tau=2.0)
+    assert t["kd"].item() == 0.0 and torch.equal(loss, ce)
+    loss, t = baselines.featkd_loss(logits, labels, feats, feats.clone(), lam=3.0)
+    assert t["featkd"].item() == 0.0 and torch.equal(loss, ce)
+
+    moved = [p + 0.1 for p in params]  # ‖θ − θ0‖² = 0.01 · 19 elements
+    loss, t = baselines.l2sp_loss(logits, labels, moved, params, lam=3.0)
+    assert t["l2sp"].item() == pytest.approx(0.19, rel=1e-5) and loss.item() == pytest.approx(ce.item() + 1.5 * 0.19, rel=1e-5)
+    z0 = torch.randn(6, 5, generator=g)
+    _, t = baselines.kd_loss(logits, z0, labels, lam=1.0, tau=2.0)
+    p0, p = (z0 / 2).softmax(-1), (logits / 2).softmax(-1)
+    assert t["kd"].item() == pytest.approx((p0 * (p0.log() - p.log())).sum(-1).mean().item(), rel=1e-5)
+    _, t = baselines.featkd_loss(logits, labels, feats + 0.5, feats, lam=1.0)
+    assert t["featkd"].item() == pytest.approx(8 * 0.25, rel=1e-5)
+
+
+def test_ema_decay_zero_is_live_weights_and_one_is_initial():
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    live = [torch.randn(4, 3, generator=g) * 1e3, torch.randn(5, generator=g) * 1e-3]
+    for decay, expect in ((0.0, live), (1.0, init)):
+        ema = [t.clone() for t in init]
+        baselines.ema_update(ema, live, decay)
+        assert all(torch.equal(e, x) for e, x in zip(ema, expect)), decay
+    ema = [t.clone() for t in init]
+    baselines.ema_update(ema, live, 0.75)
+    assert all(torch.allclose(e, 0.75 * a + 0.25 * b) for e, a, b in zip(ema, init, live))
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_flyp_loss_equals_hand_loop(mask):
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 2, 0, 1, 2])  # duplicates: images 0/2 and 1/4 share a prompt
+    img = F.normalize(torch.randn(5, 3, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(3, 3, generator=g), dim=-1)[labels]  # one prompt embedding per class
+    scale = torch.tensor(7.0)
+    loss, terms = baselines.flyp_loss(img, txt, labels, scale, mask_duplicates=mask)
+
+    def direction(a, b):  # mean over i of −log softmax_j(s·a_i·b_j)[i], j over allowed pairs
+        total = 0.0
+        for i in range(5):
+            allowed = [j for j in range(5) if j == i or not (mask and labels[i] == labels[j])]
+            logits = {j: 7.0 * float(a[i] @ b[j]) for j in allowed}
+            total += -logits[i] + math.log(sum(math.exp(v) for v in logits.values()))
+        return total / 5
+
+    i2t, t2i = direction(img, txt), direction(txt, img)
+    assert terms["i2t"].item() == pytest.approx(i2t, abs=1e-5) and terms["t2i"].item() == pytest.approx(t2i, abs=1e-5)
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-5)
+    unique = torch.tensor([0, 1, 2])  # without duplicates the mask changes nothing: CLIP's loss
+    a, _ = baselines.flyp_loss(img[:3], txt[[0, 3, 1]], unique, scale, mask_duplicates=True)
+    b, _ = baselines.flyp_loss(img[:3], txt[[0, 3, 1]], unique, scale, mask_duplicates=False)
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------- method wiring
+@pytest.fixture
+def tiny(tiny_model):
+    """A fresh ClipClassifier on the tiny random CLIP, a 3-class task stub and one batch."""
+    torch.manual_seed(0)
+    clip, tok, _ = common.load_clip(tiny_model)
+    task = types.SimpleNamespace(classnames=["cat", "dog", "owl"], templates=["a photo of a {}.", "art of the {}."])
+    model = common.ClipClassifier(clip, common.zeroshot_head(clip, tok, task.classnames, task.templates), tok).train()
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 1]), "index": torch.arange(4)}
+    return model, task, batch
+
+
+def wiring(method, model, task, **kw):
+    args = baselines.Args(method=method, steps=100, **kw)
+    return baselines.make_loss(method, model, args, task)
+
+
+@pytest.mark.parametrize("method, term", [("l2sp", "l2sp"), ("kd", "kd"), ("featkd", "featkd")])
+def test_regulariser_zero_on_the_model_at_theta0_then_grows(tiny, method, term):
+    model, task, batch = tiny
+    loss_fn, _, _, _ = wiring(method, model, task)
+    loss, terms = loss_fn(model, batch)
+    assert terms[term].item() == 0.0
+    loss.backward()
+    assert model.head.grad is not None and model.clip.visual.conv1.weight.grad.abs().sum() > 0
+    assert model.clip.token_embedding.weight.grad is None  # the text tower is frozen
+    with torch.no_grad():
+        for p in model.clip.visual.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert loss_fn(model, batch)[1][term].item() > 0
+
+
+def test_scratch_head_starts_at_zero_and_lp_trains_only_the_head(tiny):
+    model, task, batch = tiny
+    wiring("scratch", model, task)
+    assert torch.equal(model.head, torch.zeros_like(model.head)) and model.head.requires_grad
+    wiring("lp", model, task)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["head"]
+
+
+def test_ema_wiring_tracks_the_trainable_weights(tiny):
+    model, task, batch = tiny
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    _, after, extra, tag = wiring("ema", model, task, ema_decay=0.0)
+    assert tag == "m=0"
+    with torch.no_grad():
+        model.clip.visual.conv1.weight.add_(1.0)
+        model.head.mul_(2.0)
+    after(1)
+    ema = extra["ema"].state_dict()
+    assert torch.equal(ema["clip.visual.conv1.weight"], model.clip.visual.conv1.weight)
+    assert torch.equal(ema["head"], model.head) and not torch.equal(ema["head"], init["head"])
+    assert all(not p.requires_grad for p in extra["ema"].parameters())
+    assert wiring("ema", model, task)[3] == "m=0.95"  # default: 1 − 1/(EMA_WINDOW · 100 steps)
+    assert baselines.make_loss("ema", model, baselines.Args(method="ema", steps=50_000), task)[3] == "m=0.9999"
+
+
+def test_flyp_trains_both_towers_and_scale_not_head(tiny):
+    model, task, batch = tiny
+    loss_fn, after, _, _ = wiring("flyp", model, task)
+    loss, terms = loss_fn(model, batch)
+    loss.backward()
+    assert model.clip.token_embedding.weight.grad is not None and model.clip.visual.conv1.weight.grad is not None
+    assert model.clip.logit_scale.grad is not None and model.head.grad is None
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(10.0)
+    after(1)
+    assert model.clip.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_lpft_without_an_lp_run_says_what_to_run(tiny, tmp_path):
+    model, task, _ = tiny
+    with pytest.raises(SystemExit, match="--method lp"):
+        wiring("lpft", model, task, lp_run=str(tmp_path / "nothing"))
+
+
+# ------------------------------------------------------------------------------------ end to end
+DRIVER = """
+import json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["baselines.py", *argv]
+    runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
+    runs = tmp_path / "runs"
+    micro = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
+             "--batch-size", "8", "--eval-every", "2", "--ckpt-every", "2", "--crop-scale", "0.5"]
+    extra = {"lpft": ["--lp-run", str(runs / "lp")], "ema": ["--ema-decay", "1"], "lp": ["--lr", "1e-2"]}
+    argvs = [["--method", m, *micro, "--out", str(runs / m), *extra.get(m, [])] for m in baselines.METHODS]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", DRIVER.format(script=str(REPO / "baselines.py")), json.dumps(argvs)],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rows = [json.loads(line) for line in (runs / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == set(baselines.METHODS)
+    assert all({r["split"] for r in rows if r["method"] == m} == {"test", "sketch"} for m in baselines.METHODS)
+    final = {m: torch.load(runs / m / "final.pt", weights_only=False)["model"] for m in baselines.METHODS}
+    logs = {m: [json.loads(x) for x in (runs / m / "log.jsonl").read_text().splitlines()]
+            for m in baselines.METHODS if m != "zeroshot"}
+    theta0 = final["zeroshot"]
+
+    # LP: image and text towers bit-identical to θ0, only the head moved.
+    for k, v in final["lp"].items():
+        assert torch.equal(v, theta0[k]) != (k == "head"), k
+    # LP-FT starts from the LP run's head.
+    assert f"lpft: head from {runs / 'lp' / 'final.pt'}" in proc.stdout
+    task = common.load_task("folder", folder_data)
+    model, _, _ = common.load_classifier(runs / "zeroshot")
+    baselines.make_loss("lpft", model, baselines.Args(method="lpft", model=tiny_model, lp_run=str(runs / "lp")), task)
+    assert torch.equal(model.head, final["lp"]["head"])
+    # Scratch-FT: a zero head gives uniform logits, so the first step's CE is exactly log K.
+    assert logs["scratch"][0]["ce"] == pytest.approx(math.log(4), abs=1e-6)
+    # The regularisers are exactly 0 on the first step (θ = θ0) and positive once θ moved.
+    for m in ("l2sp", "kd", "featkd"):
+        assert logs[m][0][m] == 0.0 and logs[m][-1][m] > 0, m
+    # EMA with decay 1 evaluates θ0 exactly although the live weights trained.
+    assert all(torch.equal(v, theta0[k]) for k, v in final["ema"].items())
+    live = torch.load(runs / "ema" / "ckpt" / "step_2.pt", weights_only=False)["model"]
+    assert not torch.equal(live["clip.visual.conv1.weight"], theta0["clip.visual.conv1.weight"])
+    # FLYP: the text tower trained and the saved head is the zero-shot head of that text tower.
+    assert not torch.equal(final["flyp"]["clip.token_embedding.weight"], theta0["clip.token_embedding.weight"])
+    model, _, _ = common.load_classifier(runs / "flyp")
+    rebuilt = common.zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates)
+    assert torch.allclose(final["flyp"]["head"], rebuilt, atol=1e-6)
+    assert not torch.allclose(final["flyp"]["head"], theta0["head"], atol=1e-4)
