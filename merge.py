@@ -197,6 +197,15 @@ def zeroshot_classifier(run, device) -> ClipClassifier:
     return ClipClassifier(clip, head, tokenizer).to(device).eval()
 
 
+def warn_if_other_init(state0: dict, state1: dict, run):
+    """θ0 is rebuilt from the model name and weights file. If those changed since the run was trained
+    (say, a rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match."""
+    if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
+        print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
+              f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
+              "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
+
+
 def check_same_init(runs: list):
     """Soups average weights, which only makes sense from one initialisation and architecture."""
     first = runs[0]
@@ -269,6 +278,7 @@ def cmd_wise(a, device):
         run = load_run(path, device, a.data_root, tasks)
         state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
         state0 = zeroshot_classifier(run, device).state_dict()
+        warn_if_other_init(state0, state1, run)
         print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
         for alpha in alphas:
             run.model.load_state_dict(wise(state0, state1, alpha))
@@ -284,10 +294,12 @@ def cmd_wise(a, device):
 def report_wise(curves: dict, out: str):
     """Markdown table (mean over runs), the headline deltas, effective robustness, and the plot."""
     means = {m: {al: np.mean(v, axis=0) for al, v in sorted(c.items())} for m, c in curves.items()}
+    stds = {m: {al: np.std(v, axis=0, ddof=1) if len(v) > 1 else np.zeros(3) for al, v in c.items()} for m, c in curves.items()}
     print("\n| method | α | runs | ID | OOD mean | ZS mean |\n|---|---|---|---|---|---|")
     for m, c in means.items():
-        for al, (i, o, z) in c.items():
-            print(f"| {m} | {al:g} | {len(curves[m][al])} | {i:.2f} | {o:.2f} | {z:.2f} |")
+        for al, v in c.items():
+            cells = " | ".join(f"{mu:.1f} ± {sd:.1f}" for mu, sd in zip(v, stds[m][al]))
+            print(f"| {m} | {al:g} | {len(curves[m][al])} | {cells} |")
     ref = "ft" if "ft" in means else next(iter(means))
     ref_curve = [(v[0], v[1]) for v in means[ref].values()]
     for m, c in means.items():
@@ -363,6 +375,7 @@ def cmd_tpgm(a, device):
     run = load_run(a.ckpt[0], device, a.data_root)
     state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
     state0 = zeroshot_classifier(run, device).state_dict()
+    warn_if_other_init(state0, state1, run)
     heldout = run.task.heldout  # never a test split: TPGM's radii are fitted, so they must not see test
     loader = torch.utils.data.DataLoader(TransformedImages(heldout.images, run.eval_tf), shuffle=True,
                                          batch_size=min(a.batch_size, len(heldout.images)), num_workers=a.workers,

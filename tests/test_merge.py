@@ -52,6 +52,15 @@ def test_wise_refuses_mismatched_architectures():
         merge.wise(s0, s1, 0.5)
 
 
+def test_warns_when_the_rebuilt_init_shares_no_tensor(capsys):
+    s0, s1 = random_state(0), random_state(1)
+    run = type("Run", (), {"dir": "r", "method": "ft", "meta": {"model": "m", "pretrained": ""}})
+    merge.warn_if_other_init(s0, s1, run)
+    assert "differs from the rebuilt θ0" in capsys.readouterr().out
+    merge.warn_if_other_init(s0, {**s1, "b": s0["b"]}, run)
+    assert capsys.readouterr().out == ""
+
+
 def test_tpgm_projection_closed_form():
     s0, s1 = random_state(0), random_state(1)
     dist = merge.tpgm_distances(s0, s1)
