@@ -753,10 +753,12 @@ def all_reduce_gradients(params: list, world: int):
 # ----------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int):
+def seed_everything(seed: int, device: torch.device = torch.device("cpu")):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if device.type == "cpu":  # free on CPU; on CUDA it would force slower kernels, so it stays off there
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def warmup_cosine(step: int, total: int, warmup_frac: float) -> float:
@@ -903,9 +905,9 @@ def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Op
 def setup(args, method: str):
     """The start of every method's main: seed, device, CLIP, task, transforms, zero-shot classifier,
     run directory. Returns a namespace with all of them."""
-    seed_everything(args.seed)
-    args.workers = min(args.workers, os.cpu_count() or 1)
     device = get_device(args.device)
+    seed_everything(args.seed, device)
+    args.workers = min(args.workers, os.cpu_count() or 1)
     init_distributed(device)
     resolve_model(args.model, args.pretrained)
     task = load_task(args.data, args.data_root, args.seed)

@@ -1,0 +1,106 @@
+"""Reliability: SIGKILL at random steps then --resume equals an uninterrupted run; torn checkpoints are
+passed over; the same seed gives the same loss curve; a NaN names the last good checkpoint."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def ft_command(folder_data, tiny_model, out, *extra):
+    return [sys.executable, str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", folder_data,
+            "--model", tiny_model, "--steps", "10", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "0",
+            "--ckpt-every", "2", "--out", str(out), *extra]
+
+
+def run(cmd, cwd):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def logged_steps(out) -> int:
+    log = out / "log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def kill_at(cmd, cwd, out, step: int):
+    """Starts the run and SIGKILLs it once its log shows `step` finished steps."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 240
+    while logged_steps(out) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return logged_steps(out)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, folder_data, tiny_model):
+    run(ft_command(folder_data, tiny_model, tmp_path / "straight"), tmp_path)
+    straight = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)["model"]
+    kill_steps = random.Random(os.getpid()).sample(range(1, 10), 3)
+    for k in kill_steps:
+        out = tmp_path / f"killed{k}"
+        reached = kill_at(ft_command(folder_data, tiny_model, out), tmp_path, out, k)
+        assert not (out / "final.pt").exists(), f"the run finished before the kill at step {k}"
+        resumed = run(ft_command(folder_data, tiny_model, out, "--resume"), tmp_path)
+        if reached >= 2:
+            assert "resuming from" in resumed.stdout
+        final = torch.load(out / "final.pt", weights_only=False)["model"]
+        for name in straight:
+            assert torch.equal(straight[name], final[name]), f"kill at step {k}: {name} differs"
+
+
+def test_resume_passes_over_a_torn_checkpoint(tmp_path, folder_data, tiny_model):
+    out = tmp_path / "run"
+    run(ft_command(folder_data, tiny_model, out, "--steps", "4"), tmp_path)
+    ckpt = out / "ckpt"
+    good = ckpt / "step_2.pt"
+    assert good.exists()
+    (ckpt / "step_3.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a torn write
+    (ckpt / "step_4.pt.tmp").write_bytes(b"half")  # a temp file left by a kill mid-save
+    os.remove(out / "final.pt")
+    proc = run(ft_command(folder_data, tiny_model, out, "--steps", "4", "--resume"), tmp_path)
+    assert "step_3.pt is unreadable" in proc.stdout
+    assert "resuming from" in proc.stdout and "step_2.pt" in proc.stdout
+
+
+def test_same_seed_same_loss_curve(tmp_path, folder_data, tiny_model):
+    curves = []
+    for name in ("a", "b"):
+        run(ft_command(folder_data, tiny_model, tmp_path / name, "--steps", "5"), tmp_path)
+        curves.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
+    assert curves[0] == curves[1] and len(curves[0]) == 5
+    run(ft_command(folder_data, tiny_model, tmp_path / "c", "--steps", "5", "--seed", "1"), tmp_path)
+    other = [json.loads(line)["loss"] for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert other != curves[0]
+
+
+def test_nan_names_last_good_checkpoint(tmp_path, folder_data, tiny_model):
+    sys.path.insert(0, str(REPO))
+    import common
+
+    args = common.TrainArgs(data="folder", data_root=folder_data, model=tiny_model, steps=6, batch_size=8,
+                            eval_every=0, ckpt_every=2, out=str(tmp_path / "run"))
+    env = common.setup(args, "ft")
+    common.set_trainable(env.model)
+
+    def loss_fn(model, batch):
+        loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+        if loss_fn.calls >= 3:  # the 4th step diverges
+            loss = loss * float("inf")
+        loss_fn.calls += 1
+        return loss, {"ce": loss.detach()}
+
+    loss_fn.calls = 0
+    with pytest.raises(common.NonFiniteLoss, match=r"step 3 .*step_2\.pt"):
+        common.train(env, loss_fn, args)
