@@ -84,7 +84,7 @@ def test_search_returns_the_known_neighbours(monkeypatch, capsys):
     assert (top == exact).all()
     monkeypatch.setattr(arf, "EXACT_MAX", 1000)  # the approximate path a >1M pool takes
     top = arf.search(arf.build_index(pool), queries, 3)
-    assert "IVF64,Flat" in capsys.readouterr().out
+    assert "IVF256,Flat" in capsys.readouterr().out
     assert (top[:, 0] == picked).mean() >= 0.97
 
 

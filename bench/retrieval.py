@@ -1,0 +1,170 @@
+"""ARF's costs: faiss retrieval vs exact torch search, and ARF's step time vs FT's.
+
+  python bench/retrieval.py search     # synthetic 1M x 512 pool: recall@10 and speed of arf.build_index
+  python bench/retrieval.py step       # ms per optimiser step, FT vs ARF (miniworld + miniclip)
+
+Each writes its table into the "Retrieval (ARF)" section of bench/RESULTS.md.
+
+The pool is synthetic but shaped like CLIP embeddings (clustered, low intrinsic dimension): a
+mixture of 2,000 overlapping Gaussians (within-cluster spread = spread of the centres) in a 64-d
+latent space, mapped to 512-d by a fixed random matrix, plus isotropic noise, unit-normalised.
+Queries are fresh draws from the same mixture (not pool rows). Isotropic Gaussian data would be a
+worst case no index handles (every point nearly equidistant); well-separated clusters an easy one.
+"""
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import arf  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## Retrieval (ARF)"
+
+
+def synthetic(n: int, d: int, seed: int, clusters: int = 2000, latent: int = 64, chunk: int = 100_000) -> np.ndarray:
+    rng = np.random.default_rng(0)  # the mixture and the map are shared by pool and queries
+    centres = rng.normal(size=(clusters, latent)).astype(np.float32)
+    lift = rng.normal(size=(latent, d)).astype(np.float32) / np.sqrt(latent)
+    draw = np.random.default_rng(seed)
+    out = np.empty((n, d), dtype=np.float32)
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        z = centres[draw.integers(0, clusters, m)] + draw.normal(size=(m, latent)).astype(np.float32)
+        x = z @ lift + 0.3 * draw.normal(size=(m, d)).astype(np.float32)
+        out[i:i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def exact_topk(pool: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 250_000):
+    """Brute force: q @ poolᵀ chunk by chunk, running top-k (what one writes without faiss)."""
+    best_s = torch.full((len(queries), k), -float("inf"))
+    best_i = torch.zeros((len(queries), k), dtype=torch.long)
+    for i in range(0, len(pool), chunk):
+        s, j = (queries @ pool[i:i + chunk].t()).topk(k, dim=1)  # [Q, k]
+        s, pick = torch.cat([best_s, s], 1).topk(k, dim=1)
+        best_i = torch.cat([best_i, j + i], 1).gather(1, pick)
+        best_s = s
+    return best_i
+
+
+def write_section(lines: list, key: str):
+    """Replace the `key` block (between <!-- key --> markers) inside the ARF section of RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
+    block = f"<!-- {key} -->\n" + "\n".join(lines) + f"\n<!-- /{key} -->"
+    pattern = re.compile(f"<!-- {key} -->.*?<!-- /{key} -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:  # append at the end of the ARF section
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        end = len(text) if nxt < 0 else nxt
+        text = text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
+    RESULTS.write_text(text)
+
+
+def bench_search(args):
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    t = time.perf_counter()
+    pool = synthetic(args.n, args.d, seed=1)
+    queries = synthetic(args.queries, args.d, seed=2)
+    print(f"generated {args.n} x {args.d} pool in {time.perf_counter() - t:.1f}s")
+
+    t = time.perf_counter()
+    index = arf.build_index(pool)
+    build = time.perf_counter() - t
+
+    t = time.perf_counter()
+    approx = arf.search(index, queries, args.k)
+    t_faiss = time.perf_counter() - t
+
+    pool_t, q_t = torch.from_numpy(pool), torch.from_numpy(queries)
+    exact_topk(pool_t, q_t[:8], args.k)  # warm-up
+    t = time.perf_counter()
+    exact = exact_topk(pool_t, q_t, args.k).numpy()
+    t_exact = time.perf_counter() - t
+
+    recall = np.mean([len(set(a) & set(e)) / args.k for a, e in zip(approx, exact)])
+    spec = type(index).__name__ + (f" nlist {index.nlist}, nprobe {index.nprobe}" if hasattr(index, "nprobe") else "")
+    lines = [
+        f"Synthetic pool {args.n:,} x {args.d} (float32, clustered; see bench/retrieval.py), {args.queries:,} queries, "
+        f"k = {args.k}, {args.threads} CPU threads (machine shared with other jobs).",
+        f"Command: `python bench/retrieval.py search --n {args.n} --queries {args.queries}`",
+        "",
+        "| search | index | build (s) | search (s) | ms / query | recall@10 vs exact | speed-up |",
+        "|---|---|---|---|---|---|---|",
+        f"| exact torch (q @ poolᵀ, top-k) | none | 0 | {t_exact:.2f} | {1000 * t_exact / args.queries:.2f} | 1.000 | 1.0x |",
+        f"| faiss via arf.build_index | {spec} | {build:.1f} | {t_faiss:.3f} | {1000 * t_faiss / args.queries:.3f} | "
+        f"{recall:.3f} | {t_exact / t_faiss:.1f}x |",
+    ]
+    print("\n".join(lines))
+    write_section(lines, "search")
+
+
+def bench_step(args):
+    """Median time of one optimiser step (forward, backward, AdamW) of FT's and ARF's losses on the
+    same model and batch size; ARF's retrieved batch comes from the real anchor stream."""
+    torch.set_num_threads(args.threads)
+    import baselines
+    import common
+
+    out = {}
+    for name in ("ft", "arf"):
+        argv = ["--steps", str(args.steps), "--eval-every", "0", "--ckpt-every", "0", "--out", f"/tmp/bench-step-{name}-{time.time_ns()}"]
+        times = []
+        real_train = common.train
+
+        def timed(env, loss_fn, a, after_step=None, extra_state=None):
+            def clock(step):
+                times.append(time.perf_counter())
+                if after_step:
+                    after_step(step)
+            return real_train(env, loss_fn, a, after_step=clock, extra_state=extra_state)
+
+        module = baselines if name == "ft" else arf
+        module.train = timed
+        module.finish = lambda *a, **k: []
+        try:
+            module.main(argv + (["--method", "ft"] if name == "ft" else []))
+        finally:
+            module.train, module.finish = real_train, common.finish
+        out[name] = float(np.median(np.diff(times[2:]))) * 1000  # skip the first steps (warm-up)
+    lines = [
+        f"Step time on miniworld + miniclip, batch 128 (+128 retrieved pairs for ARF), {args.threads} CPU threads, "
+        f"median over {args.steps - 3} steps. Command: `python bench/retrieval.py step --steps {args.steps}`",
+        "",
+        "| method | ms / step | ratio to FT |",
+        "|---|---|---|",
+        f"| FT (image tower + head, CE) | {out['ft']:.0f} | 1.00 |",
+        f"| ARF (both towers, 3 contrastive terms) | {out['arf']:.0f} | {out['arf'] / out['ft']:.2f} |",
+    ]
+    print("\n".join(lines))
+    write_section(lines, "step")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["search", "step"])
+    p.add_argument("--n", type=int, default=1_000_000)  # pool rows
+    p.add_argument("--d", type=int, default=512)  # embedding width
+    p.add_argument("--queries", type=int, default=1_000)  # query vectors
+    p.add_argument("--k", type=int, default=10)  # neighbours
+    p.add_argument("--threads", type=int, default=2)  # CPU threads for torch and faiss
+    p.add_argument("--steps", type=int, default=23)  # optimiser steps timed in `step`
+    args = p.parse_args()
+    bench_search(args) if args.what == "search" else bench_step(args)
+
+
+if __name__ == "__main__":
+    main()
