@@ -1,4 +1,4 @@
-"""ARF: Anchor-based Robust Finetuning of vision-language models (Han et al., CVPR 2024; seed 000).
+"""ARF: Anchor-based Robust Finetuning of vision-language models (Han et al., 2024; seed 000).
 
 Fine-tuning on "a photo of a {class}" alone gives CLIP a target far poorer than the captions it was
 pretrained on, and its feature space drifts: domain-shift and zero-shot accuracy fall. ARF fine-tunes
@@ -206,15 +206,10 @@ def train_captions(args, env) -> list:
 # Retrieval (image-text anchors)
 # ----------------------------------------------------------------------------------------------
 def miniworld_pool(args) -> str:
-    """LEAD: move into common.py (arf.py should import only common). Writes miniworld's pool once."""
+    """LEAD: move into common.py (arf.py should import only common). miniworld's pool, written once."""
     import miniworld
 
-    out = cache_root(args) / f"miniworld-pool-{args.pool_size}"
-    marker = out / "POOL_DONE"
-    if not marker.is_file():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(miniworld.write_pool(out, args.pool_size)))
-    return marker.read_text().strip()
+    return str(miniworld.write_pool(cache_root(args) / f"miniworld-pool-{args.pool_size}", args.pool_size))
 
 
 def read_pool(path: str, img_key: str, caption_key: str, sep: str):
@@ -299,7 +294,12 @@ def search(index, queries: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarra
 
 def retrieve_anchors(args, env):
     """The deduplicated pool pairs nearest to the training images by frozen image embedding."""
-    pool = args.pool or (miniworld_pool(args) if args.data == "miniworld" else "")
+    pool = args.pool
+    if not pool and args.data == "miniworld":
+        if is_main_process():
+            miniworld_pool(args)
+        barrier()
+        pool = miniworld_pool(args)  # written by now: returns the TSV's path
     if not pool:
         raise SystemExit("error: --ret needs --pool FILE (image-text pairs in open_clip's CSV/TSV layout, e.g. CC3M), or --no-ret")
     sep = args.pool_sep.encode().decode("unicode_escape")

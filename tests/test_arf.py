@@ -227,3 +227,33 @@ def test_end_to_end_blip2_pool_and_rerun(tmp_path, tiny_model, folder_data, blip
     assert "retrieved" in out.out
     rows = [json.loads(line) for line in (tmp_path / "runs" / "b" / "results.jsonl").read_text().splitlines()]
     assert {r["tag"] for r in rows} == {"no-cap"}
+
+
+def test_resume_continues_the_anchor_stream(tmp_path, tiny_model, folder_data, monkeypatch):
+    """Killed after step 3 and resumed from the step-2 checkpoint == uninterrupted, which needs the
+    retrieved-pair stream to restart where it was (its position is checkpointed with the model)."""
+    root = Path(folder_data)
+    (root / "caps.tsv").write_text("".join(f"{p.relative_to(root)}\ta {p.parent.name} number {p.stem}\n"
+                                           for p in sorted((root / "train").glob("*/*.jpg"))))
+    pool = make_pool(tmp_path / "pool", sorted((root / "train" / "owl").iterdir())[:3])
+    base = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4", "--batch-size", "8",
+            "--ret-batch-size", "4", "--eval-every", "0", "--ckpt-every", "2", "--captioner", "dataset", "--captions",
+            str(root / "caps.tsv"), "--pool", str(pool), "--retrieve-k", "2", "--cache", str(tmp_path / "cache")]
+    arf.main(base + ["--out", str(tmp_path / "straight")])
+    real_train = arf.train
+
+    def killed_at_step_3(env, loss_fn, args, after_step=None, extra_state=None):
+        def hook(step):
+            after_step(step)
+            if step == 3:
+                raise KeyboardInterrupt
+        return real_train(env, loss_fn, args, after_step=hook, extra_state=extra_state)
+
+    monkeypatch.setattr(arf, "train", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        arf.main(base + ["--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(arf, "train", real_train)
+    arf.main(base + ["--out", str(tmp_path / "resumed"), "--resume"])
+    a = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
