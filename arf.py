@@ -209,7 +209,8 @@ def miniworld_pool(args) -> str:
     """LEAD: move into common.py (arf.py should import only common). miniworld's pool, written once."""
     import miniworld
 
-    return str(miniworld.write_pool(cache_root(args) / f"miniworld-pool-{args.pool_size}", args.pool_size))
+    out = cache_root(args) / f"miniworld-pool-{args.pool_size}-{digest(sorted(miniworld.world_config().items()))}"
+    return str(miniworld.write_pool(out, args.pool_size))
 
 
 def read_pool(path: str, img_key: str, caption_key: str, sep: str):
