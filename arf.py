@@ -12,7 +12,8 @@ similarity (image-text anchors, CC3M in the paper).
 
 Choices where the paper is silent (METHODS.md "choose"): weights 1:1:1; retrieval by image-image cosine
 similarity of the frozen tower, k nearest per training image, deduplicated by pool row; one retrieved
-batch of --ret-batch-size pairs per step; duplicate class prompts (and identical captions) in a batch
+batch of --ret-batch-size pairs per step (half the
+batch: keeps ARF's step within 2x FT's on ViT-B/16); duplicate class prompts (and identical captions) in a batch
 are positives of each other, not false negatives (targets uniform over the duplicates); the contrastive
 loss sees each process's own micro-batch (no all-gather); the logit scale trains and is clamped at 100
 like open_clip's; after training the head is rebuilt from the fine-tuned text tower.
@@ -58,7 +59,7 @@ class Args(TrainArgs):
     pool_sep: str = "\\t"  # pool column separator (escapes like \t are decoded)
     pool_size: int = 50_000  # miniworld only: images in the generated pool
     retrieve_k: int = 8  # pool neighbours retrieved per training image (before deduplication)
-    ret_batch_size: int = 0  # retrieved pairs per step (0 = --batch-size)
+    ret_batch_size: int = 0  # retrieved pairs per step (0 = half of --batch-size)
     cap: bool = True  # text-compensated anchors, L_cap (--no-cap: ablation)
     ret: bool = True  # retrieved image-text anchors, L_ret (--no-ret: ablation)
     cache: str = ""  # folder for captions, pool embeddings, retrievals (default $ROBUSTFT_CACHE/arf)
@@ -341,7 +342,7 @@ class AnchorStream(torch.nn.Module):
         if self.batches is None:  # built lazily: after train() has restored `step` on --resume
             a = self.args
             rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-            sampler = StepBatchSampler(len(self.images), a.ret_batch_size or a.batch_size, a.grad_accum, rank, world,
+            sampler = StepBatchSampler(len(self.images), a.ret_batch_size or a.batch_size // 2, a.grad_accum, rank, world,
                                        a.seed + 1, int(self.step), a.steps)
             self.batches = iter(torch.utils.data.DataLoader(TransformedImages(self.images, self.transform), batch_sampler=sampler,
                                                             num_workers=a.workers, collate_fn=collate_skipping_bad))

@@ -113,41 +113,41 @@ def bench_search(args):
 
 
 def bench_step(args):
-    """Median time of one optimiser step (forward, backward, AdamW) of FT's and ARF's losses on the
-    same model and batch size; ARF's retrieved batch comes from the real anchor stream."""
-    torch.set_num_threads(args.threads)
+    """Time of one optimiser step (forward, backward, AdamW) of FT's and ARF's losses on the same model
+    and batch; ARF's retrieved batch comes from the real anchor stream. One thread and process CPU
+    time: on a shared machine wall time measures the neighbours as much as the code."""
+    torch.set_num_threads(1)
     import baselines
     import common
 
-    out = {}
-    for name in ("ft", "arf"):
+    cpu, wall = {}, {}
+    for name, module in (("ft", baselines), ("arf", arf)):
         argv = ["--steps", str(args.steps), "--eval-every", "0", "--ckpt-every", "0", "--out", f"/tmp/bench-step-{name}-{time.time_ns()}"]
-        times = []
+        clocks = []
         real_train = common.train
 
         def timed(env, loss_fn, a, after_step=None, extra_state=None):
             def clock(step):
-                times.append(time.perf_counter())
+                clocks.append((time.process_time(), time.perf_counter()))
                 if after_step:
                     after_step(step)
             return real_train(env, loss_fn, a, after_step=clock, extra_state=extra_state)
 
-        module = baselines if name == "ft" else arf
-        module.train = timed
-        module.finish = lambda *a, **k: []
+        module.train, module.finish = timed, (lambda *a, **k: [])
         try:
-            module.main(argv + (["--method", "ft"] if name == "ft" else []))
+            module.main(argv + (["--method", "ft"] if name == "ft" else []) + args.extra)
         finally:
             module.train, module.finish = real_train, common.finish
-        out[name] = float(np.median(np.diff(times[2:]))) * 1000  # skip the first steps (warm-up)
+        c = np.diff(np.array(clocks[2:]), axis=0)  # per-step (cpu, wall), warm-up steps dropped
+        cpu[name], wall[name] = 1000 * float(np.median(c[:, 0])), 1000 * float(np.median(c[:, 1]))
     lines = [
-        f"Step time on miniworld + miniclip, batch 128 (+128 retrieved pairs for ARF), {args.threads} CPU threads, "
-        f"median over {args.steps - 3} steps. Command: `python bench/retrieval.py step --steps {args.steps}`",
+        f"Step time on miniworld + miniclip, batch 128, 1 CPU thread, median over {args.steps - 3} steps. "
+        f"Command: `python bench/retrieval.py step --steps {args.steps}{' ' + ' '.join(args.extra) if args.extra else ''}`",
         "",
-        "| method | ms / step | ratio to FT |",
-        "|---|---|---|",
-        f"| FT (image tower + head, CE) | {out['ft']:.0f} | 1.00 |",
-        f"| ARF (both towers, 3 contrastive terms) | {out['arf']:.0f} | {out['arf'] / out['ft']:.2f} |",
+        "| method | CPU ms / step | ratio to FT | wall ms / step (shared machine) |",
+        "|---|---|---|---|",
+        f"| FT (image tower + head, CE) | {cpu['ft']:.0f} | 1.00 | {wall['ft']:.0f} |",
+        f"| ARF (both towers, 3 contrastive terms) | {cpu['arf']:.0f} | {cpu['arf'] / cpu['ft']:.2f} | {wall['arf']:.0f} |",
     ]
     print("\n".join(lines))
     write_section(lines, "step")
@@ -162,6 +162,7 @@ def main():
     p.add_argument("--k", type=int, default=10)  # neighbours
     p.add_argument("--threads", type=int, default=2)  # CPU threads for torch and faiss
     p.add_argument("--steps", type=int, default=23)  # optimiser steps timed in `step`
+    p.add_argument("extra", nargs="*", help="`step`: extra arguments for arf.py (after --), e.g. -- --ret-batch-size 32")
     args = p.parse_args()
     bench_search(args) if args.what == "search" else bench_step(args)
 
