@@ -50,11 +50,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, folder_data, tiny_mo
     kill_steps = random.Random(os.getpid()).sample(range(1, 10), 3)
     for k in kill_steps:
         out = tmp_path / f"killed{k}"
-        reached = kill_at(ft_command(folder_data, tiny_model, out), tmp_path, out, k)
+        kill_at(ft_command(folder_data, tiny_model, out), tmp_path, out, k)
         assert not (out / "final.pt").exists(), f"the run finished before the kill at step {k}"
+        saved = any((out / "ckpt").glob("step_*.pt"))  # the kill may land between a step's log line and its checkpoint
         resumed = run(ft_command(folder_data, tiny_model, out, "--resume"), tmp_path)
-        if reached >= 2:
-            assert "resuming from" in resumed.stdout
+        assert ("resuming from" in resumed.stdout) == saved
         final = torch.load(out / "final.pt", weights_only=False)["model"]
         for name in straight:
             assert torch.equal(straight[name], final[name]), f"kill at step {k}: {name} differs"
