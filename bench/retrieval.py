@@ -2,6 +2,7 @@
 
   python bench/retrieval.py search     # synthetic 1M x 512 pool: recall@10 and speed of arf.build_index
   python bench/retrieval.py step       # ms per optimiser step, FT vs ARF (miniworld + miniclip)
+  python bench/retrieval.py step --vit # the same for a (random-weight) ViT-B/16 on generated 224px images
 
 Each writes its table into the "Retrieval (ARF)" section of bench/RESULTS.md.
 
@@ -112,17 +113,47 @@ def bench_search(args):
     write_section(lines, "search")
 
 
+def fake_folder(root: Path, size: int = 224) -> list:
+    """Random 224px JPEGs in --data folder layout, a captions file and a pool: the step time of a
+    ViT-B/16 does not depend on what the pixels show. Returns the arguments that point arf.py at them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["filepath\ttitle"]
+    caps = []
+    for split, n in (("train", 24), ("test", 1)):
+        for c in ("cat", "dog", "owl", "fox"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+                caps.append(f"{split}/{c}/{i}.jpg\ta photo of a {c} sitting on the grass, number {i}")
+    (root / "pool").mkdir(exist_ok=True)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "pool" / f"{i}.jpg")
+        rows.append(f"pool/{i}.jpg\ta retrieved picture of something, number {i}")
+    (root / "captions.tsv").write_text("\n".join(caps) + "\n")
+    (root / "pool.tsv").write_text("\n".join(rows) + "\n")
+    return ["--captioner", "dataset", "--captions", str(root / "captions.tsv"), "--pool", str(root / "pool.tsv")]
+
+
 def bench_step(args):
     """Time of one optimiser step (forward, backward, AdamW) of FT's and ARF's losses on the same model
     and batch; ARF's retrieved batch comes from the real anchor stream. One thread and process CPU
     time: on a shared machine wall time measures the neighbours as much as the code."""
     torch.set_num_threads(1)
+    import tempfile
+
     import baselines
     import common
 
+    shared = ["--steps", str(args.steps), "--eval-every", "0", "--ckpt-every", "0"]
+    arf_only = list(args.extra)
+    if args.vit:
+        root = Path(tempfile.mkdtemp(prefix="bench-vit-"))
+        arf_only += fake_folder(root) + ["--cache", str(root / "cache")]
+        shared += ["--data", "folder", "--data-root", str(root), "--model", "ViT-B-16", "--batch-size", str(args.vit_batch)]
     cpu, wall = {}, {}
     for name, module in (("ft", baselines), ("arf", arf)):
-        argv = ["--steps", str(args.steps), "--eval-every", "0", "--ckpt-every", "0", "--out", f"/tmp/bench-step-{name}-{time.time_ns()}"]
         clocks = []
         real_train = common.train
 
@@ -135,14 +166,19 @@ def bench_step(args):
 
         module.train, module.finish = timed, (lambda *a, **k: [])
         try:
-            module.main(argv + (["--method", "ft"] if name == "ft" else []) + args.extra)
+            more = ["--method", "ft"] if name == "ft" else arf_only
+            module.main(shared + more + ["--out", f"/tmp/bench-step-{name}-{time.time_ns()}"])
         finally:
             module.train, module.finish = real_train, common.finish
-        c = np.diff(np.array(clocks[2:]), axis=0)  # per-step (cpu, wall), warm-up steps dropped
+        c = np.diff(np.array(clocks[1:]), axis=0)  # per-step (cpu, wall), the first step dropped (warm-up)
         cpu[name], wall[name] = 1000 * float(np.median(c[:, 0])), 1000 * float(np.median(c[:, 1]))
+    what = (f"random-weight ViT-B/16 on generated 224px images, batch {args.vit_batch}" if args.vit
+            else "miniworld + miniclip, batch 128")
+    ret = [a for a in args.extra if a.startswith("--ret-batch-size")] or ["retrieved batch = half the batch"]
+    cmd = f"python bench/retrieval.py step --steps {args.steps}" + (f" --vit --vit-batch {args.vit_batch}" if args.vit else "")
     lines = [
-        f"Step time on miniworld + miniclip, batch 128, 1 CPU thread, median over {args.steps - 3} steps. "
-        f"Command: `python bench/retrieval.py step --steps {args.steps}{' ' + ' '.join(args.extra) if args.extra else ''}`",
+        f"**{what}** ({' '.join(args.extra) or ret[0]}), 1 CPU thread, median over {args.steps - 2} steps. "
+        f"Command: `{cmd}{' -- ' + ' '.join(args.extra) if args.extra else ''}`",
         "",
         "| method | CPU ms / step | ratio to FT | wall ms / step (shared machine) |",
         "|---|---|---|---|",
@@ -150,7 +186,7 @@ def bench_step(args):
         f"| ARF (both towers, 3 contrastive terms) | {cpu['arf']:.0f} | {cpu['arf'] / cpu['ft']:.2f} | {wall['arf']:.0f} |",
     ]
     print("\n".join(lines))
-    write_section(lines, "step")
+    write_section(lines, "step-" + ("vit" if args.vit else "miniclip") + "".join(args.extra).replace("--", "-"))
 
 
 def main():
@@ -161,7 +197,9 @@ def main():
     p.add_argument("--queries", type=int, default=1_000)  # query vectors
     p.add_argument("--k", type=int, default=10)  # neighbours
     p.add_argument("--threads", type=int, default=2)  # CPU threads for torch and faiss
-    p.add_argument("--steps", type=int, default=23)  # optimiser steps timed in `step`
+    p.add_argument("--steps", type=int, default=12)  # optimiser steps timed in `step`
+    p.add_argument("--vit", action="store_true")  # `step` on a ViT-B/16 (random weights, generated images)
+    p.add_argument("--vit-batch", type=int, default=16)  # batch for --vit
     p.add_argument("extra", nargs="*", help="`step`: extra arguments for arf.py (after --), e.g. -- --ret-batch-size 32")
     args = p.parse_args()
     bench_search(args) if args.what == "search" else bench_step(args)
