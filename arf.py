@@ -354,16 +354,11 @@ def group_ids(texts: list, device) -> torch.Tensor:
     return torch.tensor([ids.setdefault(t, len(ids)) for t in texts], device=device)  # [B]
 
 
-def main(argv=None):
-    args = parse_args(Args, PRESETS, argv)
-    tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
-    if not args.out:
-        args.out = f"runs/arf{'-' + tag.replace(',', '-') if tag else ''}-{args.data}-{Path(args.model).stem}-s{args.seed}"
-    env = setup(args, "arf")
-    model, device, classnames = env.model, env.device, env.task.classnames
-    captions = train_captions(args, env) if args.cap else None
-    stream = AnchorStream(*retrieve_anchors(args, env), env.train_tf, args) if args.ret else None
-    set_trainable(model, image=True, text=True, head=False, scale=True)
+def make_loss_fn(model, classnames: list, captions=None, stream=None):
+    """The training loss for `model` (both towers + scale trainable): class prompts of the batch, the
+    batch's captions (captions[i] of training image i; None = no L_cap) and a batch of retrieved pairs
+    drawn from `stream` (None = no L_ret)."""
+    device = model.head.device
 
     def encode_text(texts: list) -> torch.Tensor:
         return F.normalize(model.clip.encode_text(model.tokenizer(texts).to(device)), dim=-1)  # [N, D]
@@ -383,6 +378,21 @@ def main(argv=None):
         return arf_loss(img[:n], txt[:k][inverse], labels, model.scale,
                         txt[k:k + n] if captions else None, group_ids(cap_texts, device),
                         img[n:] if ret else None, txt[k + len(cap_texts):], group_ids(ret_texts, device))
+
+    return loss_fn
+
+
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+    tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
+    if not args.out:
+        args.out = f"runs/arf{'-' + tag.replace(',', '-') if tag else ''}-{args.data}-{Path(args.model).stem}-s{args.seed}"
+    env = setup(args, "arf")
+    model, device, classnames = env.model, env.device, env.task.classnames
+    captions = train_captions(args, env) if args.cap else None
+    stream = AnchorStream(*retrieve_anchors(args, env), env.train_tf, args) if args.ret else None
+    set_trainable(model, image=True, text=True, head=False, scale=True)
+    loss_fn = make_loss_fn(model, classnames, captions, stream)
 
     def after_step(step):
         with torch.no_grad():

@@ -41,8 +41,9 @@ Choices where the papers are silent:
     FeatKD: f unnormalised (incl. projection), squared distance summed over D, mean over the batch.
     L2SP: AdamW's weight decay of the FT recipe stays on. Teachers/anchors are frozen copies of θ0 and
     see the same augmented batch as the student.
-  * λ values: the seed copy of the Lipsum-FT paper lost its swept numbers; ours were chosen on the
-    miniworld held-out slice (docs/baselines.md has the sweep).
+  * λ values: the seed copy of the Lipsum-FT paper lost its swept numbers. Ours are untuned starting
+    points (KD, FeatKD λ = 1; L2SP λ = 0.1); sweep them on the held-out slice (`heldout`), never a test
+    split, before reading much into a baseline's row.
 
 Run:  python baselines.py --method ft        (miniworld + miniclip, CPU, minutes)
       python baselines.py --method lp && python baselines.py --method lpft

@@ -525,7 +525,9 @@ class TransformedImages(torch.utils.data.Dataset):
             x = self.transform(img)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
+                # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding with
+                # a captured stack trace, which cost more than the transform itself
+                torch.default_generator.manual_seed(sample_seed)
                 x = self.transform(img)
         return {"image": x, "label": int(self.images.labels[index]), "index": index}
 

@@ -13,6 +13,8 @@ A rerun skips the jobs already done (RUNS/.done/<job>) and resumes an interrupte
 import argparse
 import importlib
 import json
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -51,19 +53,33 @@ PAPER = {
 }
 
 
-def run_job(name: str, runs: Path, fn, log):
-    """Runs fn() once: skipped when RUNS/.done/name exists, marked done when it returns."""
+def run_job(name: str, runs: Path, fn, log, needs=()):
+    """Runs fn() once. Skipped when RUNS/.done/name exists or another worker has claimed it
+    (RUNS/.claim/name, created exclusively); waits for the jobs it `needs`; marked done when fn
+    returns, failed (RUNS/.failed/name) when it raises. Returns True, False, or None (not ours)."""
     marker = runs / ".done" / name
     if marker.exists():
         return True
+    for folder in (".done", ".claim", ".failed"):
+        (runs / folder).mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(runs / ".claim" / name, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return None
+    while not all((runs / ".done" / n).exists() for n in needs):
+        if any((runs / ".failed" / n).exists() for n in needs):
+            log.write(f"SKIPPED {name}: a job it needs failed\n")
+            (runs / ".failed" / name).touch()
+            return False
+        time.sleep(2)
     start = time.time()
     try:
         fn()
     except (Exception, SystemExit) as e:  # noqa: BLE001 -- report, keep going with the other jobs
         log.write(f"FAILED {name}: {type(e).__name__}: {e}\n{traceback.format_exc()}\n")
         print(f"FAILED {name}: {e}")
+        (runs / ".failed" / name).touch()
         return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{time.time() - start:.1f}\n")
     return True
 
@@ -83,7 +99,8 @@ def ood_mean(rows: list) -> float:
     return float(np.mean([r["acc"] for r in rows if r["kind"] == "ood"]))
 
 
-def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, elapsed: float, command: str):
+def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: float, job_time: float, workers: int,
+                  command: str):
     import evaluate
 
     rows = evaluate.read_results(runs / "results.jsonl")
@@ -105,8 +122,9 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, elapsed:
     lines = [
         "# Reproducing the papers' tables on miniworld",
         "",
-        f"Written by `{command}` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; {elapsed / 60:.1f} min of jobs "
-        "on this machine, 2 CPU cores). Every number below comes from `runs/reproduce/results.jsonl`; nothing is typed in by hand.",
+        f"Written by `{command}` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; {wall / 60:.1f} min wall time with "
+        f"{workers} worker process(es) on {os.cpu_count()} CPU cores, {job_time / 60:.1f} min summed over jobs). Every number "
+        f"below comes from `{runs / 'results.jsonl'}`; nothing is typed in by hand.",
         "",
         "## Table 1 shape: ID, domain shifts, zero-shot transfer, calibration",
         "",
@@ -201,7 +219,11 @@ def main(argv=None):
     p.add_argument("--wise-alphas", default="0:1:0.1", help="WiSE-FT mixing coefficients (merge.py syntax)")
     p.add_argument("--tpgm-steps", type=int, default=200, help="TPGM's Adam steps on the radii")
     p.add_argument("--arf-args", default="", help="extra arguments for arf.py only (its --captions / --pool off miniworld)")
-    a = p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=1, help="processes taking jobs in parallel (each gets cores / workers threads)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a helper process started by --workers
+    cli = sys.argv[1:] if argv is None else list(argv)
+    a = p.parse_args(cli)
+    wall_start = time.time()
     from tqdm import tqdm
 
     import merge
@@ -214,29 +236,52 @@ def main(argv=None):
     log = open(runs / "reproduce.log", "a")
     jobs = []
     for seed in seeds:
-        for name, module, argv in METHODS:
+        for name, module, method_argv in METHODS:
             if name not in chosen:
                 continue
             out = runs / f"{name}-s{seed}"
             more = {"lpft": ["--lp-run", str(runs / f"lp-s{seed}")], "arf": a.arf_args.split()}.get(name, [])
-            jobs.append((f"{name}-s{seed}", train_job(module, [*argv, *more, "--seed", str(seed), *extra], out)))
+            needs = (f"lp-s{seed}",) if name == "lpft" and "lp" in chosen else ()
+            jobs.append((f"{name}-s{seed}", train_job(module, [*method_argv, *more, "--seed", str(seed), *extra], out), needs))
         for name in WISE_ON:
             if name in chosen:
                 jobs.append((f"wise-{name}-s{seed}", lambda n=name, s=seed: merge.main(
-                    ["wise", "--ckpt", str(runs / f"{n}-s{s}"), "--alphas", a.wise_alphas, "--plot", str(runs / f"{n}-s{s}" / "wise_curve.png")])))
+                    ["wise", "--ckpt", str(runs / f"{n}-s{s}"), "--alphas", a.wise_alphas, "--plot", str(runs / f"{n}-s{s}" / "wise_curve.png")]),
+                    (f"{name}-s{seed}",)))
         if "ft" in chosen:
-            jobs.append((f"tpgm-ft-s{seed}", lambda s=seed: merge.main(["tpgm", "--ckpt", str(runs / f"ft-s{s}"), "--steps", str(a.tpgm_steps)])))
+            jobs.append((f"tpgm-ft-s{seed}", lambda s=seed: merge.main(["tpgm", "--ckpt", str(runs / f"ft-s{s}"), "--steps", str(a.tpgm_steps)]),
+                         (f"ft-s{seed}",)))
         for name, _, _ in METHODS:
             if name in chosen and name != "zeroshot":
                 jobs.append((f"gap-{name}-s{seed}", lambda n=name, s=seed: importlib.import_module("lipsum_ft").main(
-                    ["--report-energy-gap", str(runs / f"{n}-s{s}")])))
+                    ["--report-energy-gap", str(runs / f"{n}-s{s}")]), (f"{name}-s{seed}",)))
     if "ft" in chosen and len(seeds) > 1:
         jobs.append(("soup-ft", lambda: merge.main(["soup", "--kind", "greedy", "--out", str(runs / "soup-greedy-ft"),
-                                                    "--ckpt", *[str(runs / f"ft-s{s}") for s in seeds]])))
-    failed = [name for name, fn in tqdm(jobs, desc="reproduce", unit="job") if not run_job(name, runs, fn, log)]
-    elapsed = sum(float(f.read_text()) for f in (runs / ".done").glob("*"))  # every job's own time, across reruns
-    command = " ".join(["python bench/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
-    write_results(runs, Path(a.out), Path(a.figures), seeds, elapsed, command)
+                                                    "--ckpt", *[str(runs / f"ft-s{s}") for s in seeds]]),
+                     tuple(f"ft-s{s}" for s in seeds)))
+    workers = []
+    if not a.worker:  # the coordinator: forget claims and failures of earlier (killed) runs, start helpers
+        for folder in (".claim", ".failed"):
+            for f in (runs / folder).glob("*"):
+                f.unlink()
+        me = [sys.executable, str(Path(__file__).resolve()), *cli, "--worker"]
+        workers = [subprocess.Popen(me) for _ in range(a.workers - 1)]
+    torch_threads = max(1, (os.cpu_count() or 1) // a.workers)
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    outcomes = [run_job(name, runs, fn, log, needs) for name, fn, needs in tqdm(jobs, desc="reproduce", unit="job")]
+    if a.worker:
+        return
+    for w in workers:
+        w.wait()
+    failed = [name for (name, _, _), ok in zip(jobs, outcomes) if ok is not True and not (runs / ".done" / name).exists()]
+    wall_file = runs / ".wall_seconds"  # wall time of every invocation, summed across reruns
+    wall = time.time() - wall_start + (float(wall_file.read_text()) if wall_file.exists() else 0.0)
+    wall_file.write_text(f"{wall:.1f}\n")
+    job_time = sum(float(f.read_text()) for f in (runs / ".done").glob("*"))  # every job's own time, across reruns
+    command = " ".join(["python bench/reproduce.py", *cli])
+    write_results(runs, Path(a.out), Path(a.figures), seeds, wall, job_time, a.workers, command)
     if failed:
         raise SystemExit(f"{len(failed)} jobs failed (see {runs / 'reproduce.log'}): {', '.join(failed)}")
 

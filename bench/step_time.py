@@ -1,0 +1,188 @@
+"""Training-step cost of every method, as a ratio to FT measured side by side in one process.
+
+  python bench/step_time.py                      # miniworld + miniclip on this machine (CPU)
+  python bench/step_time.py --model ViT-B-16 --batch-size 256 --device cuda   # the real figure, GPU box
+
+Every method gets its own copy of one zero-shot classifier, its own loss closure built by its own
+file (baselines.make_loss, lipsum_ft.make_loss_fn, car_ft.make_loss_fn, arf.make_loss_fn) and AdamW
+on exactly the parameters its script trains. One step = loss (every forward the method needs),
+backward, AdamW update, the method's after-step hook (EMA update, logit-scale clamp). All methods
+see the same augmented batch; ARF additionally loads its retrieved pairs (its real extra data) from
+its retrieval stream. Rounds are interleaved: round r times `--steps` steps of every method in turn,
+so a slow moment of a shared machine hits every method alike; the table shows the median over
+rounds of each method's time per step, and its ratio to FT's median.
+
+Memory: on CUDA the peak allocated memory during a step (weights, optimiser state, teachers and
+activations); on CPU, which has no allocator statistics, the bytes autograd saves for backward in
+one step (activation memory, where the methods differ most; teachers' and EMA weights not counted).
+
+Writes its table into the "Step time" section of bench/RESULTS.md (--no-write: print only).
+"""
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import arf  # noqa: E402
+import baselines  # noqa: E402
+import car_ft  # noqa: E402
+import common  # noqa: E402
+import lipsum_ft  # noqa: E402
+from retrieval import write_section  # noqa: E402
+
+# method: issue #10's target ratio to FT
+TARGETS = {"ft": 1.0, "lp": None, "ema": 1.05, "l2sp": 1.1, "kd": 1.2, "featkd": 1.2, "flyp": None,
+           "car_ft": 1.2, "lipsum_ft": 1.25, "arf": 2.0}
+
+
+def build(method: str, base, env, args):
+    """(model, loss_fn, after_step) of one method, with the parameters its script trains set trainable."""
+    model = copy.deepcopy(base)
+    after_step = None
+    if method in baselines.METHODS:
+        bargs = baselines.parse(["--method", method, "--data", args.data, "--steps", str(args.steps * args.rounds)])
+        loss_fn, after_step, extra, _ = baselines.make_loss(method, model, bargs, env.task)
+    elif method == "lipsum_ft":
+        common.set_trainable(model, image=True, text=False, head=True)
+        counter = lipsum_ft.StepCounter()
+        loss_fn = lipsum_ft.make_loss_fn(model, 1.0, 0, counter)
+        after_step = counter.set
+    elif method == "car_ft":
+        common.set_trainable(model, image=True, text=False, head=True)
+        w_ctx = car_ft.context_head(model.clip, model.tokenizer, env.task.classnames, env.task.templates, env.device)
+        loss_fn = car_ft.make_loss_fn(model, w_ctx, 1.0)
+    elif method == "arf":
+        aargs = arf.parse_args(arf.Args, arf.PRESETS, ["--data", args.data, "--model", args.model, "--steps", "1000000",
+                                                         "--batch-size", str(args.batch_size)])
+        captions = arf.train_captions(aargs, env)
+        stream = arf.AnchorStream(*arf.retrieve_anchors(aargs, env), env.train_tf, aargs)
+        common.set_trainable(model, image=True, text=True, head=False, scale=True)
+        loss_fn = arf.make_loss_fn(model, env.task.classnames, captions, stream)
+
+        def after_step(step):
+            with torch.no_grad():
+                model.clip.logit_scale.clamp_(0, arf.MAX_LOGIT_SCALE)
+    else:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(TARGETS)}")
+    return model, loss_fn, after_step
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward while active (CPU's stand-in for peak memory)."""
+
+    def __init__(self):
+        self.bytes, self.seen = 0, set()
+
+    def pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(TARGETS), help="comma-separated; ft is always included")
+    p.add_argument("--data", default="miniworld")
+    p.add_argument("--data-root", default="")
+    p.add_argument("--model", default="miniclip")
+    p.add_argument("--pretrained", default="")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="")
+    p.add_argument("--steps", type=int, default=3, help="steps of one method per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median over rounds is reported")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    methods = ["ft"] + [m for m in a.methods.split(",") if m != "ft"]
+    targs = common.parse_args(common.TrainArgs, {a.data: {}}, ["--data", a.data, "--model", a.model, "--steps", "1",
+                              "--out", f"/tmp/step-time-{time.time_ns()}", "--device", a.device, "--data-root", a.data_root]
+                              + (["--pretrained", a.pretrained] if a.pretrained else []))
+    env = common.setup(targs, "bench")
+    device = env.device
+    data = common.TransformedImages(env.task.train.images, env.train_tf)
+    batch = common.collate_skipping_bad([data[(i, i)] for i in range(a.batch_size)])  # one fixed augmented batch
+    batch.pop("n_bad")
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    built, times, memory = {}, {m: [] for m in methods}, {}
+    for m in methods:
+        model, loss_fn, after_step = build(m, env.model, env, a)
+        params = [q for q in model.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
+        built[m] = (model.train(), loss_fn, after_step, opt)
+
+    def step(m, k):
+        model, loss_fn, after_step, opt = built[m]
+        with common.autocast(device):
+            loss, _ = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step:
+            after_step(k)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for m in methods:  # warm-up (first-call allocations, caches, ARF's loader) and memory
+        step(m, 1)
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step(m, 2)
+            sync()
+            memory[m] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            with SavedBytes() as saved:
+                step(m, 2)
+            memory[m] = saved.bytes / 2**20
+    for r in range(a.rounds):
+        for m in methods:
+            sync()
+            t0 = time.perf_counter()
+            for k in range(a.steps):
+                step(m, 3 + r * a.steps + k)
+            sync()
+            times[m].append((time.perf_counter() - t0) / a.steps * 1000)
+        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{m} {times[m][-1]:.0f} ms" for m in methods))
+
+    median = {m: statistics.median(v) for m, v in times.items()}
+    mem_what = "peak allocated MiB" if device.type == "cuda" else "saved-for-backward MiB"
+    threads = torch.get_num_threads()
+    command = "python bench/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"{a.model} on {a.data}, batch {a.batch_size}, {device.type}"
+             + (f" ({threads} torch threads)" if device.type == "cpu" else f" ({torch.cuda.get_device_name()})")
+             + f"; median over {a.rounds} interleaved rounds of {a.steps} steps; {time.strftime('%Y-%m-%d')}, "
+             f"torch {torch.__version__}, {platform.machine()}. Command: `{command.strip()}`", "",
+             f"| method | ms / step | ratio to FT | target | {mem_what} |", "|---|---|---|---|---|"]
+    for m in methods:
+        ratio, target = median[m] / median["ft"], TARGETS.get(m)
+        verdict = "" if target is None else f"≤ {target:g}× " + ("(met)" if ratio <= target else "(**missed**)")
+        lines.append(f"| {m} | {median[m]:.0f} | {ratio:.2f} | {verdict} | {memory[m]:.0f} |")
+    print("\n".join(lines))
+    if not a.no_write:
+        write_section(lines, f"step-{Path(a.model).stem}-{device.type}", "## Step time")
+
+
+if __name__ == "__main__":
+    main()
