@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (FileImages, StepBatchSampler, TrainArgs, TransformedImages, barrier, collate_skipping_bad,
+from common import (FileImages, encode_text, StepBatchSampler, TrainArgs, TransformedImages, barrier, collate_skipping_bad,
                     finish, is_main_process, parse_args, set_trainable, setup, train, zeroshot_head)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
@@ -361,7 +361,7 @@ def make_loss_fn(model, classnames: list, captions=None, stream=None):
     device = model.head.device
 
     def encode_text(texts: list) -> torch.Tensor:
-        return F.normalize(model.clip.encode_text(model.tokenizer(texts).to(device)), dim=-1)  # [N, D]
+        return encode_text(model.clip, model.tokenizer(texts).to(device))  # [N, D]
 
     def loss_fn(model, batch):
         images, labels, n = batch["image"], batch["label"], len(batch["label"])

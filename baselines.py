@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import TrainArgs, finish, parse_args, set_trainable, setup, train, zeroshot_head
+from common import TrainArgs, encode_text, finish, parse_args, set_trainable, setup, train, zeroshot_head
 
 METHODS = ("zeroshot", "lp", "ft", "lpft", "scratch", "ema", "l2sp", "kd", "featkd", "flyp")
 
@@ -198,7 +198,7 @@ def make_loss(method: str, model, args, task):
 
         def flyp(m, b):
             classes, inverse = b["label"].unique(return_inverse=True)  # encode each class once
-            text = m.clip.encode_text(prompts[classes], normalize=True)[inverse]  # [B, D]
+            text = encode_text(m.clip, prompts[classes])[inverse]  # [B, D]
             return flyp_loss(m.image_features(b["image"]), text, b["label"], m.scale)
 
         def after_step(step):

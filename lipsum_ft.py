@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (TrainArgs, finish, get_device, image_transforms, load_classifier, load_clip, load_task,
+from common import (TrainArgs, encode_text, finish, get_device, image_transforms, load_classifier, load_clip, load_task,
                     parse_args, predict, seed_everything, set_trainable, setup, special_token_ids,
                     template_embeddings, train)
 
@@ -149,7 +149,7 @@ def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts
             g = torch.Generator().manual_seed(text_seed(seed, step))
             tokens = random_texts(NUM_TEXTS, TEXT_LENGTH, sot, eot, vocab_size, context, g).to(device)  # [M, ctx]
             with torch.no_grad():
-                cache.update(step=step, features=model.clip.encode_text(tokens, normalize=True).float())  # [M, D]
+                cache.update(step=step, features=encode_text(model.clip, tokens).float())  # [M, D]
         return cache["features"]
 
     def loss_fn(model, batch):
@@ -166,7 +166,7 @@ def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts
 
 @torch.no_grad()
 def encode_texts(clip, tokens: torch.Tensor, device, chunk: int = 1000) -> torch.Tensor:
-    return torch.cat([clip.encode_text(c.to(device), normalize=True).float() for c in tokens.split(chunk)])  # [N_t, D]
+    return torch.cat([encode_text(clip, c.to(device)).float() for c in tokens.split(chunk)])  # [N_t, D]
 
 
 @torch.no_grad()

@@ -110,17 +110,19 @@ def bench_search(args):
         *rows,
     ]
     print("\n".join(lines))
-    write_section(lines, "search")
+    if not args.no_write:
+        write_section(lines, "search")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", default="10000,100000,1000000", help="comma-separated pool sizes")
     p.add_argument("--d", type=int, default=512, help="embedding width")
     p.add_argument("--queries", type=int, default=1_000, help="query vectors")
     p.add_argument("--k", type=int, default=10, help="neighbours")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and faiss")
-    bench_search(p.parse_args())
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    bench_search(p.parse_args(argv))
 
 
 if __name__ == "__main__":

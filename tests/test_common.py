@@ -61,6 +61,34 @@ def test_zeroshot_head_shape_norm_and_template_order(tiny_model):
     assert not torch.allclose(head[2], other[2], atol=1e-3)
 
 
+
+@pytest.mark.parametrize("custom_text", [False, True])  # open_clip's CLIP and CustomTextCLIP (TextTransformer)
+def test_encode_text_cut_padding_equals_full_context(tiny_model, custom_text):
+    import open_clip
+
+    common.resolve_model(tiny_model)
+    torch.manual_seed(0)
+    clip = open_clip.create_model("tiny-vit", force_custom_text=custom_text)
+    tok = open_clip.get_tokenizer("tiny-vit")
+    tokens = tok(["a cat.", "a photo of a small dog on the grass", "owl"])  # [3, 16], BPE, padded with 0
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to cut
+    for p in clip.parameters():
+        p.grad = None
+    full = clip.encode_text(tokens, normalize=True)  # [3, D]
+    (full * torch.arange(full.shape[1])).sum().backward()
+    grads_full = {n: p.grad.clone() for n, p in clip.named_parameters() if p.grad is not None}
+    clip.zero_grad(set_to_none=True)
+    cut = common.encode_text(clip, tokens)
+    (cut * torch.arange(cut.shape[1])).sum().backward()
+    assert torch.allclose(cut, full, atol=1e-6)
+    assert grads_full.keys() == {n for n, p in clip.named_parameters() if p.grad is not None}
+    for n, g in grads_full.items():
+        assert torch.allclose(dict(clip.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5), n
+    clip.text_pool_type = "last"  # a tower not pooled at EOT: cutting would change it, so it runs in full
+    if custom_text:
+        clip.text.pool_type = "last"
+    assert torch.allclose(common.encode_text(clip, tokens), clip.encode_text(tokens, normalize=True), atol=1e-6)
+
 # ------------------------------------------------------------------------------------- datasets
 def make_imagenet_tree(root: Path, r_wnids: list):
     from open_clip import IMAGENET_CLASSNAMES

@@ -1,0 +1,41 @@
+"""bench/ scripts end to end on micro configs (they print their table and write nothing): the numbers
+they measure are machine-dependent, so these check the plumbing and the table's shape."""
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def test_step_time_micro_table_has_every_method_and_the_floor(tmp_path, folder_data, tiny_model, capsys, monkeypatch):
+    import step_time
+
+    monkeypatch.chdir(tmp_path)
+    methods = "ft,lp,ema,l2sp,kd,featkd,flyp,car_ft,lipsum_ft"
+    step_time.main(["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--batch-size", "4",
+                    "--rounds", "2", "--steps", "1", "--methods", methods, "--no-write"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(methods.split(",")) <= set(rows)
+    assert rows["ft"][3].strip() == "1.00"  # ratio of FT to itself
+    assert rows["kd"][5].strip() and not rows["ema"][5].strip()  # the θ0-forward floor stands beside teachers only
+    assert float(rows["kd"][5]) > 1.0
+    assert "θ0 image forward alone" in out
+
+
+def test_eval_speed_micro_agrees_with_bare_loop(tmp_path, folder_data, tiny_model, capsys, monkeypatch):
+    import eval_speed
+
+    monkeypatch.chdir(tmp_path)
+    eval_speed.main(["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--batch-size", "4",
+                     "--rounds", "1", "--no-write"])  # raises if the two loops disagree on accuracy
+    out = capsys.readouterr().out
+    assert "| bare open_clip loop |" in out and "| common.evaluate_split |" in out
+
+
+def test_retrieval_micro_exact_index_has_recall_one(capsys):
+    import retrieval
+
+    retrieval.main(["--n", "3000", "--d", "32", "--queries", "50", "--threads", "1", "--no-write"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3,000") or line.startswith("| 3000"))
+    assert "1.000" in row  # below EXACT_MAX arf.build_index is exact: recall@10 vs torch's exact search is 1
