@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (FileImages, encode_text, StepBatchSampler, TrainArgs, TransformedImages, barrier, collate_skipping_bad,
+from common import (FileImages, StepBatchSampler, TrainArgs, TransformedImages, barrier, collate_skipping_bad, encode_text,
                     finish, is_main_process, parse_args, set_trainable, setup, train, zeroshot_head)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
@@ -360,7 +360,7 @@ def make_loss_fn(model, classnames: list, captions=None, stream=None):
     drawn from `stream` (None = no L_ret)."""
     device = model.head.device
 
-    def encode_text(texts: list) -> torch.Tensor:
+    def embed_texts(texts: list) -> torch.Tensor:
         return encode_text(model.clip, model.tokenizer(texts).to(device))  # [N, D]
 
     def loss_fn(model, batch):
@@ -373,7 +373,7 @@ def make_loss_fn(model, classnames: list, captions=None, stream=None):
         if ret:  # one forward pass per tower for everything in the step
             images = torch.cat([images, ret["image"].to(device)])
         img = model.image_features(images)  # [B (+ B_r), D]
-        txt = encode_text(texts + cap_texts + ret_texts)  # [K_b + B (+ B_r), D]
+        txt = embed_texts(texts + cap_texts + ret_texts)  # [K_b + B (+ B_r), D]
         k = len(texts)
         return arf_loss(img[:n], txt[:k][inverse], labels, model.scale,
                         txt[k:k + n] if captions else None, group_ids(cap_texts, device),

@@ -1,7 +1,13 @@
 """Training-step cost of every method, as a ratio to FT measured side by side in one process.
 
   python bench/step_time.py                      # miniworld + miniclip on this machine (CPU)
-  python bench/step_time.py --model ViT-B-16 --batch-size 256 --device cuda   # the real figure, GPU box
+  python bench/step_time.py --model ViT-B-16 --batch-size 256 --device cuda --fake-data 224   # the real figure, GPU box
+  python bench/step_time.py --model ViT-B-16 --batch-size 16 --fake-data 224 --rounds 3 --steps 1   # its shape on CPU
+
+--fake-data SIZE times the methods without a dataset: a generated folder tree (4 classes of random
+SIZE px JPEGs) with captions of captioner-like length for ARF's L_cap and a 256-pair captioned pool
+for its L_ret, so ViT-B/16's real 77-token text tower and 197-token image tower can be measured
+(random weights: the step's cost does not depend on them).
 
 Every method gets its own copy of one zero-shot classifier, its own loss closure built by its own
 file (baselines.make_loss, lipsum_ft.make_loss_fn, car_ft.make_loss_fn, arf.make_loss_fn) and AdamW
@@ -48,6 +54,36 @@ TARGETS = {"ft": 1.0, "lp": None, "ema": 1.05, "l2sp": 1.1, "kd": 1.2, "featkd":
 TEACHER = ("kd", "featkd", "car_ft", "lipsum_ft")  # methods that run the frozen θ0 image tower every step
 
 
+def fake_data(root: Path, size: int, n_train: int) -> list:
+    """Writes --data folder images, a captions file and a pool under root; returns arf.py's flags for them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    words = "a photo of small large red dog cat bird sitting standing on the grass next to wooden fence sunny day in city street".split()
+
+    def caption(lo, hi):  # BLIP-2 captions and CC3M alt-texts are mostly 8-20 words
+        return " ".join(rng.choice(words, rng.integers(lo, hi + 1)))
+
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+    captions, pool = [], ["filepath\ttitle"]
+    for split, n in (("train", n_train), ("test", 1)):
+        for c in ("cat", "dog", "owl", "fox"):
+            for i in range(n):
+                image(root / split / c / f"{i}.jpg")
+                captions.append(f"{root / split / c / f'{i}.jpg'}\t{caption(8, 20)}")
+    for i in range(256):
+        image(root / "pool" / f"{i}.jpg")
+        pool.append(f"pool/{i}.jpg\t{caption(6, 20)}")
+    (root / "captions.tsv").write_text("\n".join(captions) + "\n")
+    (root / "pool.tsv").write_text("\n".join(pool) + "\n")
+    return ["--captioner", "dataset", "--captions", str(root / "captions.tsv"), "--pool", str(root / "pool.tsv"),
+            "--cache", str(root / "cache")]
+
+
 def build(method: str, base, env, args):
     """(model, loss_fn, after_step) of one method, with the parameters its script trains set trainable."""
     model = copy.deepcopy(base)
@@ -66,7 +102,7 @@ def build(method: str, base, env, args):
         loss_fn = car_ft.make_loss_fn(model, w_ctx, 1.0)
     elif method == "arf":
         aargs = arf.parse_args(arf.Args, arf.PRESETS, ["--data", args.data, "--model", args.model, "--steps", "1000000",
-                                                         "--batch-size", str(args.batch_size)])
+                                                         "--batch-size", str(args.batch_size), *args.arf_args])
         captions = arf.train_captions(aargs, env)
         stream = arf.AnchorStream(*arf.retrieve_anchors(aargs, env), env.train_tf, aargs)
         common.set_trainable(model, image=True, text=True, head=False, scale=True)
@@ -114,8 +150,16 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps of one method per round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median over rounds is reported")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--fake-data", type=int, default=0, help="image size of a generated folder dataset (0 = use --data)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     a = p.parse_args(argv)
+    a.arf_args = []
+    if a.fake_data:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="step-time-data-"))
+        a.arf_args = fake_data(root, a.fake_data, n_train=max(8, a.batch_size // 4 + 1))
+        a.data, a.data_root = "folder", str(root)
     if a.threads:
         torch.set_num_threads(a.threads)
     methods = ["ft"] + [m for m in a.methods.split(",") if m != "ft"]
@@ -191,7 +235,8 @@ def main(argv=None):
     mem_what = "peak allocated MiB" if device.type == "cuda" else "saved-for-backward MiB"
     threads = torch.get_num_threads()
     command = "python bench/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"{a.model} on {a.data}, batch {a.batch_size}, {device.type}"
+    data_what = f"generated {a.fake_data} px images" if a.fake_data else a.data
+    lines = [f"{a.model} on {data_what}, batch {a.batch_size}, {device.type}"
              + (f" ({threads} torch threads)" if device.type == "cpu" else f" ({torch.cuda.get_device_name()})")
              + f"; median over {a.rounds} interleaved rounds of {a.steps} steps; {time.strftime('%Y-%m-%d')}, "
              f"torch {torch.__version__}, {platform.machine()}. Command: `{command.strip()}`", "",

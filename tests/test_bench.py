@@ -7,20 +7,20 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def test_step_time_micro_table_has_every_method_and_the_floor(tmp_path, folder_data, tiny_model, capsys, monkeypatch):
+def test_step_time_micro_table_has_every_method_and_the_floor(tmp_path, tiny_model, capsys, monkeypatch):
     import step_time
 
     monkeypatch.chdir(tmp_path)
-    methods = "ft,lp,ema,l2sp,kd,featkd,flyp,car_ft,lipsum_ft"
-    step_time.main(["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--batch-size", "4",
-                    "--rounds", "2", "--steps", "1", "--methods", methods, "--no-write"])
+    methods = "ft,lp,ema,l2sp,kd,featkd,flyp,car_ft,lipsum_ft,arf"  # ARF reads --fake-data's captions and pool
+    step_time.main(["--fake-data", "32", "--model", tiny_model, "--batch-size", "4", "--rounds", "2", "--steps", "1",
+                    "--methods", methods, "--no-write"])
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(methods.split(",")) <= set(rows)
     assert rows["ft"][3].strip() == "1.00"  # ratio of FT to itself
     assert rows["kd"][5].strip() and not rows["ema"][5].strip()  # the θ0-forward floor stands beside teachers only
     assert float(rows["kd"][5]) > 1.0
-    assert "θ0 image forward alone" in out
+    assert "θ0 image forward alone" in out and "generated 32 px images" in out
 
 
 def test_eval_speed_micro_agrees_with_bare_loop(tmp_path, folder_data, tiny_model, capsys, monkeypatch):
