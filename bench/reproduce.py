@@ -13,11 +13,13 @@ A rerun skips the jobs already done (RUNS/.done/<job>) and resumes an interrupte
 import argparse
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 import traceback
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ METHODS = [
     ("arf", "arf", []),
 ]
 WISE_ON = ("ft", "lipsum_ft")  # WiSE-FT curves drawn on top of these
+MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
 TABLE_ALPHA = "0.5"  # the WiSE-FT operating point shown in the table
 
 # Lipsum-FT paper, ViT-B/16 on ImageNet (IN / V2 / R / A / S); ARF from its own paper (METHODS.md).
@@ -99,6 +102,46 @@ def ood_mean(rows: list) -> float:
     return float(np.mean([r["acc"] for r in rows if r["kind"] == "ood"]))
 
 
+def paired_with_ft(rows: list, gaps: list) -> list:
+    """One markdown row per (method, tag): ID and OOD mean relative to FT of the same seed, the OOD margin
+    over that seed's FT WiSE-FT curve at equal ID (merge.effective_robustness_margin; '–' where the ID is
+    outside the curve's range), and the energy gap on the OOD splits; mean ± std over seeds."""
+    import merge
+
+    points = defaultdict(list)  # (method, tag, seed) -> that run's rows
+    for r in rows:
+        points[(r["method"], r.get("tag", ""), r["seed"])].append(r)
+    point = {key: merge.summary(rs)[:2] for key, rs in points.items()}  # (ID, OOD mean) in %
+    curves = defaultdict(list)  # seed -> [(α, ID, OOD)] of WiSE-FT on FT
+    for (method, tag, seed), (i, o) in point.items():
+        if method == "ft" and tag.startswith("wise a="):
+            curves[seed].append((float(tag[len("wise a="):]), i, o))
+    gap = {(g["method"], g["seed"]): g["ood_mean"] for g in gaps}
+    table = defaultdict(lambda: defaultdict(list))
+    for (method, tag, seed), (i, o) in point.items():
+        if (method == "ft" and tag.startswith("wise")) or ("ft", "", seed) not in point or seed not in curves:
+            continue
+        ft_id, ft_ood = point[("ft", "", seed)]
+        cols = table[(method, tag)]
+        cols["id"].append(i - ft_id)
+        cols["ood"].append(o - ft_ood)
+        cols["margin"].append(merge.effective_robustness_margin([c[1:] for c in sorted(curves[seed])], (i, o)))
+        if not tag.startswith(MERGED) and (method, seed) in gap:
+            cols["gap"].append(gap[(method, seed)])
+
+    def cell(values, fmt="{:+.1f}"):
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return "–"
+        return fmt.format(np.mean(values)) + (f" ± {np.std(values):.1f}" if len(values) > 1 and "e" not in fmt else "")
+
+    order = [m for m, _, _ in METHODS]
+    rank = lambda mt: (order.index(mt[0]) if mt[0] in order else len(order), mt[1].startswith(MERGED), mt[1])  # noqa: E731
+    return [f"| {m}{f' ({t})' if t else ''} | {len(c['id'])} | {cell(c['id'])} | {cell(c['ood'])} | {cell(c['margin'])}"
+            f" ({sum(not math.isnan(v) for v in c['margin'])}) | {cell(c['gap'], '{:.3g}')} |"
+            for (m, t), c in sorted(table.items(), key=lambda item: rank(item[0]))]
+
+
 def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: float, job_time: float, workers: int,
                   command: str):
     import evaluate
@@ -111,11 +154,10 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     by_method = {(m, t): cols for (m, t, _, _), cols in summary.items()}
     id_col = columns[0]
 
-    merged = ("wise", "tpgm", "soup", "ensemble")
 
     def mean(method, col, tag=None):
         """Mean over seeds of a column; tag None = the method's own run (not a merge of it)."""
-        groups = [c for (m, t), c in by_method.items() if m == method and (t == tag if tag is not None else not t.startswith(merged))]
+        groups = [c for (m, t), c in by_method.items() if m == method and (t == tag if tag is not None else not t.startswith(MERGED))]
         values = groups[0].get(col) if groups else None
         return float(np.mean(values)) if values else float("nan")
 
@@ -144,7 +186,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     points = []
     latest = {g["checkpoint"]: g for g in gaps}
     for g in latest.values():
-        run_rows = [r for r in rows if r["run"] == str(Path(g["checkpoint"])) and not r.get("tag", "").startswith(merged)]
+        run_rows = [r for r in rows if r["run"] == str(Path(g["checkpoint"])) and not r.get("tag", "").startswith(MERGED)]
         if run_rows and g.get("ood_mean") is not None:
             points.append((g["method"], g["ood_mean"], relative_ood(run_rows, zs_ood / 100)))
     if len(points) >= 3:
@@ -169,6 +211,14 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         lines += [f"Energy gap vs relative OOD accuracy (Figure 4 shape): Pearson r = {r:.2f} over {len(points)} runs "
                   "(the paper finds a clear negative correlation).", "",
                   "![energy gap vs relative OOD accuracy](docs/reproduce_energy_gap.png)", ""]
+
+    lines += ["## Effective robustness: each method against FT of the same seed", "",
+              "ΔID and ΔOOD are differences to FT (same seed), mean ± std over seeds. *Margin* is the OOD-mean margin over the",
+              "WiSE-FT curve of that seed's FT run at equal ID, interpolated between neighbouring α (METHODS.md, Evaluation): > 0",
+              "means robust beyond what interpolating towards zero-shot buys; '–' (or fewer seeds in brackets) where the ID is",
+              "outside the curve's range. Energy gap: ½‖v(θ) − v(θ0)‖² over 10,000 random texts, mean over the OOD splits.", "",
+              "| method | seeds | ΔID vs FT | ΔOOD vs FT | margin over FT's WiSE curve (seeds) | energy gap (OOD) |",
+              "|---|---|---|---|---|---|", *paired_with_ft(rows, list(latest.values())), ""]
 
     lines += ["## Shape comparison with the papers (ImageNet, ViT-B/16)", "",
               "Points relative to zero-shot (Δ) and to FT (vs FT). Paper OOD = mean of ImageNet-V2/R/A/Sketch; ours =",

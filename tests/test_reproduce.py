@@ -36,6 +36,10 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
         assert f"| {name}" in report, name
     assert "| ft (wise a=0.5) | 2 |" in report and "| lipsum_ft (wise a=0.5) | 2 |" in report
     assert "| ft (tpgm) | 2 |" in report and "soup" in report
+    robust = report[report.index("## Effective robustness"):report.index("## Shape comparison")]
+    for name, _, _ in reproduce.METHODS:  # every method paired with FT of the same seed, over both seeds
+        assert f"| {name} | 2 |" in robust or f"| {name} (" in robust, name
+    assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself
     assert "Pearson r" in report and (tmp_path / "docs" / "reproduce_energy_gap.png").exists()
     assert (tmp_path / "docs" / "reproduce_id_vs_ood.png").exists()
     ft_test = [json.loads(line)["acc"] for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()
