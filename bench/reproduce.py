@@ -102,43 +102,51 @@ def ood_mean(rows: list) -> float:
     return float(np.mean([r["acc"] for r in rows if r["kind"] == "ood"]))
 
 
-def paired_with_ft(rows: list, gaps: list) -> list:
-    """One markdown row per (method, tag): ID and OOD mean relative to FT of the same seed, the OOD margin
-    over that seed's FT WiSE-FT curve at equal ID (merge.effective_robustness_margin; '–' where the ID is
-    outside the curve's range), and the energy gap on the OOD splits; mean ± std over seeds."""
+def paired_with_ft(rows: list, gaps: list) -> dict:
+    """{(method, tag): {column: [value per seed]}}: ID, OOD mean and zero-shot-transfer mean relative to
+    FT of the same seed (points), the OOD margin over that seed's FT WiSE-FT curve at equal ID
+    (merge.effective_robustness_margin, NaN where the ID is outside the curve's range), and the run's
+    energy gap on the OOD splits."""
     import merge
 
     points = defaultdict(list)  # (method, tag, seed) -> that run's rows
     for r in rows:
         points[(r["method"], r.get("tag", ""), r["seed"])].append(r)
-    point = {key: merge.summary(rs)[:2] for key, rs in points.items()}  # (ID, OOD mean) in %
+    point = {key: merge.summary(rs) for key, rs in points.items()}  # (ID, OOD mean, ZS mean) in %
     curves = defaultdict(list)  # seed -> [(α, ID, OOD)] of WiSE-FT on FT
-    for (method, tag, seed), (i, o) in point.items():
+    for (method, tag, seed), (i, o, _) in point.items():
         if method == "ft" and tag.startswith("wise a="):
             curves[seed].append((float(tag[len("wise a="):]), i, o))
     gap = {(g["method"], g["seed"]): g["ood_mean"] for g in gaps}
     table = defaultdict(lambda: defaultdict(list))
-    for (method, tag, seed), (i, o) in point.items():
+    for (method, tag, seed), (i, o, z) in point.items():
         if (method == "ft" and tag.startswith("wise")) or ("ft", "", seed) not in point or seed not in curves:
             continue
-        ft_id, ft_ood = point[("ft", "", seed)]
+        ft_id, ft_ood, ft_zs = point[("ft", "", seed)]
         cols = table[(method, tag)]
         cols["id"].append(i - ft_id)
         cols["ood"].append(o - ft_ood)
+        cols["zs"].append(z - ft_zs)
         cols["margin"].append(merge.effective_robustness_margin([c[1:] for c in sorted(curves[seed])], (i, o)))
         if not tag.startswith(MERGED) and (method, seed) in gap:
             cols["gap"].append(gap[(method, seed)])
+    return table
 
-    def cell(values, fmt="{:+.1f}"):
-        values = [v for v in values if not math.isnan(v)]
-        if not values:
-            return "–"
-        return fmt.format(np.mean(values)) + (f" ± {np.std(values):.1f}" if len(values) > 1 and "e" not in fmt else "")
 
+def cell(values, fmt="{:+.1f}") -> str:
+    """mean ± std of the non-NaN values ('–' if none); the std only in the default signed format."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    return fmt.format(np.mean(values)) + (f" ± {np.std(values):.1f}" if len(values) > 1 and fmt == "{:+.1f}" else "")
+
+
+def paired_rows(table: dict) -> list:
+    """Markdown rows of paired_with_ft's table, in METHODS order, each method's merges after it."""
     order = [m for m, _, _ in METHODS]
     rank = lambda mt: (order.index(mt[0]) if mt[0] in order else len(order), mt[1].startswith(MERGED), mt[1])  # noqa: E731
-    return [f"| {m}{f' ({t})' if t else ''} | {len(c['id'])} | {cell(c['id'])} | {cell(c['ood'])} | {cell(c['margin'])}"
-            f" ({sum(not math.isnan(v) for v in c['margin'])}) | {cell(c['gap'], '{:.3g}')} |"
+    return [f"| {m}{f' ({t})' if t else ''} | {len(c['id'])} | {cell(c['id'])} | {cell(c['ood'])} | {cell(c['zs'])} | "
+            f"{cell(c['margin'])} ({sum(not math.isnan(v) for v in c['margin'])}) | {cell(c['gap'], '{:.3g}')} |"
             for (m, t), c in sorted(table.items(), key=lambda item: rank(item[0]))]
 
 
@@ -213,12 +221,12 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
                   "![energy gap vs relative OOD accuracy](docs/reproduce_energy_gap.png)", ""]
 
     lines += ["## Effective robustness: each method against FT of the same seed", "",
-              "ΔID and ΔOOD are differences to FT (same seed), mean ± std over seeds. *Margin* is the OOD-mean margin over the",
+              "ΔID, ΔOOD and ΔZS (zero-shot transfer mean) are differences to FT (same seed), mean ± std over seeds. *Margin* is the OOD-mean margin over the",
               "WiSE-FT curve of that seed's FT run at equal ID, interpolated between neighbouring α (METHODS.md, Evaluation): > 0",
               "means robust beyond what interpolating towards zero-shot buys; '–' (or fewer seeds in brackets) where the ID is",
               "outside the curve's range. Energy gap: ½‖v(θ) − v(θ0)‖² over 10,000 random texts, mean over the OOD splits.", "",
-              "| method | seeds | ΔID vs FT | ΔOOD vs FT | margin over FT's WiSE curve (seeds) | energy gap (OOD) |",
-              "|---|---|---|---|---|---|", *paired_with_ft(rows, list(latest.values())), ""]
+              "| method | seeds | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | energy gap (OOD) |",
+              "|---|---|---|---|---|---|---|", *paired_rows(paired_with_ft(rows, list(latest.values()))), ""]
 
     lines += ["## Shape comparison with the papers (ImageNet, ViT-B/16)", "",
               "Points relative to zero-shot (Δ) and to FT (vs FT). Paper OOD = mean of ImageNet-V2/R/A/Sketch; ours =",

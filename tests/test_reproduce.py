@@ -39,7 +39,7 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
     robust = report[report.index("## Effective robustness"):report.index("## Shape comparison")]
     for name, _, _ in reproduce.METHODS:  # every method paired with FT of the same seed, over both seeds
         assert f"| {name} | 2 |" in robust or f"| {name} (" in robust, name
-    assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself
+    assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself (ΔID, ΔOOD)
     assert "Pearson r" in report and (tmp_path / "docs" / "reproduce_energy_gap.png").exists()
     assert (tmp_path / "docs" / "reproduce_id_vs_ood.png").exists()
     ft_test = [json.loads(line)["acc"] for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()
@@ -49,3 +49,18 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
     done = sorted(p.name for p in (tmp_path / "runs" / ".done").iterdir())
     reproduce.main(argv)
     assert sorted(p.name for p in (tmp_path / "runs" / ".done").iterdir()) == done
+
+    # bench/sweep.py on the same FT reference: λ = 0 is FT exactly, and the choice follows the held-out rule
+    import sweep
+
+    chosen = sweep.main(["lipsum_ft", "--flag", "lam", "--values", "0,1", "--seeds", "0,1", "--extra", extra,
+                         "--runs", str(tmp_path / "sweep"), "--ref", str(tmp_path / "runs"), "--out", str(tmp_path / "sweep.md")])
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| 0 |" in table and "| 1 |" in table and table.count("**yes**") == (chosen is not None)
+    assert "| +0.0 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in table.split("| 0 |")[1].split("\n")[0]
+    held = {v: sum(sweep.heldout_acc(tmp_path / "sweep" / f"lipsum_ft-lam{v}-s{s}") for s in (0, 1)) / 2 for v in ("0", "1")}
+    ft_held = sum(sweep.heldout_acc(tmp_path / "runs" / f"ft-s{s}") for s in (0, 1)) / 2
+    assert chosen == max((v for v in held if held[v] >= ft_held - sweep.MAX_HELDOUT_DROP), key=float, default=None)
+    ft_state = torch.load(tmp_path / "runs" / "ft-s0" / "final.pt", weights_only=False)["model"]
+    lam0_state = torch.load(tmp_path / "sweep" / "lipsum_ft-lam0-s0" / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(ft_state[k], lam0_state[k]) for k in ft_state)  # Lipsum-FT at λ = 0 is FT, bit for bit

@@ -1,0 +1,113 @@
+"""Sweep one coefficient of one method on miniworld, choose it on the held-out slice, report every attempt.
+
+  python bench/sweep.py lipsum_ft --flag lam --values 0.25,0.5,1,2
+  python bench/sweep.py car_ft --flag beta --values 1,4,16
+  python bench/sweep.py baselines --extra "--method kd" --flag kd-lambda --values 0.25,1,4
+
+Each (value, seed) trains with the method file's miniworld preset and `--FLAG value` into
+RUNS/<method>-<flag><value>-s<seed> (a rerun skips finished runs, like bench/reproduce.py). The FT
+reference is bench/reproduce.py's (`--ref`, default runs/reproduce): its FT runs and their WiSE-FT curves.
+
+Choice rule (held-out data only, never a test split): the largest value, i.e. the strongest
+regularisation, whose mean held-out accuracy is at most MAX_HELDOUT_DROP points below FT's mean
+held-out accuracy on the same seeds. Every attempt's test numbers are reported beside it, so a
+reader sees what the rule gave up. Writes the table to --out (default docs/sweep_<method>_<flag>.md).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import reproduce  # noqa: E402
+
+MAX_HELDOUT_DROP = 2.5  # points of held-out accuracy the chosen value may give up against FT
+
+
+def heldout_acc(run_dir: Path) -> float:
+    """Held-out accuracy (%) of a run's final weights, cached in the run folder."""
+    cache = run_dir / "heldout.json"
+    if not cache.is_file():
+        import common
+        import merge
+
+        device = common.get_device("")
+        run = merge.load_run(str(run_dir), device)
+        acc = common.evaluate_split(run.model, run.task.heldout, run.task, run.eval_tf, device)["acc"]
+        cache.write_text(json.dumps({"heldout_acc": acc}))
+    return 100 * json.loads(cache.read_text())["heldout_acc"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("module", help="method file without .py: lipsum_ft, car_ft, arf, baselines")
+    p.add_argument("--flag", required=True, help="the flag swept, without dashes (lam, beta, kd-lambda, ...)")
+    p.add_argument("--values", required=True, help="comma-separated values, weakest regularisation first")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--extra", default="", help="more arguments for every run (quoted), e.g. '--method kd'")
+    p.add_argument("--runs", default="runs/sweep")
+    p.add_argument("--ref", default="runs/reproduce", help="bench/reproduce.py's runs: FT and its WiSE-FT curves")
+    p.add_argument("--out", default="", help="markdown report (default docs/sweep_<module>_<flag>.md)")
+    cli = sys.argv[1:] if argv is None else list(argv)
+    a = p.parse_args(cli)
+    import evaluate
+
+    seeds, values = [int(s) for s in a.seeds.split(",")], a.values.split(",")
+    runs, ref = Path(a.runs), Path(a.ref)
+    runs.mkdir(parents=True, exist_ok=True)
+    ft_runs = [ref / f"ft-s{s}" for s in seeds]
+    missing = [str(r) for r in ft_runs if not (r / "final.pt").is_file()]
+    if missing:
+        raise SystemExit(f"error: no FT reference run {', '.join(missing)}: run `python bench/reproduce.py --methods ft` first")
+    extra = a.extra.split()
+    name = extra[extra.index("--method") + 1] if "--method" in extra else a.module  # baselines --method kd -> kd
+    log = open(runs / "sweep.log", "a")
+    failed = []
+    for v in values:
+        for s in seeds:
+            job = f"{name}-{a.flag}{v}-s{s}"
+            argv = [*extra, f"--{a.flag}", v, "--seed", str(s)]
+            if not reproduce.run_job(job, runs, reproduce.train_job(a.module, argv, runs / job), log):
+                failed.append(job)
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed (see {runs / 'sweep.log'}): {', '.join(failed)}")
+
+    ft_heldout = float(np.mean([heldout_acc(r) for r in ft_runs]))
+    ref_rows = [r for r in evaluate.read_results(ref / "results.jsonl") if r["method"] == "ft" and r["seed"] in seeds]
+    lines = [f"# Sweep of `--{a.flag}` for {name} on miniworld", "",
+             f"Written by `python bench/sweep.py {' '.join(cli)}` (seeds {a.seeds}). FT reference: {ref} (held-out "
+             f"{ft_heldout:.1f}%). Δ columns are against FT of the same seed, mean ± std; margin = OOD-mean margin over "
+             "that seed's FT WiSE-FT curve at equal ID (bench/reproduce.py).", "",
+             f"Choice rule, held-out slice only: the largest value whose mean held-out accuracy is at most {MAX_HELDOUT_DROP} "
+             "points below FT's.", "",
+             "| value | held-out acc | Δheld-out vs FT | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | chosen |",
+             "|---|---|---|---|---|---|---|---|"]
+    chosen = None
+    for v in values:
+        held = [heldout_acc(runs / f"{name}-{a.flag}{v}-s{s}") for s in seeds]
+        if np.mean(held) >= ft_heldout - MAX_HELDOUT_DROP:
+            chosen = v
+    for v in values:
+        dirs = [runs / f"{name}-{a.flag}{v}-s{s}" for s in seeds]
+        rows = ref_rows + [{**r, "method": name, "tag": ""} for d in dirs for r in evaluate.read_results(d / "results.jsonl")]
+        cols = reproduce.paired_with_ft(rows, [])[(name, "")]
+        held = [heldout_acc(d) for d in dirs]
+        lines.append(f"| {v} | {np.mean(held):.1f} ± {np.std(held):.1f} | {np.mean(held) - ft_heldout:+.1f} | "
+                     f"{reproduce.cell(cols['id'])} | {reproduce.cell(cols['ood'])} | {reproduce.cell(cols['zs'])} | "
+                     f"{reproduce.cell(cols['margin'])} ({sum(not np.isnan(m) for m in cols['margin'])}) | "
+                     f"{'**yes**' if v == chosen else ''} |")
+    lines.append("")
+    out = Path(a.out or REPO / "docs" / f"sweep_{name}_{a.flag}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {out}")
+    return chosen
+
+
+if __name__ == "__main__":
+    main()
