@@ -95,6 +95,8 @@ def plot(rows: list, out: str):
     columns, table = summarise(rows)
     id_col = columns[0]
     fig, ax = plt.subplots(figsize=(6, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a full table has more than 10 rows
+    markers = "osD^v<>ph*X"
     curves = defaultdict(list)  # WiSE-FT points, tagged "wise a=0.3" by merge.py, joined into curves
     for (method, tag, _, _), cols in table.items():
         if not cols.get(id_col) or not cols.get("OOD mean"):
@@ -105,7 +107,8 @@ def plot(rows: list, out: str):
             continue
         xerr = np.std(cols[id_col], ddof=1) if len(cols[id_col]) > 1 else 0
         yerr = np.std(cols["OOD mean"], ddof=1) if len(cols["OOD mean"]) > 1 else 0
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=f"{method} ({tag})" if tag else method)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[len(ax.containers) % len(markers)], capsize=3,
+                    label=f"{method} ({tag})" if tag else method)
     for method, pts in curves.items():
         pts.sort()
         ax.plot([p[1] for p in pts], [p[2] for p in pts], "--.", label=f"WiSE-FT on {method}")
