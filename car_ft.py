@@ -18,7 +18,9 @@ Choices (METHODS.md "choose"):
     distillation direction; batch mean.
   * Temperature: s = exp(logit_scale), the model's own (100 on OpenAI CLIP, the paper's value; ~20 on a
     tiny CLIP, where a hard-coded 100 would sharpen both distributions far beyond what the model learned).
-  * β = 1 by default (the paper's order of magnitude; the Lipsum-FT paper sweeps it); --beta to change.
+  * β = 1 on real data (the paper's order of magnitude; the Lipsum-FT paper sweeps it). On miniworld β = 10,
+    chosen on the held-out slice only by `python bench/sweep.py car_ft --flag beta --values 1,3,10` (the
+    strongest β within 2.5 held-out points of FT; docs/sweep_car_ft_beta.md has every attempt).
   * W_ctx is computed once per run from the frozen text tower with the task's templates (the 80 OpenAI
     ImageNet templates for ImageNet/DomainNet, open_clip's 7 simple templates for folders, miniworld's
     own style/background/size templates). θ0 is a frozen eval-mode copy of the image tower.
@@ -44,7 +46,7 @@ class Args(TrainArgs):
 # shared fields equal baselines.py's FT presets so the regulariser is the only difference from FT.
 PRESETS = {
     "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, eval_every=100,
-                      ckpt_every=100, beta=1.0),
+                      ckpt_every=100, beta=10.0),
     "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
                      eval_every=5_000, ckpt_every=5_000, beta=1.0),
     "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
