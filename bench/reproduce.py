@@ -162,7 +162,6 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     by_method = {(m, t): cols for (m, t, _, _), cols in summary.items()}
     id_col = columns[0]
 
-
     def mean(method, col, tag=None):
         """Mean over seeds of a column; tag None = the method's own run (not a merge of it)."""
         groups = [c for (m, t), c in by_method.items() if m == method and (t == tag if tag is not None else not t.startswith(MERGED))]

@@ -65,14 +65,14 @@ def main(argv=None):
         raise SystemExit(f"error: no FT reference run {', '.join(missing)}: run `python bench/reproduce.py --methods ft` first")
     extra = a.extra.split()
     name = extra[extra.index("--method") + 1] if "--method" in extra else a.module  # baselines --method kd -> kd
-    log = open(runs / "sweep.log", "a")
     failed = []
-    for v in values:
-        for s in seeds:
-            job = f"{name}-{a.flag}{v}-s{s}"
-            argv = [*extra, f"--{a.flag}", v, "--seed", str(s)]
-            if not reproduce.run_job(job, runs, reproduce.train_job(a.module, argv, runs / job), log):
-                failed.append(job)
+    with open(runs / "sweep.log", "a") as log:
+        for v in values:
+            for s in seeds:
+                job = f"{name}-{a.flag}{v}-s{s}"
+                argv = [*extra, f"--{a.flag}", v, "--seed", str(s)]
+                if not reproduce.run_job(job, runs, reproduce.train_job(a.module, argv, runs / job), log):
+                    failed.append(job)
     if failed:
         raise SystemExit(f"{len(failed)} runs failed (see {runs / 'sweep.log'}): {', '.join(failed)}")
 
@@ -86,17 +86,14 @@ def main(argv=None):
              "points below FT's.", "",
              "| value | held-out acc | Δheld-out vs FT | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | chosen |",
              "|---|---|---|---|---|---|---|---|"]
-    chosen = None
+    dirs = {v: [runs / f"{name}-{a.flag}{v}-s{s}" for s in seeds] for v in values}
+    held = {v: [heldout_acc(d) for d in dirs[v]] for v in values}
+    allowed = [v for v in values if np.mean(held[v]) >= ft_heldout - MAX_HELDOUT_DROP]
+    chosen = allowed[-1] if allowed else None  # values run weakest first: the last allowed is the strongest
     for v in values:
-        held = [heldout_acc(runs / f"{name}-{a.flag}{v}-s{s}") for s in seeds]
-        if np.mean(held) >= ft_heldout - MAX_HELDOUT_DROP:
-            chosen = v
-    for v in values:
-        dirs = [runs / f"{name}-{a.flag}{v}-s{s}" for s in seeds]
-        rows = ref_rows + [{**r, "method": name, "tag": ""} for d in dirs for r in evaluate.read_results(d / "results.jsonl")]
+        rows = ref_rows + [{**r, "method": name, "tag": ""} for d in dirs[v] for r in evaluate.read_results(d / "results.jsonl")]
         cols = reproduce.paired_with_ft(rows, [])[(name, "")]
-        held = [heldout_acc(d) for d in dirs]
-        lines.append(f"| {v} | {np.mean(held):.1f} ± {np.std(held):.1f} | {np.mean(held) - ft_heldout:+.1f} | "
+        lines.append(f"| {v} | {np.mean(held[v]):.1f} ± {np.std(held[v]):.1f} | {np.mean(held[v]) - ft_heldout:+.1f} | "
                      f"{reproduce.cell(cols['id'])} | {reproduce.cell(cols['ood'])} | {reproduce.cell(cols['zs'])} | "
                      f"{reproduce.cell(cols['margin'])} ({sum(not np.isnan(m) for m in cols['margin'])}) | "
                      f"{'**yes**' if v == chosen else ''} |")
