@@ -95,7 +95,8 @@ def train_job(module: str, argv: list, out: Path):
 
 
 def relative_ood(rows: list, zeroshot_ood: float) -> float:
-    return 100 * ood_mean(rows) / zeroshot_ood
+    """OOD mean as % of the zero-shot model's (NaN when that is 0: nothing to be relative to)."""
+    return 100 * ood_mean(rows) / zeroshot_ood if zeroshot_ood > 0 else math.nan
 
 
 def ood_mean(rows: list) -> float:
@@ -196,6 +197,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         run_rows = [r for r in rows if r["run"] == str(Path(g["checkpoint"])) and not r.get("tag", "").startswith(MERGED)]
         if run_rows and g.get("ood_mean") is not None:
             points.append((g["method"], g["ood_mean"], relative_ood(run_rows, zs_ood / 100)))
+    points = [p for p in points if math.isfinite(p[2])]
     if len(points) >= 3:
         import matplotlib
 

@@ -25,6 +25,7 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
 
     weights = tmp_path / "tiny-init.pt"  # one shared initialisation for every seed, as soups require
     common.resolve_model(tiny_model)
+    torch.manual_seed(0)  # the same random model whatever ran before in this process
     torch.save(open_clip.create_model("tiny-vit").state_dict(), weights)
     extra = f"--data folder --data-root {folder_data} --model {tiny_model} --pretrained {weights} --steps 2 --batch-size 8 --eval-every 0 --ckpt-every 0"
     argv = ["--seeds", "0,1", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "RESULTS.md"),
