@@ -7,7 +7,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def test_step_time_micro_table_has_every_method_and_the_floor(tmp_path, tiny_model, capsys, monkeypatch):
+def test_step_time_micro_table_has_every_method_and_the_floors(tmp_path, tiny_model, capsys, monkeypatch):
     import step_time
 
     monkeypatch.chdir(tmp_path)
@@ -20,6 +20,7 @@ def test_step_time_micro_table_has_every_method_and_the_floor(tmp_path, tiny_mod
     assert rows["ft"][3].strip() == "1.00"  # ratio of FT to itself
     assert rows["kd"][5].strip() and not rows["ema"][5].strip()  # the θ0-forward floor stands beside teachers only
     assert float(rows["kd"][5]) > 1.0
+    assert float(rows["arf"][5]) > 0  # ARF's design floor: both towers on its images and texts
     assert "θ0 image forward alone" in out and "generated 32 px images" in out
 
 
