@@ -1,6 +1,6 @@
 """Reproduce the papers' tables and figures on miniworld with one command.
 
-Runs every method with every seed (in this process, one after the other), then WiSE-FT on FT and on
+Runs every method with every seed (and ARF's anchor ablations), then WiSE-FT on FT and on
 Lipsum-FT, TPGM on FT, a greedy soup of the FT seeds, and the energy gap of every fine-tuned run, and
 writes RESULTS.md (Table-1-shaped table, mean ± std over seeds; the papers' ImageNet numbers beside
 ours as a shape comparison; the ordering claims checked) with two figures: ID vs OOD with the WiSE-FT
@@ -42,7 +42,12 @@ METHODS = [
     ("car_ft", "car_ft", []),
     ("lipsum_ft", "lipsum_ft", []),
     ("arf", "arf", []),
+    ("arf-no-ret", "arf", ["--no-ret"]),  # ARF's ablations: captions alone,
+    ("arf-no-cap", "arf", ["--no-cap"]),  # retrieved pairs alone,
+    ("arf-no-anchors", "arf", ["--no-cap", "--no-ret"]),  # neither (its L_ft alone)
 ]
+# run name -> its table row: arf.py tags a run with the anchors it switched off
+ABLATIONS = {"arf-no-ret": "arf (no-ret)", "arf-no-cap": "arf (no-cap)", "arf-no-anchors": "arf (no-cap,no-ret)"}
 WISE_ON = ("ft", "lipsum_ft")  # WiSE-FT curves drawn on top of these
 MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
 TABLE_ALPHA = "0.5"  # the WiSE-FT operating point shown in the table
@@ -113,12 +118,13 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
     points = defaultdict(list)  # (method, tag, seed) -> that run's rows
     for r in rows:
         points[(r["method"], r.get("tag", ""), r["seed"])].append(r)
+    run_of = {key: str(Path(rs[0]["run"])) for key, rs in points.items()}
     point = {key: merge.summary(rs) for key, rs in points.items()}  # (ID, OOD mean, ZS mean) in %
     curves = defaultdict(list)  # seed -> [(α, ID, OOD)] of WiSE-FT on FT
     for (method, tag, seed), (i, o, _) in point.items():
         if method == "ft" and tag.startswith("wise a="):
             curves[seed].append((float(tag[len("wise a="):]), i, o))
-    gap = {(g["method"], g["seed"]): g["ood_mean"] for g in gaps}
+    gap = {str(Path(g["checkpoint"])): g["ood_mean"] for g in gaps}  # by run: ablations share a method name
     table = defaultdict(lambda: defaultdict(list))
     for (method, tag, seed), (i, o, z) in point.items():
         if (method == "ft" and tag.startswith("wise")) or ("ft", "", seed) not in point or seed not in curves:
@@ -129,8 +135,8 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
         cols["ood"].append(o - ft_ood)
         cols["zs"].append(z - ft_zs)
         cols["margin"].append(merge.effective_robustness_margin([c[1:] for c in sorted(curves[seed])], (i, o)))
-        if not tag.startswith(MERGED) and (method, seed) in gap:
-            cols["gap"].append(gap[(method, seed)])
+        if not tag.startswith(MERGED) and run_of[(method, tag, seed)] in gap:
+            cols["gap"].append(gap[run_of[(method, tag, seed)]])
     return table
 
 
@@ -144,7 +150,7 @@ def cell(values, fmt="{:+.1f}") -> str:
 
 def paired_rows(table: dict) -> list:
     """Markdown rows of paired_with_ft's table, in METHODS order, each method's merges after it."""
-    order = [m for m, _, _ in METHODS]
+    order = [m for m, _, _ in METHODS if m not in ABLATIONS]
     rank = lambda mt: (order.index(mt[0]) if mt[0] in order else len(order), mt[1].startswith(MERGED), mt[1])  # noqa: E731
     return [f"| {m}{f' ({t})' if t else ''} | {len(c['id'])} | {cell(c['id'])} | {cell(c['ood'])} | {cell(c['zs'])} | "
             f"{cell(c['margin'])} ({sum(not math.isnan(v) for v in c['margin'])}) | {cell(c['gap'], '{:.3g}')} |"
@@ -164,8 +170,9 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     id_col = columns[0]
 
     def mean(method, col, tag=None):
-        """Mean over seeds of a column; tag None = the method's own run (not a merge of it)."""
-        groups = [c for (m, t), c in by_method.items() if m == method and (t == tag if tag is not None else not t.startswith(MERGED))]
+        """Mean over seeds of a column; tag None = the method's own run (not a merge, not a no-… ablation)."""
+        own = lambda t: not t.startswith(MERGED + ("no-",))  # noqa: E731
+        groups = [c for (m, t), c in by_method.items() if m == method and (t == tag if tag is not None else own(t))]
         values = groups[0].get(col) if groups else None
         return float(np.mean(values)) if values else float("nan")
 
@@ -196,7 +203,9 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     for g in latest.values():
         run_rows = [r for r in rows if r["run"] == str(Path(g["checkpoint"])) and not r.get("tag", "").startswith(MERGED)]
         if run_rows and g.get("ood_mean") is not None:
-            points.append((g["method"], g["ood_mean"], relative_ood(run_rows, zs_ood / 100)))
+            tag = run_rows[0].get("tag", "")
+            label = f"{g['method']} ({tag})" if tag.startswith("no-") else g["method"]
+            points.append((label, g["ood_mean"], relative_ood(run_rows, zs_ood / 100)))
     points = [p for p in points if math.isfinite(p[2])]
     if len(points) >= 3:
         import matplotlib
@@ -254,6 +263,9 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         ("CAR-FT beats FT on OOD", mean("car_ft", "OOD mean") > mean("ft", "OOD mean")),
         ("ARF beats FT on OOD", mean("arf", "OOD mean") > mean("ft", "OOD mean")),
         ("ARF beats FT on zero-shot transfer", mean("arf", "ZS mean") > mean("ft", "ZS mean")),
+        *[(f"ARF's {what} alone help {col.split()[0]} (arf ({tag}) beats arf (no-cap,no-ret))",
+           mean("arf", col, tag) > mean("arf", col, "no-cap,no-ret"))
+          for what, tag in (("captions", "no-ret"), ("retrieved pairs", "no-cap")) for col in ("OOD mean", "ZS mean")],
         ("Lipsum-FT beats FT on ID (paper: +0.5)", mean("lipsum_ft", id_col) > mean("ft", id_col)),
         ("WiSE-FT α=0.5 on FT beats FT on OOD", mean("ft", "OOD mean", f"wise a={TABLE_ALPHA}") > mean("ft", "OOD mean")),
         ("WiSE on Lipsum-FT beats WiSE on FT on OOD (α=0.5)",
@@ -299,7 +311,7 @@ def main(argv=None):
             if name not in chosen:
                 continue
             out = runs / f"{name}-s{seed}"
-            more = {"lpft": ["--lp-run", str(runs / f"lp-s{seed}")], "arf": a.arf_args.split()}.get(name, [])
+            more = {"lpft": ["--lp-run", str(runs / f"lp-s{seed}")]}.get(name, a.arf_args.split() if module == "arf" else [])
             needs = (f"lp-s{seed}",) if name == "lpft" and "lp" in chosen else ()
             jobs.append((f"{name}-s{seed}", train_job(module, [*method_argv, *more, "--seed", str(seed), *extra], out), needs))
         for name in WISE_ON:

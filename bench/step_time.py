@@ -22,9 +22,11 @@ rounds of each method's time per step, and its ratio to FT's median.
 Floor: KD, FeatKD, CAR-FT and Lipsum-FT each need one forward of the frozen θ0 image tower on the
 batch, which no implementation can skip. Each round also times that forward alone (no_grad, the
 teachers' own call), so the table gives the floor (FT + θ0 forward) / FT beside those methods: what
-is left above it is overhead a fix could remove. ARF's floor is its two towers' forward and backward
+is left above it is overhead a fix could remove. Lipsum-FT's floor adds its M new random texts per
+step through the frozen text tower (timed alone the same way). ARF's floor is its two towers' forward and backward
 on everything it trains on (the batch plus the retrieved images; class prompts, captions and retrieved
-captions), timed alone each round with a plain sum as the loss: its design cost, before any overhead.
+captions) and the AdamW update of both towers, timed alone each round with a plain sum as the loss: its
+design cost, before any overhead.
 
 Memory: on CUDA the peak allocated memory during a step (weights, optimiser state, teachers and
 activations); on CPU, which has no allocator statistics, the bytes autograd saves for backward in
@@ -100,6 +102,14 @@ def build(method: str, base, env, args, batch):
         counter = lipsum_ft.StepCounter()
         loss_fn = lipsum_ft.make_loss_fn(model, 1.0, 0, counter)
         after_step = counter.set
+        sot, eot, vocab_size = lipsum_ft.special_token_ids(model.tokenizer)
+        context = getattr(model.tokenizer, "context_length", None) or model.clip.context_length
+
+        def floor():  # on top of the θ0 forward: this step's M random texts through the frozen text tower
+            g = torch.Generator().manual_seed(0)
+            tokens = lipsum_ft.random_texts(lipsum_ft.NUM_TEXTS, lipsum_ft.TEXT_LENGTH, sot, eot, vocab_size, context, g)
+            with torch.no_grad():
+                common.encode_text(model.clip, tokens.to(env.device))
     elif method == "car_ft":
         common.set_trainable(model, image=True, text=False, head=True)
         w_ctx = car_ft.context_head(model.clip, model.tokenizer, env.task.classnames, env.task.templates, env.device)
@@ -117,12 +127,15 @@ def build(method: str, base, env, args, batch):
                  + [captions[i] for i in batch["index"].tolist()]
                  + [anchors.captions[i] for i in anchors.batch["index"].tolist()])
         tokens, towers = model.tokenizer(texts).to(env.device), copy.deepcopy(model)
+        towers_opt = torch.optim.AdamW([q for q in towers.parameters() if q.requires_grad], lr=1e-6,
+                                       fused=env.device.type == "cuda")
 
-        def floor():  # both towers' forward + backward on all of ARF's inputs, a plain sum as the loss
+        def floor():  # both towers' forward + backward on all of ARF's inputs (a plain sum as the loss) + AdamW
             with common.autocast(env.device):
                 total = towers.image_features(images).sum() + common.encode_text(towers.clip, tokens).sum()
             total.backward()
-            towers.zero_grad(set_to_none=True)
+            towers_opt.step()
+            towers_opt.zero_grad(set_to_none=True)
 
         def after_step(step):
             with torch.no_grad():
@@ -264,8 +277,11 @@ def main(argv=None):
 
     median = {m: statistics.median(v) for m, v in times.items()}
     forward = statistics.median(floor_times["θ0"])
-    floor = {m: (median["ft"] + forward) / median["ft"] for m in TEACHER}  # FT's step + the θ0 forward a teacher needs
-    floor.update({m: statistics.median(floor_times[m]) / median["ft"] for m in floors if m in methods})
+    own = {m: statistics.median(v) for m, v in floor_times.items()}
+    # teachers: FT's step + the θ0 forward (+ Lipsum-FT's random texts); ARF: its whole design cost
+    floor = {m: (median["ft"] + forward + own.get(m, 0)) / median["ft"] for m in TEACHER if m in methods}
+    if "arf" in methods:
+        floor["arf"] = own["arf"] / median["ft"]
     mem_what = "peak allocated MiB" if device.type == "cuda" else "saved-for-backward MiB"
     threads = torch.get_num_threads()
     command = "python bench/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -275,8 +291,10 @@ def main(argv=None):
              + f"; median over {a.rounds} interleaved rounds of {a.steps} steps; {time.strftime('%Y-%m-%d')}, "
              f"torch {torch.__version__}, {platform.machine()}. Command: `{command.strip()}`", "",
              f"θ0 image forward alone (no_grad): {forward:.0f} ms, so a method with a frozen θ0 teacher costs at least "
-             f"{floor['kd']:.2f}× FT here." + (f" ARF's two towers' forward + backward on its {len(batch['label'])} images, "
-             f"retrieved images and all their texts alone: {floor['arf']:.2f}× FT." if "arf" in floor else ""), "",
+             f"{(median['ft'] + forward) / median['ft']:.2f}× FT here."
+             + (f" Lipsum-FT's {lipsum_ft.NUM_TEXTS} random texts through the frozen text tower: {own['lipsum_ft']:.0f} ms more."
+                if "lipsum_ft" in own else "") + (f" ARF's two towers' forward + backward on its {len(batch['label'])} images, "
+             f"retrieved images and all their texts, plus AdamW on both towers, alone: {floor['arf']:.2f}× FT." if "arf" in floor else ""), "",
              f"| method | ms / step | ratio to FT | target | floor | {mem_what} |", "|---|---|---|---|---|---|"]
     for m in methods:
         ratio, target = median[m] / median["ft"], TARGETS.get(m)

@@ -105,7 +105,9 @@ def test_regulariser_zero_on_the_model_at_theta0_then_grows(tiny, method, term):
     model, task, batch = tiny
     loss_fn, _, _, _ = wiring(method, model, task)
     loss, terms = loss_fn(model, batch)
-    assert terms[term].item() == 0.0
+    # L2SP compares weights: exactly 0. KD / FeatKD compare with the eval-mode teacher, whose fused
+    # attention kernel rounds differently from the student's training-mode path: 0 up to round-off.
+    assert terms[term].item() == 0.0 if term == "l2sp" else abs(terms[term].item()) < 1e-6
     loss.backward()
     assert model.head.grad is not None and model.clip.visual.conv1.weight.grad.abs().sum() > 0
     assert model.clip.token_embedding.weight.grad is None  # the text tower is frozen
@@ -199,9 +201,10 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     assert torch.equal(model.head, final["lp"]["head"])
     # Scratch-FT: a zero head gives uniform logits, so the first step's CE is exactly log K.
     assert logs["scratch"][0]["ce"] == pytest.approx(math.log(4), abs=1e-6)
-    # The regularisers are exactly 0 on the first step (θ = θ0) and positive once θ moved.
+    # The regularisers are 0 on the first step (θ = θ0; KD / FeatKD up to the teacher's round-off) and
+    # grow once θ moved.
     for m in ("l2sp", "kd", "featkd"):
-        assert logs[m][0][m] == 0.0 and logs[m][-1][m] > 0, m
+        assert abs(logs[m][0][m]) < 1e-6 < logs[m][-1][m], m
     # EMA with decay 1 evaluates θ0 exactly although the live weights trained.
     assert all(torch.equal(v, theta0[k]) for k, v in final["ema"].items())
     live = torch.load(runs / "ema" / "ckpt" / "step_2.pt", weights_only=False)["model"]

@@ -33,13 +33,17 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
             "--arf-args", f"--captioner dataset --captions {captions} --pool {pool} --retrieve-k 2"]
     reproduce.main(argv)
     report = (tmp_path / "RESULTS.md").read_text()
-    for name, _, _ in reproduce.METHODS:
-        assert f"| {name}" in report, name
+    labels = [reproduce.ABLATIONS.get(name, name) for name, _, _ in reproduce.METHODS]  # arf-no-cap -> "arf (no-cap)"
+    for label in labels:
+        assert f"| {label}" in report, label
     assert "| ft (wise a=0.5) | 2 |" in report and "| lipsum_ft (wise a=0.5) | 2 |" in report
     assert "| ft (tpgm) | 2 |" in report and "soup" in report
     robust = report[report.index("## Effective robustness"):report.index("## Shape comparison")]
-    for name, _, _ in reproduce.METHODS:  # every method paired with FT of the same seed, over both seeds
-        assert f"| {name} | 2 |" in robust or f"| {name} (" in robust, name
+    for label in labels:  # every method paired with FT of the same seed, over both seeds
+        assert f"| {label} | 2 |" in robust or f"| {label} (" in robust, label
+    for label in reproduce.ABLATIONS.values():  # each ablation has its own energy gap (keyed by run, not method)
+        gap = next(line for line in robust.splitlines() if line.startswith(f"| {label} |")).split("|")[7].strip()
+        assert gap != "–", label
     assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself (ΔID, ΔOOD)
     assert "Pearson r" in report and (tmp_path / "docs" / "reproduce_energy_gap.png").exists()
     assert (tmp_path / "docs" / "reproduce_id_vs_ood.png").exists()
