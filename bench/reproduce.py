@@ -180,7 +180,8 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         "# Reproducing the papers' tables on miniworld",
         "",
         f"Written by `{command}` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; {wall / 60:.1f} min wall time with "
-        f"{workers} worker process(es) on {os.cpu_count()} CPU cores, {job_time / 60:.1f} min summed over jobs). Every number "
+        f"{workers} worker process(es) on {os.cpu_count()} CPU cores, summed over every invocation into {runs} (a rerun "
+        f"adds only the jobs it ran); {job_time / 60:.1f} min summed over jobs). Every number "
         f"below comes from `{runs / 'results.jsonl'}`; nothing is typed in by hand.",
         "",
         "## Table 1 shape: ID, domain shifts, zero-shot transfer, calibration",

@@ -28,18 +28,33 @@ import reproduce  # noqa: E402
 MAX_HELDOUT_DROP = 2.5  # points of held-out accuracy the chosen value may give up against FT
 
 
-def heldout_acc(run_dir: Path) -> float:
-    """Held-out accuracy (%) of a run's final weights, cached in the run folder."""
-    cache = run_dir / "heldout.json"
+def correct(run_dir: Path, split: str) -> np.ndarray:
+    """Per-image correctness [N] of a run's final weights on the held-out slice ("heldout") or the ID
+    test split ("id"), cached in the run folder."""
+    cache = run_dir / f"correct-{split}.npy"
     if not cache.is_file():
         import common
         import merge
 
         device = common.get_device("")
         run = merge.load_run(str(run_dir), device)
-        acc = common.evaluate_split(run.model, run.task.heldout, run.task, run.eval_tf, device)["acc"]
-        cache.write_text(json.dumps({"heldout_acc": acc}))
-    return 100 * json.loads(cache.read_text())["heldout_acc"]
+        data = run.task.heldout if split == "heldout" else next(t for t in run.task.tests if t.kind == "id")
+        logits, labels, _ = common.predict(run.model, data.images, run.eval_tf, device)  # [N, K], [N]
+        np.save(cache, (logits.argmax(1) == labels).numpy())
+    return np.load(cache)
+
+
+def heldout_acc(run_dir: Path) -> float:
+    """Held-out accuracy (%) of a run's final weights."""
+    return 100 * float(correct(run_dir, "heldout").mean())
+
+
+def paired_se(run_dirs: list, ft_dirs: list, split: str) -> float:
+    """Standard error (points) of the seed-mean accuracy difference to FT, over the split's images: the
+    slice is a finite sample, so a difference within ~1-2 SE of a bar is within what another sample of
+    the same distribution could give."""
+    d = np.mean([correct(r, split).astype(float) - correct(f, split) for r, f in zip(run_dirs, ft_dirs)], 0)  # [N]
+    return 100 * float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def main(argv=None):
@@ -81,7 +96,8 @@ def main(argv=None):
     lines = [f"# Sweep of `--{a.flag}` for {name} on miniworld", "",
              f"Written by `python bench/sweep.py {' '.join(cli)}` (seeds {a.seeds}). FT reference: {ref} (held-out "
              f"{ft_heldout:.1f}%). Δ columns are against FT of the same seed, mean ± std; margin = OOD-mean margin over "
-             "that seed's FT WiSE-FT curve at equal ID (bench/reproduce.py).", "",
+             "that seed's FT WiSE-FT curve at equal ID (bench/reproduce.py). SE: standard error of the Δ over the "
+             "split's images (paired per image, seed-mean), the sampling noise of a finite split.", "",
              f"Choice rule, held-out slice only: the largest value whose mean held-out accuracy is at most {MAX_HELDOUT_DROP} "
              "points below FT's.", "",
              "| value | held-out acc | Δheld-out vs FT | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | chosen |",
@@ -93,8 +109,10 @@ def main(argv=None):
     for v in values:
         rows = ref_rows + [{**r, "method": name, "tag": ""} for d in dirs[v] for r in evaluate.read_results(d / "results.jsonl")]
         cols = reproduce.paired_with_ft(rows, [])[(name, "")]
-        lines.append(f"| {v} | {np.mean(held[v]):.1f} ± {np.std(held[v]):.1f} | {np.mean(held[v]) - ft_heldout:+.1f} | "
-                     f"{reproduce.cell(cols['id'])} | {reproduce.cell(cols['ood'])} | {reproduce.cell(cols['zs'])} | "
+        se = {split: paired_se(dirs[v], ft_runs, split) for split in ("heldout", "id")}
+        lines.append(f"| {v} | {np.mean(held[v]):.1f} ± {np.std(held[v]):.1f} | {np.mean(held[v]) - ft_heldout:+.1f} "
+                     f"(SE {se['heldout']:.1f}) | {reproduce.cell(cols['id'])} (SE {se['id']:.1f}) | "
+                     f"{reproduce.cell(cols['ood'])} | {reproduce.cell(cols['zs'])} | "
                      f"{reproduce.cell(cols['margin'])} ({sum(not np.isnan(m) for m in cols['margin'])}) | "
                      f"{'**yes**' if v == chosen else ''} |")
     lines.append("")

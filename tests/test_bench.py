@@ -40,3 +40,14 @@ def test_retrieval_micro_exact_index_has_recall_one(capsys):
     retrieval.main(["--n", "3000", "--d", "32", "--queries", "50", "--threads", "1", "--no-write"])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3,000") or line.startswith("| 3000"))
     assert "1.000" in row  # below EXACT_MAX arf.build_index is exact: recall@10 vs torch's exact search is 1
+
+
+def test_fixes_micro_old_and_new_paths_agree(tiny_model, capsys):
+    import fixes
+
+    fixes.main(["--model", tiny_model, "--batch-size", "4", "--rounds", "1", "--no-write"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 2  # the text trim and the eval-mode teacher
+    for row in rows:
+        assert float(row[3]) > 0 and float(row[4]) > 0
+        assert float(row[6]) < 1e-4  # a speed fix must not change what is computed
