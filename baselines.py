@@ -116,7 +116,8 @@ def ft_loss(logits: torch.Tensor, labels: torch.Tensor):
 def l2sp_loss(logits, labels, params: list, params0: list, lam: float):
     """CE + λ/2 · ‖θ − θ0‖² over the image-tower tensors `params` and their θ0 copies `params0`."""
     ce = F.cross_entropy(logits, labels)
-    dist = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, params0))  # ‖θ − θ0‖²
+    # ‖θ − θ0‖² as one fused op per tensor: autograd keeps references to θ and θ0, not a copy of θ − θ0
+    dist = sum(F.mse_loss(p, p0, reduction="sum") for p, p0 in zip(params, params0))
     return ce + lam / 2 * dist, {"ce": ce.detach(), "l2sp": dist.detach()}
 
 

@@ -20,9 +20,8 @@ so that shape, pattern, size and position must be read too. Rebuild the committe
 
     python miniworld.py pretrain            # writes assets/miniclip.pt (1500 steps x 256)
 
-(took 23 min on this 2-core machine while another job kept it busy, at ~0.8 s/step with
-OMP_NUM_THREADS=1, which is much faster than 2 threads when the cores are shared; about 0.5 s/step
-when the machine is free). The learned logit scale ended at 24.8. PREPROCESS gives the normalisation.
+(8.0 min on this 2-core machine when it is otherwise idle). The learned logit scale ended at 24.8.
+PREPROCESS gives the normalisation.
 
 The downstream task (load_task), shaped like ImageNet and its shifts (chance level in brackets):
   train     kind train    20 classes = 5 shapes x 4 colours, photo style, 10k images, spurious cue: 90% of
@@ -39,14 +38,13 @@ The downstream task (load_task), shaped like ImageNet and its shifts (chance lev
 The task shapes were chosen (from the checkpoint's per-shape zero-shot accuracy) so zero-shot sits near
 70%: room for fine-tuning to gain 20+ points in distribution.
 
-Measured on this machine (scratch scripts outside the repo; FT = image tower + linear head initialised from
-the zero-shot head, logits = s * n(f(x)) @ W with the frozen s, text tower frozen, CE, AdamW lr 1e-4 wd 0.1,
-300 steps x batch 128, 10% warmup + cosine, RandomResizedCrop(32, scale=(0.7, 1)) + flip; mean of seeds
-0, 1, 2; 95 s per run incl. evaluation with one other job running, up to 6.5 min with four):
+Measured with the repo's own recipes (`python bench/reproduce.py`, RESULTS.md; FT = baselines.py
+--method ft: image tower + head initialised from the zero-shot head, 300 steps x batch 128, lr 1e-4,
+RandomResizedCrop scale (0.5, 1); mean of seeds 0, 1, 2):
                  id    sketch cartoon painting pixel anticue | OOD mean | zs_classes zs_pattern
-  zero-shot      70.7  70.8   75.7    72.1     68.1  77.7    | 72.9     | 75.4       53.3
-  FT (3 seeds)   95.6  47.2   61.7    61.9     59.2  60.1    | 58.0     | 67.3       48.6
-  FT - ZS       +24.8                                        | -14.9    | -8.1       -4.8
+  zero-shot      69.2  69.5   74.9    72.7     67.6  76.6    | 72.3     | 72.7       52.1
+  FT (3 seeds)   95.3  43.3   58.6    59.8     58.4  55.9    | 55.2     | 61.6       47.4
+  FT - ZS       +26.1                                        | -17.1    | -11.1      -4.7
 
 Other entry points: write_pool(out_dir) (ARF retrieval pool, PNG + TSV), `python miniworld.py pool --out
 DIR`, `python miniworld.py show --out grid.png`.

@@ -12,6 +12,11 @@ Fix 2, frozen teachers in eval mode: baselines.py's KD / FeatKD teacher used to 
 (to match the student's attention kernel bit for bit); in eval mode nn.MultiheadAttention takes its
 fused kernel. Timed here on the θ0 image-tower forward, no_grad, on a batch of --batch-size images.
 
+Fix 3, L2SP's ‖θ − θ0‖² as F.mse_loss(θ, θ0, reduction="sum") per tensor: the old Σ((θ − θ0)²).sum() made
+autograd keep a copy of θ − θ0 (the whole image tower: 329 MiB on ViT-B/16) for backward; the fused op
+keeps references to θ and θ0. Timed here on the distance's forward + backward over the image tower, θ
+1e-3 away from θ0 (bench/step_time.py's memory column shows the saved bytes).
+
 Rounds alternate old and new, so a slow moment of a shared machine hits both; the table shows medians.
 Writes its table into the "Step time" section of bench/RESULTS.md (--no-write: print only).
 """
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -69,6 +75,18 @@ def main(argv=None):
     with torch.no_grad():
         feat_err = (teacher.train()(images) - teacher.eval()(images)).abs().max().item()
 
+    params = [q.requires_grad_(True) for q in clip.visual.parameters()]
+    params0 = [q.detach() + 1e-3 for q in params]
+
+    def l2sp(new: bool):
+        dist = sum(F.mse_loss(q, q0, reduction="sum") if new else ((q - q0) ** 2).sum() for q, q0 in zip(params, params0))
+        dist.backward()
+        for q in params:
+            q.grad = None
+        return dist.item()
+
+    l2sp_err = abs(l2sp(True) - l2sp(False)) / l2sp(False)
+
     def texts_old():
         with torch.no_grad():
             clip.encode_text(tokens, normalize=True)
@@ -85,8 +103,9 @@ def main(argv=None):
         with torch.no_grad():
             teacher.eval()(images)
 
-    times = {name: [] for name in ("texts_old", "texts_new", "teacher_old", "teacher_new")}
-    fns = dict(texts_old=texts_old, texts_new=texts_new, teacher_old=teacher_old, teacher_new=teacher_new)
+    fns = dict(texts_old=texts_old, texts_new=texts_new, teacher_old=teacher_old, teacher_new=teacher_new,
+               l2sp_old=lambda: l2sp(False), l2sp_new=lambda: l2sp(True))
+    times = {name: [] for name in fns}
     for _ in range(a.rounds):  # alternate: one timing of each per round
         for name, fn in fns.items():
             times[name] += timed(fn, 1)
@@ -102,7 +121,10 @@ def main(argv=None):
              f"{med['texts_old'] / med['texts_new']:.1f}x | {err:.1e} |",
              f"| KD / FeatKD teacher in eval mode (fused attention) | θ0 image forward, batch {a.batch_size} | "
              f"{med['teacher_old']:.1f} | {med['teacher_new']:.1f} | {med['teacher_old'] / med['teacher_new']:.2f}x | "
-             f"{feat_err:.1e} |"]
+             f"{feat_err:.1e} |",
+             f"| L2SP distance as F.mse_loss (no θ − θ0 copy kept) | ‖θ − θ0‖² forward + backward, image tower | "
+             f"{med['l2sp_old']:.1f} | {med['l2sp_new']:.1f} | {med['l2sp_old'] / med['l2sp_new']:.2f}x | "
+             f"{l2sp_err:.1e} (relative) |"]
     print("\n".join(lines))
     if not a.no_write:
         write_section(lines, f"fixes-{Path(a.model).stem}-cpu", "## Step time")

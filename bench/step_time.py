@@ -16,7 +16,8 @@ backward, AdamW update, the method's after-step hook (EMA update, logit-scale cl
 see the same augmented batch, loaded before timing; ARF's retrieved pairs (its extra data) are one
 batch drawn from its retrieval stream, also loaded before timing, so no method pays for image decoding
 (ARF's stream costs 22 ms per 64 miniworld pool images, 0.28x FT's step, when read inside the step). Rounds are interleaved: round r times `--steps` steps of every method in turn,
-so a slow moment of a shared machine hits every method alike; the table shows the median over
+so a slow moment of a shared machine hits every method alike (the order rotates by one method per round,
+so none always runs first, right after the floor timings); the table shows the median over
 rounds of each method's time per step, and its ratio to FT's median.
 
 Floor: KD, FeatKD, CAR-FT and Lipsum-FT each need one forward of the frozen θ0 image tower on the
@@ -29,13 +30,15 @@ captions) and the AdamW update of both towers, timed alone each round with a pla
 design cost, before any overhead.
 
 Memory: on CUDA the peak allocated memory during a step (weights, optimiser state, teachers and
-activations); on CPU, which has no allocator statistics, the bytes autograd saves for backward in
-one step (activation memory, where the methods differ most; teachers' and EMA weights not counted).
+activations); on CPU, which has no allocator statistics, the bytes of the new tensors autograd saves
+for backward in one step (activation memory, where the methods differ most; weights, θ0 copies and the
+batch, which autograd saves by reference, are not counted).
 
 Writes its table into the "Step time" section of bench/RESULTS.md (--no-write: print only).
 """
 import argparse
 import copy
+import gc
 import platform
 import statistics
 import sys
@@ -156,19 +159,21 @@ class FixedAnchors:
 
 
 class SavedBytes:
-    """Counts the bytes autograd saves for backward while active (CPU's stand-in for peak memory)."""
+    """Counts the bytes of new tensors autograd saves for backward while active (CPU's stand-in for peak
+    memory). Tensors alive before (weights, θ0 copies, the batch) are references, not new memory: skipped."""
 
     def __init__(self):
         self.bytes, self.seen = 0, set()
 
     def pack(self, t):
         key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
-        if key not in self.seen:
+        if key not in self.seen and key[0] not in self.existing:
             self.seen.add(key)
             self.bytes += t.numel() * t.element_size()
         return t
 
     def __enter__(self):
+        self.existing = {o.untyped_storage().data_ptr() for o in gc.get_objects() if torch.is_tensor(o)}
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
         self.hooks.__enter__()
         return self
@@ -266,7 +271,7 @@ def main(argv=None):
                 work()
             sync()
             floor_times[name].append((time.perf_counter() - t0) / a.steps * 1000)
-        for m in methods:
+        for m in methods[r % len(methods):] + methods[:r % len(methods)]:  # rotated: no method always goes first
             sync()
             t0 = time.perf_counter()
             for k in range(a.steps):
