@@ -94,7 +94,8 @@ def fake_data(root: Path, size: int, n_train: int) -> list:
 
 def build(method: str, base, env, args, batch):
     """(model, loss_fn, after_step, floor) of one method, with the parameters its script trains set
-    trainable; floor: None, or a callable doing the work the method's design cannot avoid (ARF)."""
+    trainable; floor: None, or a callable doing work the method's design cannot avoid, timed alone:
+    Lipsum-FT's random texts (on top of the θ0 forward every teacher pays), ARF's whole step."""
     model = copy.deepcopy(base)
     after_step = floor = None
     if method in baselines.METHODS:
