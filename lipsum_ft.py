@@ -50,8 +50,8 @@ from common import (TrainArgs, encode_text, finish, get_device, image_transforms
 
 NUM_TEXTS = 80  # M, random texts per step (paper: 80; its Table 8 finds 10-320 equivalent)
 TEXT_LENGTH = 8  # L, random tokens per text (paper: 8; much shorter or longer texts do worse)
-REG_LOSS = "mse"  # "mse" on energies (Lipsum-FT) | "kld": KL(softmax(v0) ‖ softmax(v)) (paper Table 3)
-TEXT_GUIDANCE = "random"  # "random" texts (Lipsum-FT) | "fixed": CAR-FT's template contexts (Table 3)
+REG_LOSS = "mse"  # default --reg-loss: "mse" on energies (Lipsum-FT) | "kld": KL(softmax(v0) ‖ softmax(v))
+TEXT_GUIDANCE = "random"  # default --text-guidance: "random" texts (Lipsum-FT) | "fixed": CAR-FT's contexts
 ENERGY_GAP_TEXTS = 10_000  # texts of the energy-gap metric (paper: 10,000 of length 8)
 ENERGY_GAP_IMAGES = 2_000  # images per test split scored by the energy gap (evenly spaced subset)
 ENERGY_GAP_SEED = 0  # the same texts for every checkpoint, so gaps are comparable
@@ -60,6 +60,8 @@ ENERGY_GAP_SEED = 0  # the same texts for every checkpoint, so gaps are comparab
 @dataclass
 class Args(TrainArgs):
     lam: float = 1.0  # λ, weight of the energy regulariser R (paper: 1)
+    reg_loss: str = REG_LOSS  # mse | kld: how energies are compared (paper Table 3's ablation)
+    text_guidance: str = TEXT_GUIDANCE  # random | fixed: which texts give the energies (paper Table 3's ablation)
     report_energy_gap: str = ""  # a run dir or .pt: print its energy gap to the zero-shot model and exit
 
 
@@ -133,7 +135,7 @@ def text_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % 2**63
 
 
-def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts=None):
+def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts=None, reg_loss: str = REG_LOSS):
     """The training loss for `model` (image tower + head trainable): θ0 is a frozen copy of the image
     tower taken now; the texts are those of step `counter.step`, or `fixed_texts` [T, D] if given."""
     visual0 = copy.deepcopy(model.clip.visual).requires_grad_(False).eval()  # θ0
@@ -159,7 +161,8 @@ def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts
             features0 = F.normalize(visual0(images), dim=-1)  # [B, D], θ0 on the same augmented images
         scale = model.scale.detach()
         logits = scale * features @ model.head.t()  # [B, K], ClipClassifier.forward without a second encode
-        return lipsum_ft_loss(logits, batch["label"], features, features0, text_features(int(counter.step)), scale, lam)
+        texts = text_features(int(counter.step))  # [M, D]
+        return lipsum_ft_loss(logits, batch["label"], features, features0, texts, scale, lam, reg_loss)
 
     return loss_fn
 
@@ -224,17 +227,20 @@ def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
     if args.report_energy_gap:
         return report_energy_gap(args)
+    if args.reg_loss not in ("mse", "kld") or args.text_guidance not in ("random", "fixed"):
+        raise SystemExit(f"error: --reg-loss {args.reg_loss!r} / --text-guidance {args.text_guidance!r}: "
+                         "choose mse or kld / random or fixed")
     env = setup(args, "lipsum_ft")
     model = set_trainable(env.model, image=True, text=False, head=True)
     fixed = None
-    if TEXT_GUIDANCE == "fixed":  # CAR-FT's contexts: per template, n(mean over classes of n(g(prompt)))
+    if args.text_guidance == "fixed":  # CAR-FT's contexts: per template, n(mean over classes of n(g(prompt)))
         prompts = template_embeddings(env.clip, env.tokenizer, env.task.classnames, env.task.templates, env.device)
         fixed = F.normalize(prompts.mean(0), dim=-1)  # [T, D]
     counter = StepCounter()
-    loss_fn = make_loss_fn(model, args.lam, args.seed, counter, fixed)
+    loss_fn = make_loss_fn(model, args.lam, args.seed, counter, fixed, args.reg_loss)
     train(env, loss_fn, args, after_step=counter.set, extra_state={"text_step": counter})
-    tag = f"lam={args.lam:g}" + (f" {REG_LOSS}" if REG_LOSS != "mse" else "")  # ablations get their own rows
-    return finish(env, args, tag=tag + (f" {TEXT_GUIDANCE}" if TEXT_GUIDANCE != "random" else ""))
+    ablation = [a for a, default in ((args.reg_loss, "mse"), (args.text_guidance, "random")) if a != default]
+    return finish(env, args, tag=" ".join([f"lam={args.lam:g}", *ablation]))  # ablations get their own rows
 
 
 if __name__ == "__main__":

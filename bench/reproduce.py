@@ -45,9 +45,19 @@ METHODS = [
     ("arf-no-ret", "arf", ["--no-ret"]),  # ARF's ablations: captions alone,
     ("arf-no-cap", "arf", ["--no-cap"]),  # retrieved pairs alone,
     ("arf-no-anchors", "arf", ["--no-cap", "--no-ret"]),  # neither (its L_ft alone)
+    ("lipsum-kld", "lipsum_ft", ["--reg-loss", "kld"]),  # Lipsum-FT paper's Table 3: KL instead of MSE,
+    ("lipsum-fixed", "lipsum_ft", ["--text-guidance", "fixed"]),  # template contexts instead of random texts,
+    ("lipsum-fixed-kld", "lipsum_ft", ["--text-guidance", "fixed", "--reg-loss", "kld"]),  # both (CAR-FT-like)
 ]
-# run name -> its table row: arf.py tags a run with the anchors it switched off
-ABLATIONS = {"arf-no-ret": "arf (no-ret)", "arf-no-cap": "arf (no-cap)", "arf-no-anchors": "arf (no-cap,no-ret)"}
+# run name -> its table row: the method files tag a run with what it switched off or swapped
+ABLATIONS = {"arf-no-ret": "arf (no-ret)", "arf-no-cap": "arf (no-cap)", "arf-no-anchors": "arf (no-cap,no-ret)",
+             "lipsum-kld": "lipsum_ft (lam=1 kld)", "lipsum-fixed": "lipsum_ft (lam=1 fixed)",
+             "lipsum-fixed-kld": "lipsum_ft (lam=1 kld fixed)"}
+ABLATION_WORDS = {"no-cap", "no-ret", "kld", "fixed"}  # a tag holding one of these is an ablation's
+
+
+def is_ablation(tag: str) -> bool:
+    return bool(ABLATION_WORDS & set(tag.replace(",", " ").split()))
 WISE_ON = ("ft", "lipsum_ft")  # WiSE-FT curves drawn on top of these
 MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
 TABLE_ALPHA = "0.5"  # the WiSE-FT operating point shown in the table
@@ -170,8 +180,8 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     id_col = columns[0]
 
     def mean(method, col, tag=None):
-        """Mean over seeds of a column; tag None = the method's own run (not a merge, not a no-… ablation)."""
-        own = lambda t: not t.startswith(MERGED + ("no-",))  # noqa: E731
+        """Mean over seeds of a column; tag None = the method's own run (not a merge, not an ablation)."""
+        own = lambda t: not t.startswith(MERGED) and not is_ablation(t)  # noqa: E731
         groups = [c for (m, t), c in by_method.items() if m == method and (t == tag if tag is not None else own(t))]
         values = groups[0].get(col) if groups else None
         return float(np.mean(values)) if values else float("nan")
@@ -205,7 +215,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         run_rows = [r for r in rows if r["run"] == str(Path(g["checkpoint"])) and not r.get("tag", "").startswith(MERGED)]
         if run_rows and g.get("ood_mean") is not None:
             tag = run_rows[0].get("tag", "")
-            label = f"{g['method']} ({tag})" if tag.startswith("no-") else g["method"]
+            label = f"{g['method']} ({tag})" if is_ablation(tag) else g["method"]
             points.append((label, g["ood_mean"], relative_ood(run_rows, zs_ood / 100)))
     points = [p for p in points if math.isfinite(p[2])]
     if len(points) >= 3:
@@ -268,6 +278,9 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
            mean("arf", col, tag) > mean("arf", col, "no-cap,no-ret"))
           for what, tag in (("captions", "no-ret"), ("retrieved pairs", "no-cap")) for col in ("OOD mean", "ZS mean")],
         ("Lipsum-FT beats FT on ID (paper: +0.5)", mean("lipsum_ft", id_col) > mean("ft", id_col)),
+        *[(f"Lipsum-FT (random texts, MSE) beats its variant {ABLATIONS[run]} on OOD (paper Table 3)",
+           mean("lipsum_ft", "OOD mean") > mean("lipsum_ft", "OOD mean", ABLATIONS[run][len("lipsum_ft ("):-1]))
+          for run in ("lipsum-kld", "lipsum-fixed", "lipsum-fixed-kld")],
         ("WiSE-FT α=0.5 on FT beats FT on OOD", mean("ft", "OOD mean", f"wise a={TABLE_ALPHA}") > mean("ft", "OOD mean")),
         ("WiSE on Lipsum-FT beats WiSE on FT on OOD (α=0.5)",
          mean("lipsum_ft", "OOD mean", f"wise a={TABLE_ALPHA}") > mean("ft", "OOD mean", f"wise a={TABLE_ALPHA}")),

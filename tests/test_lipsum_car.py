@@ -108,6 +108,7 @@ def test_lipsum_loss_uses_model_scale_step_texts_and_theta0(tiny_classifier):
         model.clip.logit_scale.fill_(math.log(20.0))
     counter = lipsum_ft.StepCounter()
     loss_fn = lipsum_ft.make_loss_fn(model, lam=1.0, seed=3, counter=counter)
+    kld_fn = lipsum_ft.make_loss_fn(model, lam=1.0, seed=3, counter=counter, reg_loss="kld")
     batch = {"image": randn(4, 3, 32, 32, seed=13).float(), "label": torch.tensor([0, 1, 2, 0])}
     assert loss_fn(model, batch)[1]["reg"].item() < 1e-9  # θ = θ0 at the start
     f0 = model.image_features(batch["image"]).detach()  # θ0's features, before θ moves
@@ -123,6 +124,16 @@ def test_lipsum_loss_uses_model_scale_step_texts_and_theta0(tiny_classifier):
     assert reg == pytest.approx(lipsum_ft.lipsum_regularizer(f, f0, t, 20.0).item(), rel=1e-5)
     assert reg > 1e-4  # and not the energies at a hard-coded s = 100 (25x larger)
     assert reg != pytest.approx(lipsum_ft.lipsum_regularizer(f, f0, t, 100.0).item(), rel=0.5)
+    # --reg-loss kld reaches the loss: the same step's energies, compared by KL instead of MSE
+    assert kld_fn(model, batch)[1]["reg"].item() == pytest.approx(
+        lipsum_ft.lipsum_regularizer(f, f0, t, 20.0, "kld").item(), rel=1e-5)
+
+
+def test_lipsum_rejects_an_unknown_ablation_before_touching_the_run_folder(tmp_path, capsys):
+    for flags in (["--reg-loss", "l1"], ["--text-guidance", "templates"]):
+        with pytest.raises(SystemExit, match="choose mse or kld / random or fixed"):
+            lipsum_ft.main([*flags, "--out", str(tmp_path / "run")])
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("method", ["lipsum", "car"])
