@@ -12,22 +12,23 @@ for its L_ret, so ViT-B/16's real 77-token text tower and 197-token image tower 
 Every method gets its own copy of one zero-shot classifier, its own loss closure built by its own
 file (baselines.make_loss, lipsum_ft.make_loss_fn, car_ft.make_loss_fn, arf.make_loss_fn) and AdamW
 on exactly the parameters its script trains. One step = loss (every forward the method needs),
-backward, AdamW update, the method's after-step hook (EMA update, logit-scale clamp). All methods
-see the same augmented batch, loaded before timing; ARF's retrieved pairs (its extra data) are one
-batch drawn from its retrieval stream, also loaded before timing, so no method pays for image decoding
-(ARF's stream costs 22 ms per 64 miniworld pool images, 0.28x FT's step, when read inside the step). Rounds are interleaved: round r times `--steps` steps of every method in turn,
-so a slow moment of a shared machine hits every method alike (the order rotates by one method per round,
-so none always runs first, right after the floor timings); the table shows the median over
-rounds of each method's time per step, and its ratio to FT's median.
+backward, AdamW update, the method's after-step hook (EMA update, logit-scale clamp). All methods see
+the same augmented batch, loaded before timing; ARF's retrieved pairs (its extra data) are one batch
+drawn from its retrieval stream, also loaded before timing, so no method pays for image decoding
+(ARF's stream costs 22 ms per 64 miniworld pool images, 0.28x FT's step, when read inside the step).
+Rounds are interleaved: round r times `--steps` steps of every method in turn, so a slow moment of a
+shared machine hits every method alike (the order rotates by one method per round, so none always
+runs first, right after the floor timings); the table shows the median over rounds of each method's
+time per step, and its ratio to FT's median.
 
 Floor: KD, FeatKD, CAR-FT and Lipsum-FT each need one forward of the frozen θ0 image tower on the
 batch, which no implementation can skip. Each round also times that forward alone (no_grad, the
 teachers' own call), so the table gives the floor (FT + θ0 forward) / FT beside those methods: what
 is left above it is overhead a fix could remove. Lipsum-FT's floor adds its M new random texts per
-step through the frozen text tower (timed alone the same way). ARF's floor is its two towers' forward and backward
-on everything it trains on (the batch plus the retrieved images; class prompts, captions and retrieved
-captions) and the AdamW update of both towers, timed alone each round with a plain sum as the loss: its
-design cost, before any overhead.
+step through the frozen text tower (timed alone the same way). ARF's floor is its two towers' forward
+and backward on everything it trains on (the batch plus the retrieved images; class prompts, captions
+and retrieved captions) and the AdamW update of both towers, timed alone each round with a plain sum
+as the loss: its design cost, before any overhead.
 
 Memory: on CUDA the peak allocated memory during a step (weights, optimiser state, teachers and
 activations); on CPU, which has no allocator statistics, the bytes of the new tensors autograd saves
