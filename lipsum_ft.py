@@ -93,6 +93,13 @@ def random_texts(num_texts: int, length: int, sot: int, eot: int, vocab_size: in
     return tokens
 
 
+def model_random_texts(clip, tokenizer, num_texts: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """random_texts with the special ids, vocabulary and context length of this model's tokenizer: [M, context]."""
+    sot, eot, vocab_size = special_token_ids(tokenizer)
+    context = getattr(tokenizer, "context_length", None) or clip.context_length
+    return random_texts(num_texts, length, sot, eot, vocab_size, context, generator)
+
+
 def energies(image_features: torch.Tensor, text_features: torch.Tensor, scale) -> torch.Tensor:
     """v = s · n(f) n(g)ᵀ, in at least float32 whatever the autocast dtype."""
     f = F.normalize(image_features.to(torch.promote_types(image_features.dtype, torch.float32)), dim=-1)  # [B, D]
@@ -139,8 +146,6 @@ def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts
     """The training loss for `model` (image tower + head trainable): θ0 is a frozen copy of the image
     tower taken now; the texts are those of step `counter.step`, or `fixed_texts` [T, D] if given."""
     visual0 = copy.deepcopy(model.clip.visual).requires_grad_(False).eval()  # θ0
-    sot, eot, vocab_size = special_token_ids(model.tokenizer)
-    context = getattr(model.tokenizer, "context_length", None) or model.clip.context_length
     device = model.head.device
     cache = {}
 
@@ -149,7 +154,7 @@ def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts
             return fixed_texts
         if cache.get("step") != step:  # once per step, shared by the micro-batches of gradient accumulation
             g = torch.Generator().manual_seed(text_seed(seed, step))
-            tokens = random_texts(NUM_TEXTS, TEXT_LENGTH, sot, eot, vocab_size, context, g).to(device)  # [M, ctx]
+            tokens = model_random_texts(model.clip, model.tokenizer, NUM_TEXTS, TEXT_LENGTH, g).to(device)  # [M, ctx]
             with torch.no_grad():
                 cache.update(step=step, features=encode_text(model.clip, tokens).float())  # [M, D]
         return cache["features"]
@@ -200,10 +205,8 @@ def report_energy_gap(args) -> dict:
     model, meta, pp = load_classifier(str(path), device, task)
     seed_everything(saved.get("seed", args.seed))  # a randomly initialised --model is rebuilt as setup() built it
     clip0 = load_clip(meta["model"], meta["pretrained"], device)[0].eval()
-    sot, eot, vocab_size = special_token_ids(model.tokenizer)
-    context = getattr(model.tokenizer, "context_length", None) or model.clip.context_length
-    texts = random_texts(ENERGY_GAP_TEXTS, TEXT_LENGTH, sot, eot, vocab_size, context,
-                         torch.Generator().manual_seed(ENERGY_GAP_SEED))  # [N_t, ctx]
+    texts = model_random_texts(model.clip, model.tokenizer, ENERGY_GAP_TEXTS, TEXT_LENGTH,
+                               torch.Generator().manual_seed(ENERGY_GAP_SEED))  # [N_t, ctx]
     t, t0 = encode_texts(model.clip, texts, device), encode_texts(clip0, texts, device)  # [N_t, D] each
     eval_tf = image_transforms(pp, 1.0)[1]
     splits = {}

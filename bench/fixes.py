@@ -61,10 +61,9 @@ def main(argv=None):
     clip, tokenizer, _ = common.load_clip(a.model)
     clip.requires_grad_(False)
 
-    sot, eot, vocab_size = lipsum_ft.special_token_ids(tokenizer)
-    context = getattr(tokenizer, "context_length", None) or clip.context_length
     g = torch.Generator().manual_seed(0)
-    tokens = lipsum_ft.random_texts(lipsum_ft.NUM_TEXTS, lipsum_ft.TEXT_LENGTH, sot, eot, vocab_size, context, g)
+    tokens = lipsum_ft.model_random_texts(clip, tokenizer, lipsum_ft.NUM_TEXTS, lipsum_ft.TEXT_LENGTH, g)  # [M, context]
+    context = tokens.shape[1]
     with torch.no_grad():  # the fix must not change the result
         err = (common.encode_text(clip, tokens) - clip.encode_text(tokens, normalize=True)).abs().max().item()
 

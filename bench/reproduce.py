@@ -50,10 +50,10 @@ METHODS = [
     ("lipsum-fixed", "lipsum_ft", ["--text-guidance", "fixed"]),  # template contexts instead of random texts,
     ("lipsum-fixed-kld", "lipsum_ft", ["--text-guidance", "fixed", "--reg-loss", "kld"]),  # both (CAR-FT-like)
 ]
-# run name -> its table row: the method files tag a run with what it switched off or swapped
-ABLATIONS = {"arf-no-ret": "arf (no-ret)", "arf-no-cap": "arf (no-cap)", "arf-no-anchors": "arf (no-cap,no-ret)",
-             "lipsum-kld": "lipsum_ft (lam=1 kld)", "lipsum-fixed": "lipsum_ft (lam=1 fixed)",
-             "lipsum-fixed-kld": "lipsum_ft (lam=1 kld fixed)"}
+# run name -> (method, tag) of its table row: the method files tag a run with what it switched off or swapped
+ABLATIONS = {"arf-no-ret": ("arf", "no-ret"), "arf-no-cap": ("arf", "no-cap"), "arf-no-anchors": ("arf", "no-cap,no-ret"),
+             "lipsum-kld": ("lipsum_ft", "lam=1 kld"), "lipsum-fixed": ("lipsum_ft", "lam=1 fixed"),
+             "lipsum-fixed-kld": ("lipsum_ft", "lam=1 kld fixed")}
 ABLATION_WORDS = {"no-cap", "no-ret", "kld", "fixed"}  # a tag holding one of these is an ablation's
 WISE_ON = ("ft", "lipsum_ft")  # WiSE-FT curves drawn on top of these
 MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
@@ -275,12 +275,12 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         ("CAR-FT beats FT on OOD", mean("car_ft", "OOD mean") > mean("ft", "OOD mean")),
         ("ARF beats FT on OOD", mean("arf", "OOD mean") > mean("ft", "OOD mean")),
         ("ARF beats FT on zero-shot transfer", mean("arf", "ZS mean") > mean("ft", "ZS mean")),
-        *[(f"ARF's {what} alone help {col.split()[0]} (arf ({tag}) beats arf (no-cap,no-ret))",
-           mean("arf", col, tag) > mean("arf", col, "no-cap,no-ret"))
-          for what, tag in (("captions", "no-ret"), ("retrieved pairs", "no-cap")) for col in ("OOD mean", "ZS mean")],
+        *[(f"ARF's {what} alone help {col.split()[0]} (arf ({ABLATIONS[run][1]}) beats arf (no-cap,no-ret))",
+           mean("arf", col, ABLATIONS[run][1]) > mean("arf", col, ABLATIONS["arf-no-anchors"][1]))
+          for what, run in (("captions", "arf-no-ret"), ("retrieved pairs", "arf-no-cap")) for col in ("OOD mean", "ZS mean")],
         ("Lipsum-FT beats FT on ID (paper: +0.5)", mean("lipsum_ft", id_col) > mean("ft", id_col)),
-        *[(f"Lipsum-FT (random texts, MSE) beats its variant {ABLATIONS[run]} on OOD (paper Table 3)",
-           mean("lipsum_ft", "OOD mean") > mean("lipsum_ft", "OOD mean", ABLATIONS[run][len("lipsum_ft ("):-1]))
+        *[(f"Lipsum-FT (random texts, MSE) beats its variant lipsum_ft ({ABLATIONS[run][1]}) on OOD (paper Table 3)",
+           mean("lipsum_ft", "OOD mean") > mean("lipsum_ft", "OOD mean", ABLATIONS[run][1]))
           for run in ("lipsum-kld", "lipsum-fixed", "lipsum-fixed-kld")],
         ("WiSE-FT α=0.5 on FT beats FT on OOD", mean("ft", "OOD mean", f"wise a={TABLE_ALPHA}") > mean("ft", "OOD mean")),
         ("WiSE on Lipsum-FT beats WiSE on FT on OOD (α=0.5)",

@@ -107,12 +107,11 @@ def build(method: str, base, env, args, batch):
         counter = lipsum_ft.StepCounter()
         loss_fn = lipsum_ft.make_loss_fn(model, 1.0, 0, counter)
         after_step = counter.set
-        sot, eot, vocab_size = lipsum_ft.special_token_ids(model.tokenizer)
-        context = getattr(model.tokenizer, "context_length", None) or model.clip.context_length
 
         def floor():  # on top of the θ0 forward: this step's M random texts through the frozen text tower
             g = torch.Generator().manual_seed(0)
-            tokens = lipsum_ft.random_texts(lipsum_ft.NUM_TEXTS, lipsum_ft.TEXT_LENGTH, sot, eot, vocab_size, context, g)
+            tokens = lipsum_ft.model_random_texts(model.clip, model.tokenizer, lipsum_ft.NUM_TEXTS,
+                                                  lipsum_ft.TEXT_LENGTH, g)  # [M, context]
             with torch.no_grad():
                 common.encode_text(model.clip, tokens.to(env.device))
     elif method == "car_ft":
@@ -286,9 +285,9 @@ def main(argv=None):
     forward = statistics.median(floor_times["θ0"])
     own = {m: statistics.median(v) for m, v in floor_times.items()}
     # teachers: FT's step + the θ0 forward (+ Lipsum-FT's random texts); ARF: its whole design cost
-    floor = {m: (median["ft"] + forward + own.get(m, 0)) / median["ft"] for m in TEACHER if m in methods}
+    floor_ratio = {m: (median["ft"] + forward + own.get(m, 0)) / median["ft"] for m in TEACHER if m in methods}
     if "arf" in methods:
-        floor["arf"] = own["arf"] / median["ft"]
+        floor_ratio["arf"] = own["arf"] / median["ft"]
     mem_what = "peak allocated MiB" if device.type == "cuda" else "saved-for-backward MiB"
     threads = torch.get_num_threads()
     command = "python bench/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -301,12 +300,12 @@ def main(argv=None):
              f"{(median['ft'] + forward) / median['ft']:.2f}× FT here."
              + (f" Lipsum-FT's {lipsum_ft.NUM_TEXTS} random texts through the frozen text tower: {own['lipsum_ft']:.0f} ms more."
                 if "lipsum_ft" in own else "") + (f" ARF's two towers' forward + backward on its {len(batch['label'])} images, "
-             f"retrieved images and all their texts, plus AdamW on both towers, alone: {floor['arf']:.2f}× FT." if "arf" in floor else ""), "",
+             f"retrieved images and all their texts, plus AdamW on both towers, alone: {floor_ratio['arf']:.2f}× FT." if "arf" in floor_ratio else ""), "",
              f"| method | ms / step | ratio to FT | target | floor | {mem_what} |", "|---|---|---|---|---|---|"]
     for m in methods:
         ratio, target = median[m] / median["ft"], TARGETS.get(m)
         verdict = "" if target is None else f"≤ {target:g}× " + ("(met)" if ratio <= target else "(**missed**)")
-        lines.append(f"| {m} | {median[m]:.0f} | {ratio:.2f} | {verdict} | {f'{floor[m]:.2f}' if m in floor else ''} | {memory[m]:.0f} |")
+        lines.append(f"| {m} | {median[m]:.0f} | {ratio:.2f} | {verdict} | {f'{floor_ratio[m]:.2f}' if m in floor_ratio else ''} | {memory[m]:.0f} |")
     print("\n".join(lines))
     if not a.no_write:
         write_section(lines, f"step-{Path(a.model).stem}-{device.type}", "## Step time")

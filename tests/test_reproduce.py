@@ -33,7 +33,8 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
             "--arf-args", f"--captioner dataset --captions {captions} --pool {pool} --retrieve-k 2"]
     reproduce.main(argv)
     report = (tmp_path / "RESULTS.md").read_text()
-    labels = [reproduce.ABLATIONS.get(name, name) for name, _, _ in reproduce.METHODS]  # arf-no-cap -> "arf (no-cap)"
+    ablation_labels = [f"{method} ({tag})" for method, tag in reproduce.ABLATIONS.values()]  # "arf (no-cap)"
+    labels = [name for name, _, _ in reproduce.METHODS if name not in reproduce.ABLATIONS] + ablation_labels
     for label in labels:
         assert f"| {label}" in report, label
     assert "| ft (wise a=0.5) | 2 |" in report and "| lipsum_ft (wise a=0.5) | 2 |" in report
@@ -41,7 +42,7 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
     robust = report[report.index("## Effective robustness"):report.index("## Shape comparison")]
     for label in labels:  # every method paired with FT of the same seed, over both seeds
         assert f"| {label} | 2 |" in robust or f"| {label} (" in robust, label
-    for label in reproduce.ABLATIONS.values():  # each ablation has its own energy gap (keyed by run, not method)
+    for label in ablation_labels:  # each ablation has its own energy gap (keyed by run, not method)
         gap = next(line for line in robust.splitlines() if line.startswith(f"| {label} |")).split("|")[7].strip()
         assert gap != "–", label
     assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself (ΔID, ΔOOD)
