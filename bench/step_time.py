@@ -15,7 +15,7 @@ on exactly the parameters its script trains. One step = loss (every forward the 
 backward, AdamW update, the method's after-step hook (EMA update, logit-scale clamp). All methods see
 the same augmented batch, loaded before timing; ARF's retrieved pairs (its extra data) are one batch
 drawn from its retrieval stream, also loaded before timing, so no method pays for image decoding
-(ARF's stream costs 22 ms per 64 miniworld pool images, 0.28x FT's step, when read inside the step).
+(ARF's stream took 22 ms per 64 miniworld pool images, 0.28x FT's step, in an inline timing).
 Rounds are interleaved: round r times `--steps` steps of every method in turn, so a slow moment of a
 shared machine hits every method alike (the order rotates by one method per round, so none always
 runs first, right after the floor timings); the table shows the median over rounds of each method's
