@@ -14,36 +14,34 @@ Choices where the paper is silent (METHODS.md "choose"): weights 1:1:1; retrieva
 similarity of the frozen tower, k nearest per training image, deduplicated by pool row; one retrieved
 batch of --ret-batch-size pairs per step (half the
 batch: keeps ARF's step within 2x FT's on ViT-B/16); duplicate class prompts (and identical captions) in a batch
-are positives of each other, not false negatives (targets uniform over the duplicates); the contrastive
-loss sees each process's own micro-batch (no all-gather); the logit scale trains and is clamped at 100
-like open_clip's; after training the head is rebuilt from the fine-tuned text tower.
+are positives of each other, not false negatives (targets uniform over the duplicates:
+common.clip_contrastive_loss's "positive" rule); the contrastive loss sees each process's own
+micro-batch (no all-gather); the logit scale trains and is clamped at 100 like open_clip's (common.train);
+the head is rebuilt from the fine-tuned text tower for every evaluation. The retrieved batch of step t
+is micro-batch t of its own data stream (common.train's `streams`, a StepBatchSampler stream over the
+retrieved pairs with seed + 1): a function of (seed, step) like the training batch, and so resumed
+exactly. The anchors are prepared before training, below `main`: captions (the data's, a TSV, or
+BLIP-2) and retrieval from the pool (--pool, or the one the dataset offers: miniworld's generated pool).
 
 Run:  python arf.py                                   (miniworld: dataset captions, generated 50k pool)
       python arf.py --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai \
           --captioner blip2 --captioner-model Salesforce/blip2-opt-2.7b --pool cc3m.tsv
       python arf.py --no-cap / --no-ret               (ablations: one anchor switched off)
 """
-import csv
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from common import (FileImages, StepBatchSampler, TrainArgs, TransformedImages, barrier, collate_skipping_bad, encode_text,
-                    finish, is_main_process, parse_args, set_trainable, setup, train, zeroshot_head)
+from common import (TrainArgs, TransformedImages, barrier, build_index, cache_dir, clean, clip_contrastive_loss,
+                    collate_skipping_bad, digest, embed_images, encode_text, finish, image_keys, is_main_process,
+                    parse_args, read_pool, search, set_trainable, setup, train)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
-MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the trained temperature here
-EXACT_MAX = 1_000_000  # pools with fewer rows are searched exactly; larger ones with an IVF index
-PQ_MIN = 20_000_000  # from here on IVF stores PQ codes (float vectors would not fit in RAM)
-IVF_NPROBE = 8  # inverted lists visited per query (recall@10 0.99 on bench/retrieval.py's pool)
 CAPTION_MAX_TOKENS = 30  # BLIP-2 generation length
 
 
@@ -53,11 +51,10 @@ class Args(TrainArgs):
     captioner_model: str = "Salesforce/blip2-opt-2.7b"  # BLIP-2 hub name or folder (--captioner blip2)
     captions: str = ""  # TSV 'image path<TAB>caption' (--captioner dataset on data without captions)
     caption_batch_size: int = 64  # images per BLIP-2 generate call
-    pool: str = ""  # retrieval pool in open_clip's CSV/TSV layout (miniworld: generated when empty)
+    pool: str = ""  # retrieval pool in open_clip's CSV/TSV layout (default: the one --data offers, e.g. miniworld's)
     pool_img_key: str = "filepath"  # pool column holding the image path (relative to the pool file)
     pool_caption_key: str = "title"  # pool column holding the caption
     pool_sep: str = "\\t"  # pool column separator (escapes like \t are decoded)
-    pool_size: int = 50_000  # miniworld only: images in the generated pool
     retrieve_k: int = 8  # pool neighbours retrieved per training image (before deduplication)
     ret_batch_size: int = 0  # retrieved pairs per step (0 = half of --batch-size)
     cap: bool = True  # text-compensated anchors, L_cap (--no-cap: ablation)
@@ -65,35 +62,21 @@ class Args(TrainArgs):
     cache: str = ""  # folder for captions, pool embeddings, retrievals (default $ROBUSTFT_CACHE/arf)
 
 
-# FT's recipes (baselines.py) so that ARF and FT differ only in the loss.
+# ARF trains with FT's recipe (common.FT_RECIPES) so that ARF and FT differ only in the loss. Real data
+# has no captions of its own: BLIP-2 writes them (the paper); ImageNet's 1.28M images need fewer
+# neighbours each to give a pool of anchors of the paper's size.
 PRESETS = {
-    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, eval_every=100,
-                      ckpt_every=100, captioner="dataset", retrieve_k=8),
-    "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
-                     eval_every=5_000, ckpt_every=5_000, captioner="blip2", retrieve_k=4),
-    "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
-                      eval_every=1_000, ckpt_every=1_000, captioner="blip2", retrieve_k=8),
-    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4,
-                   captioner="blip2", retrieve_k=8),
+    "imagenet": dict(captioner="blip2", retrieve_k=4),
+    "domainnet": dict(captioner="blip2"),
+    "folder": dict(captioner="blip2"),
 }
-
-
-def clip_contrastive_loss(image_emb, text_emb, logit_scale, groups=None):
-    """Symmetric CLIP loss of unit-norm pairs image_emb, text_emb [B, D] at temperature logit_scale
-    (= s, already exponentiated). `groups` [B]: pairs with the same id are positives of each other
-    (one class prompt shared by several images), the target spread evenly over them."""
-    logits = (logit_scale * image_emb @ text_emb.t()).float()  # [B, B]
-    if groups is None:
-        ids = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, ids) + F.cross_entropy(logits.t(), ids)) / 2
-    same = (groups[:, None] == groups[None, :]).float()  # [B, B], symmetric
-    target = same / same.sum(1, keepdim=True)
-    return -((target * logits.log_softmax(1)).sum(1).mean() + (target * logits.t().log_softmax(1)).sum(1).mean()) / 2
 
 
 def arf_loss(image_emb, class_emb, labels, logit_scale, caption_emb=None, caption_ids=None,
              ret_image_emb=None, ret_text_emb=None, ret_ids=None):
-    """L_ARF = W_FT·L(x, prompt) + W_CAP·L(x, caption) + W_RET·L(x_r, t_r); an anchor left None is off."""
+    """L_ARF = W_FT·L(x, prompt) + W_CAP·L(x, caption) + W_RET·L(x_r, t_r); an anchor left None is off.
+    Duplicate class prompts (labels), captions (caption_ids) and retrieved captions (ret_ids) are
+    positives of each other."""
     l_ft = clip_contrastive_loss(image_emb, class_emb, logit_scale, labels)
     terms = {"l_ft": l_ft.detach()}
     loss = W_FT * l_ft
@@ -106,28 +89,61 @@ def arf_loss(image_emb, class_emb, labels, logit_scale, caption_emb=None, captio
     return loss, terms
 
 
+def group_ids(texts: list, device) -> torch.Tensor:
+    ids = {}
+    return torch.tensor([ids.setdefault(t, len(ids)) for t in texts], device=device)  # [B]
+
+
+def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None):
+    """The training loss for `model` (both towers + scale trainable): class prompts of the batch, the
+    batch's captions (captions[i] of training image i; None = no L_cap) and the step's retrieved pairs
+    batch["retrieved"] (their captions in retrieved_captions; None = no L_ret)."""
+    device = model.head.device
+
+    def embed_texts(texts: list) -> torch.Tensor:
+        return encode_text(model.clip, model.tokenizer(texts).to(device))  # [N, D]
+
+    def loss_fn(model, batch, step):
+        images, labels, n = batch["image"], batch["label"], len(batch["label"])
+        classes, inverse = labels.unique(return_inverse=True)  # encode each class prompt once
+        texts = [FT_TEMPLATE.format(classnames[c]) for c in classes.tolist()]
+        cap_texts = [captions[i] for i in batch["index"].tolist()] if captions else []
+        ret = batch.get("retrieved") if retrieved_captions is not None else None
+        ret_texts = [retrieved_captions[i] for i in ret["index"].tolist()] if ret else []
+        if ret:  # one forward pass per tower for everything in the step
+            images = torch.cat([images, ret["image"]])
+        img = model.image_features(images)  # [B (+ B_r), D]
+        txt = embed_texts(texts + cap_texts + ret_texts)  # [K_b + B (+ B_r), D]
+        k = len(texts)
+        return arf_loss(img[:n], txt[:k][inverse], labels, model.scale,
+                        txt[k:k + n] if captions else None, group_ids(cap_texts, device),
+                        img[n:] if ret else None, txt[k + len(cap_texts):], group_ids(ret_texts, device))
+
+    return loss_fn
+
+
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+    tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
+    if not args.out:
+        args.out = f"runs/arf{'-' + tag.replace(',', '-') if tag else ''}-{args.data}-{Path(args.model).stem}-s{args.seed}"
+    env = setup(args, "arf")
+    captions = train_captions(args, env) if args.cap else None
+    ret_images, ret_captions = retrieve_anchors(args, env) if args.ret else (None, None)
+    set_trainable(env.model, image=True, text=True, head=False, scale=True)
+    streams = {"retrieved": (ret_images, args.ret_batch_size or args.batch_size // 2)} if args.ret else None
+    loss_fn = make_loss_fn(env.model, env.task.classnames, captions, ret_captions)
+    train(env, loss_fn, args, head_from_text=True, streams=streams)  # ARF (like FLYP) classifies with its text tower
+    return finish(env, args, tag=tag)
+
+
 # ----------------------------------------------------------------------------------------------
-# Captions (text-compensated anchors)
+# Anchor preparation: captions (text-compensated anchors) and retrieval (image-text anchors)
 # ----------------------------------------------------------------------------------------------
 def cache_root(args) -> Path:
-    root = Path(args.cache or Path(os.environ.get("ROBUSTFT_CACHE", Path.home() / ".cache" / "robust-ft")) / "arf")
+    root = Path(args.cache) if args.cache else cache_dir("arf")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def digest(*parts) -> str:
-    return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
-
-
-def image_keys(images) -> list:
-    """Stable per-image cache keys: the absolute path of a file, the content hash of an in-memory array."""
-    if isinstance(images, FileImages):
-        return [os.path.abspath(p) for p in images.paths]
-    return [hashlib.sha1(np.ascontiguousarray(images.images[i]).tobytes()).hexdigest() for i in range(len(images))]
-
-
-def clean(text: str) -> str:
-    return " ".join(str(text).split())  # one line, no tabs: the caption cache is a TSV
 
 
 def read_caption_file(path, relative: bool = False) -> dict:
@@ -203,105 +219,14 @@ def train_captions(args, env) -> list:
     return [c if isinstance(c, str) else c[0] for c in images.captions]  # one fixed caption, like a captioner's
 
 
-# ----------------------------------------------------------------------------------------------
-# Retrieval (image-text anchors)
-# ----------------------------------------------------------------------------------------------
-def miniworld_pool(args) -> str:
-    """LEAD: move into common.py (arf.py should import only common). miniworld's pool, written once."""
-    import miniworld
-
-    out = cache_root(args) / f"miniworld-pool-{args.pool_size}-{digest(sorted(miniworld.world_config().items()))}"
-    return str(miniworld.write_pool(out, args.pool_size))
-
-
-def read_pool(path: str, img_key: str, caption_key: str, sep: str):
-    """(FileImages of the pool, captions, rows skipped). Skips rows with a missing column, an empty
-    caption or an image file that does not exist; relative paths are relative to the pool file."""
-    base, paths, captions, bad = Path(path).resolve().parent, [], [], 0
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        if not reader.fieldnames or img_key not in reader.fieldnames or caption_key not in reader.fieldnames:
-            raise SystemExit(f"error: pool {path} has columns {reader.fieldnames}; expected --pool-img-key {img_key!r} "
-                             f"and --pool-caption-key {caption_key!r} (separator {sep!r})")
-        for row in reader:
-            p, text = row.get(img_key), row.get(caption_key)
-            if not p or not text or not text.strip() or None in row:
-                bad += 1
-                continue
-            p = p if os.path.isabs(p) else str(base / p)
-            if not os.path.isfile(p):
-                bad += 1
-                continue
-            paths.append(p)
-            captions.append(clean(text))
-    return FileImages(paths, np.zeros(len(paths), dtype=np.int64)), captions, bad
-
-
-@torch.inference_mode()
-def embed_images(clip, images, transform, cache_file: Path, batch_size: int, device, workers: int = 0):
-    """n(f(x)) of every image as a float16 [N, D] memmap cached in cache_file, plus a [N] mask of the
-    readable ones. Computed once; a rerun memory-maps the file."""
-    from tqdm import tqdm
-
-    mask_file = cache_file.with_suffix(".ok.npy")
-    if not cache_file.is_file():
-        partial_file, emb = cache_file.with_suffix(".partial.npy"), None
-        ok = np.zeros(len(images), dtype=bool)
-        loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=collate_skipping_bad)
-        for batch in tqdm(loader, desc=f"embedding {len(images)} images"):
-            if "image" in batch:
-                z = F.normalize(clip.encode_image(batch["image"].to(device)).float(), dim=-1).cpu().numpy()  # [b, D]
-                if emb is None:
-                    emb = np.lib.format.open_memmap(partial_file, mode="w+", dtype=np.float16, shape=(len(images), z.shape[1]))
-                emb[batch["index"].numpy()] = z
-                ok[batch["index"].numpy()] = True
-        if emb is None:
-            raise SystemExit(f"error: none of the {len(images)} images could be read")
-        emb.flush()
-        del emb
-        np.save(mask_file, ok)
-        os.replace(partial_file, cache_file)
-    return np.load(cache_file, mmap_mode="r"), np.load(mask_file)
-
-
-def build_index(emb: np.ndarray, verbose: bool = True):
-    """Inner-product faiss index over unit rows [N, D]: exact below EXACT_MAX rows, IVF beyond
-    (nlist ≈ 4√N, faiss's guideline; k-means on a 40·nlist sample), PQ codes beyond PQ_MIN."""
-    import faiss
-
-    n, d = emb.shape
-    if n < EXACT_MAX:
-        spec = "Flat"
-    else:
-        nlist = 1 << round(math.log2(4 * math.sqrt(n)))
-        spec = f"IVF{nlist},Flat" if n < PQ_MIN else f"IVF{nlist},PQ{d // 8}"
-    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
-        index.train(np.ascontiguousarray(emb[np.sort(sample)], dtype=np.float32))
-        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
-    for i in range(0, n, 262_144):
-        index.add(np.ascontiguousarray(emb[i:i + 262_144], dtype=np.float32))
-    if verbose:
-        print(f"faiss index: {spec}" + (f", nprobe {IVF_NPROBE}" if spec != "Flat" else " (exact)") + f" over {n} pool images")
-    return index
-
-
-def search(index, queries: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarray:
-    """Indices [Q, k] of the k nearest rows per query (-1 where fewer exist)."""
-    return np.concatenate([index.search(np.ascontiguousarray(queries[i:i + chunk], dtype=np.float32), k)[1]
-                           for i in range(0, len(queries), chunk)])
-
-
 def retrieve_anchors(args, env):
     """The deduplicated pool pairs nearest to the training images by frozen image embedding."""
     pool = args.pool
-    if not pool and args.data == "miniworld":
+    if not pool and env.task.pool is not None:  # the dataset's own pool (miniworld generates one)
         if is_main_process():
-            miniworld_pool(args)
+            env.task.pool()
         barrier()
-        pool = miniworld_pool(args)  # written by now: returns the TSV's path
+        pool = env.task.pool()  # written by now: returns the TSV's path
     if not pool:
         raise SystemExit("error: --ret needs --pool FILE (image-text pairs in open_clip's CSV/TSV layout, e.g. CC3M), or --no-ret")
     sep = args.pool_sep.encode().decode("unicode_escape")
@@ -326,86 +251,6 @@ def retrieve_anchors(args, env):
     if len(keep) == 0:
         raise SystemExit("error: retrieval found no pool pairs")
     return images.subset(keep), [captions[i] for i in keep]
-
-
-class AnchorStream(torch.nn.Module):
-    """Batches of retrieved pairs as a function of the step: `step` is a buffer, checkpointed with the
-    model, so --resume continues the same stream."""
-
-    def __init__(self, images, captions, transform, args):
-        super().__init__()
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.images, self.captions, self.transform, self.args = images, captions, transform, args
-        self.batches = None
-
-    def next(self) -> dict:
-        if self.batches is None:  # built lazily: after train() has restored `step` on --resume
-            a = self.args
-            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-            sampler = StepBatchSampler(len(self.images), a.ret_batch_size or a.batch_size // 2, a.grad_accum, rank, world,
-                                       a.seed + 1, int(self.step), a.steps)
-            self.batches = iter(torch.utils.data.DataLoader(TransformedImages(self.images, self.transform), batch_sampler=sampler,
-                                                            num_workers=a.workers, collate_fn=collate_skipping_bad))
-        return next(self.batches)
-
-
-def group_ids(texts: list, device) -> torch.Tensor:
-    ids = {}
-    return torch.tensor([ids.setdefault(t, len(ids)) for t in texts], device=device)  # [B]
-
-
-def make_loss_fn(model, classnames: list, captions=None, stream=None):
-    """The training loss for `model` (both towers + scale trainable): class prompts of the batch, the
-    batch's captions (captions[i] of training image i; None = no L_cap) and a batch of retrieved pairs
-    drawn from `stream` (None = no L_ret)."""
-    device = model.head.device
-
-    def embed_texts(texts: list) -> torch.Tensor:
-        return encode_text(model.clip, model.tokenizer(texts).to(device))  # [N, D]
-
-    def loss_fn(model, batch):
-        images, labels, n = batch["image"], batch["label"], len(batch["label"])
-        classes, inverse = labels.unique(return_inverse=True)  # encode each class prompt once
-        texts = [FT_TEMPLATE.format(classnames[c]) for c in classes.tolist()]
-        cap_texts = [captions[i] for i in batch["index"].tolist()] if captions else []
-        ret = stream.next() if stream else None
-        ret_texts = [stream.captions[i] for i in ret["index"].tolist()] if ret else []
-        if ret:  # one forward pass per tower for everything in the step
-            images = torch.cat([images, ret["image"].to(device)])
-        img = model.image_features(images)  # [B (+ B_r), D]
-        txt = embed_texts(texts + cap_texts + ret_texts)  # [K_b + B (+ B_r), D]
-        k = len(texts)
-        return arf_loss(img[:n], txt[:k][inverse], labels, model.scale,
-                        txt[k:k + n] if captions else None, group_ids(cap_texts, device),
-                        img[n:] if ret else None, txt[k + len(cap_texts):], group_ids(ret_texts, device))
-
-    return loss_fn
-
-
-def main(argv=None):
-    args = parse_args(Args, PRESETS, argv)
-    tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
-    if not args.out:
-        args.out = f"runs/arf{'-' + tag.replace(',', '-') if tag else ''}-{args.data}-{Path(args.model).stem}-s{args.seed}"
-    env = setup(args, "arf")
-    model, device, classnames = env.model, env.device, env.task.classnames
-    captions = train_captions(args, env) if args.cap else None
-    stream = AnchorStream(*retrieve_anchors(args, env), env.train_tf, args) if args.ret else None
-    set_trainable(model, image=True, text=True, head=False, scale=True)
-    loss_fn = make_loss_fn(model, classnames, captions, stream)
-
-    def after_step(step):
-        with torch.no_grad():
-            model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if args.eval_every and step % args.eval_every == 0:  # train() evaluates next: give it the current head
-            model.head.data = zeroshot_head(model.clip, model.tokenizer, classnames, env.task.templates, device)
-        if stream is not None:
-            stream.step.fill_(step)
-
-    train(env, loss_fn, args, after_step=after_step, extra_state={"anchors": stream} if stream else None)
-    # the classifier of the fine-tuned text tower: what ARF (like FLYP) evaluates with
-    model.head.data = zeroshot_head(model.clip, model.tokenizer, classnames, env.task.templates, device)
-    return finish(env, args, tag=tag)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,14 @@ Choices where the papers are silent:
     with a fresh optimiser and FT's recipe.
   * EMA decay: m = 1 − 1/(EMA_WINDOW · steps), an averaging window of a fifth of the run, which is
     0.9999 at ImageNet's 50k steps and 0.999 at DomainNet's 5k (METHODS.md: 0.999–0.9999); constant m
-    (no warm-up of m); only trainable weights are averaged (the frozen ones are equal anyway).
+    (no warm-up of m); only trainable weights are averaged (the frozen ones are equal anyway). The
+    average is kept by common.train (`ema_decay`), which scores it on the held-out slice and returns it.
   * FLYP false negatives: a batch holds several images of one class, so prompt j ≠ i can equal image i's
-    own prompt. We mask those pairs out of both softmaxes (FLYP_MASK_DUPLICATES); with no duplicates the
-    loss is exactly CLIP's. FLYP's code keeps them as negatives (set the constant to False).
-    Prompt: FLYP's "a photo of a {}." for training; evaluation uses the task's full template set. The
-    logit scale is clamped to ≤ 100 after each step, as in open_clip's training.
+    own prompt. We mask those pairs out of both softmaxes (common.clip_contrastive_loss's "masked" rule);
+    with no duplicates the loss is exactly CLIP's. FLYP's code keeps them as negatives (set
+    FLYP_DUPLICATES to "negative"). Prompt: FLYP's "a photo of a {}." for training; evaluation uses the
+    head rebuilt from the fine-tuned text tower with the task's full template set. The logit scale is
+    clamped to ≤ 100 after each step (common.train, as in open_clip's training).
   * KD: τ² keeps λ's meaning across τ (Hinton); the teacher is θ0's image tower + W + θ0's scale.
     FeatKD: f unnormalised (incl. projection), squared distance summed over D, mean over the batch.
     L2SP: AdamW's weight decay of the FT recipe stays on. Teachers/anchors are frozen copies of θ0 and
@@ -50,55 +52,38 @@ Run:  python baselines.py --method ft        (miniworld + miniclip, CPU, minutes
       python baselines.py --method ft --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai
 """
 import argparse
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from common import TrainArgs, encode_text, finish, parse_args, set_trainable, setup, train, zeroshot_head
+from common import (FT_RECIPES, TrainArgs, clip_contrastive_loss, cosine_logits, encode_text, finish, frozen_copy,
+                    parse_args, set_trainable, setup, train)
 
-METHODS = ("zeroshot", "lp", "ft", "lpft", "scratch", "ema", "l2sp", "kd", "featkd", "flyp")
-
-L2SP_LAMBDA = 0.1  # weight of ½‖θ − θ0‖² (summed over every image-tower parameter)
-KD_LAMBDA = 1.0  # weight of τ² · KL(zero-shot ‖ fine-tuned)
-KD_TAU = 1.0  # distillation temperature on top of the model's own scale s
-FEATKD_LAMBDA = 1.0  # weight of ‖f_θ(x) − f_θ0(x)‖²
 EMA_WINDOW = 0.2  # EMA averaging window 1/(1 − m) as a fraction of the run
 FLYP_TEMPLATE = "a photo of a {}."  # FLYP's training prompt
-FLYP_MASK_DUPLICATES = True  # drop same-class prompts from the negatives (False: FLYP's code)
+FLYP_DUPLICATES = "masked"  # same-class prompts in a batch: "masked" from the negatives | "negative" (FLYP's code)
 LP_LR_FACTOR = 10.0  # LP's lr relative to FT's (a linear head tolerates, and needs, larger steps)
 
 
 @dataclass
 class Args(TrainArgs):
     method: str = "ft"  # zeroshot | lp | ft | lpft | scratch | ema | l2sp | kd | featkd | flyp
-    l2sp_lambda: float = L2SP_LAMBDA  # l2sp: weight of ½‖θ − θ0‖²
-    kd_lambda: float = KD_LAMBDA  # kd: weight of τ²·KL(softmax(z0/τ) ‖ softmax(z/τ))
-    kd_tau: float = KD_TAU  # kd: temperature τ
-    featkd_lambda: float = FEATKD_LAMBDA  # featkd: weight of ‖f_θ(x) − f_θ0(x)‖²
+    l2sp_lambda: float = 0.1  # l2sp: λ, weight of ½‖θ − θ0‖² (summed over every image-tower parameter)
+    kd_lambda: float = 1.0  # kd: λ, weight of τ²·KL(softmax(z0/τ) ‖ softmax(z/τ))
+    kd_tau: float = 1.0  # kd: temperature τ on top of the model's own scale s
+    featkd_lambda: float = 1.0  # featkd: λ, weight of ‖f_θ(x) − f_θ0(x)‖²
     ema_decay: float = -1.0  # ema: m in θ_ema ← m·θ_ema + (1−m)·θ; -1 = 1 − 1/(EMA_WINDOW·steps)
     lp_run: str = ""  # lpft: the LP run whose head starts FT (default runs/lp-<data>-<model>-s<seed>)
 
 
-# The papers' recipe (METHODS.md): AdamW, lr 1e-5, batch 256, 10% warm-up + cosine, RandomResizedCrop
-# scale 0.08-1 + flip; ImageNet 10 epochs (50k steps), DomainNet 5k steps. miniworld's recipe is the
-# one that shows FT's robustness loss on the built-in world in a few CPU minutes (see miniworld.py).
+# Every method trains with FT's recipe (common.FT_RECIPES) except where its paper departs from it, per
+# --method and --data. FLYP (its paper, ImageNet): batch 512, 10 epochs = 25k steps at batch 512.
 PRESETS = {
-    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, eval_every=100, ckpt_every=100),
-    "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
-                     eval_every=5_000, ckpt_every=5_000),
-    "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
-                      eval_every=1_000, ckpt_every=1_000),
-    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4),
-}
-
-# Where a method departs from the FT recipe above, per --data (every other method uses it as is).
-# FLYP (its paper, ImageNet): batch 512, lr 1e-5, wd 0.1, 10 epochs = 25k steps at batch 512.
-METHOD_PRESETS = {
-    "lp": {data: dict(lr=LP_LR_FACTOR * p["lr"], weight_decay=0.0) for data, p in PRESETS.items()},
+    "lp": {data: dict(lr=LP_LR_FACTOR * recipe["lr"], weight_decay=0.0) for data, recipe in FT_RECIPES.items()},
     "flyp": {"imagenet": dict(batch_size=512, steps=25_000)},
 }
 
@@ -136,39 +121,118 @@ def featkd_loss(logits, labels, feats, feats0, lam: float):
     return ce + lam * dist, {"ce": ce.detach(), "featkd": dist.detach()}
 
 
-def flyp_loss(image_emb, text_emb, labels, scale, mask_duplicates: bool = FLYP_MASK_DUPLICATES):
-    """Symmetric InfoNCE: image_emb [B, D] = n(f(x_i)), text_emb [B, D] = n(g(prompt(y_i))); the pair
-    (i, i) is the positive. With mask_duplicates, pairs (i, j ≠ i) of one class are no negatives."""
-    logits = scale * image_emb @ text_emb.t()  # [B, B]: S_ij
-    if mask_duplicates:
-        same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        logits = logits.masked_fill(same, float("-inf"))  # symmetric mask: serves Sᵀ too
-    target = torch.arange(len(labels), device=labels.device)
-    i2t = F.cross_entropy(logits, target)  # each image picks its prompt
-    t2i = F.cross_entropy(logits.t(), target)  # each prompt picks its image
-    return (i2t + t2i) / 2, {"i2t": i2t.detach(), "t2i": t2i.detach(), "scale": scale.detach()}
-
-
-@torch.no_grad()
-def ema_update(ema_params: list, params: list, decay: float):
-    """θ_ema ← m · θ_ema + (1 − m) · θ in place. lerp is exact at the ends: m = 0 copies θ, m = 1
-    keeps θ_ema."""
-    for e, p in zip(ema_params, params):
-        e.lerp_(p, 1.0 - decay)
+def flyp_loss(image_emb, text_emb, labels, scale, duplicates: str = FLYP_DUPLICATES):
+    """CLIP's symmetric InfoNCE between n(f(x_i)) and n(g(prompt(y_i))), both [B, D]; the pair (i, i) is
+    the positive, same-class pairs are masked (or, duplicates="negative", kept as negatives)."""
+    loss = clip_contrastive_loss(image_emb, text_emb, scale, labels if duplicates == "masked" else None, "masked")
+    return loss, {"contrastive": loss.detach(), "scale": scale.detach()}
 
 
 # ------------------------------------------------------------------------------------------------
-# Wiring: what trains, where the head starts, and the loss closure of each method
+# The methods: what trains, where the head starts, the loss, and what is evaluated. Each takes the
+# model at θ0 (so anchors and teachers taken here are θ0) and returns a Recipe for common.train.
 # ------------------------------------------------------------------------------------------------
-def frozen_image_tower(model):
-    """θ0's image tower, frozen, in eval mode (nn.MultiheadAttention's fused kernel: its forward is ~9%
-    faster than the training-mode path on ViT-B/16; features agree to ~1e-6): the KD / FeatKD teacher."""
-    return copy.deepcopy(model.clip.visual).requires_grad_(False).eval()
+@dataclass
+class Recipe:
+    loss_fn: Callable  # loss_fn(model, batch, step) -> (loss, terms)
+    tag: str = ""  # the results rows' tag: the method's own knob values
+    ema_decay: Optional[float] = None  # evaluate the EMA of the weights with this decay (common.train keeps it)
+    head_from_text: bool = False  # evaluate with the head rebuilt from the fine-tuned text tower
 
 
-def rebuild_head(model, task):
-    """FLYP's head: the zero-shot head of the model's current (fine-tuned) text tower."""
-    model.head.data.copy_(zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates))
+def classifier_ce(model, batch, step):
+    return ft_loss(model(batch["image"]), batch["label"])
+
+
+def ft(model, args, task) -> Recipe:
+    """FT: image tower + head (from the zero-shot head) with cross-entropy; text tower and s frozen."""
+    set_trainable(model, image=True, head=True)
+    return Recipe(classifier_ce)
+
+
+def lp(model, args, task) -> Recipe:
+    """LP: only the head trains; its lr and weight decay come from PRESETS["lp"]."""
+    set_trainable(model, image=False, head=True)
+    return Recipe(classifier_ce)
+
+
+def lpft(model, args, task) -> Recipe:
+    """LP-FT: FT whose head starts from the LP run's head."""
+    set_trainable(model, image=True, head=True)
+    model.head.data.copy_(lp_head(args, task))
+    return Recipe(classifier_ce)
+
+
+def scratch(model, args, task) -> Recipe:
+    """Scratch-FT: FT whose head starts at zero."""
+    set_trainable(model, image=True, head=True)
+    model.head.data.zero_()
+    return Recipe(classifier_ce)
+
+
+def ema(model, args, task) -> Recipe:
+    """EMA: FT's training, evaluated at the exponential moving average of its weights."""
+    set_trainable(model, image=True, head=True)
+    decay = args.ema_decay if args.ema_decay >= 0 else max(0.0, 1 - 1 / (EMA_WINDOW * max(args.steps, 1)))
+    return Recipe(classifier_ce, tag=f"m={decay:.4g}", ema_decay=decay)
+
+
+def l2sp(model, args, task) -> Recipe:
+    """L2SP: FT + λ/2 ‖θ − θ0‖² over the image tower."""
+    set_trainable(model, image=True, head=True)
+    anchor = [p.detach().clone() for p in model.clip.visual.parameters()]  # θ0
+
+    def loss_fn(m, batch, step):
+        return l2sp_loss(m(batch["image"]), batch["label"], list(m.clip.visual.parameters()), anchor, args.l2sp_lambda)
+
+    return Recipe(loss_fn, tag=f"lambda={args.l2sp_lambda:g}")
+
+
+def kd(model, args, task) -> Recipe:
+    """KD: FT + λ τ² KL(zero-shot ‖ fine-tuned) on the same augmented batch; the teacher is θ0's image
+    tower with the zero-shot head W and θ0's scale."""
+    set_trainable(model, image=True, head=True)
+    teacher, head0, scale0 = frozen_copy(model.clip.visual), model.head.detach().clone(), model.scale.detach().clone()
+
+    def loss_fn(m, batch, step):
+        logits = m(batch["image"])  # [B, K]
+        with torch.no_grad():
+            logits0 = cosine_logits(F.normalize(teacher(batch["image"]), dim=-1), head0, scale0)  # [B, K], zero-shot
+        return kd_loss(logits, logits0, batch["label"], args.kd_lambda, args.kd_tau)
+
+    return Recipe(loss_fn, tag=f"lambda={args.kd_lambda:g}")
+
+
+def featkd(model, args, task) -> Recipe:
+    """FeatKD: FT + λ ‖f_θ(x) − f_θ0(x)‖² on unnormalised image embeddings of the same augmented batch."""
+    set_trainable(model, image=True, head=True)
+    teacher = frozen_copy(model.clip.visual)
+
+    def loss_fn(m, batch, step):
+        feats = m.clip.encode_image(batch["image"])  # [B, D], unnormalised
+        with torch.no_grad():
+            feats0 = teacher(batch["image"])  # [B, D], θ0
+        return featkd_loss(m.logits(F.normalize(feats, dim=-1)), batch["label"], feats, feats0, args.featkd_lambda)
+
+    return Recipe(loss_fn, tag=f"lambda={args.featkd_lambda:g}")
+
+
+def flyp(model, args, task) -> Recipe:
+    """FLYP: no CE head; CLIP's contrastive loss between each image and its class prompt, both towers
+    and s train, and the head is rebuilt from the fine-tuned text tower for evaluation."""
+    set_trainable(model, image=True, text=True, head=False, scale=True)
+    prompts = model.tokenizer([FLYP_TEMPLATE.format(c) for c in task.classnames]).to(model.head.device)  # [K, L]
+
+    def loss_fn(m, batch, step):
+        classes, inverse = batch["label"].unique(return_inverse=True)  # encode each class prompt once
+        text = encode_text(m.clip, prompts[classes])[inverse]  # [B, D]
+        return flyp_loss(m.image_features(batch["image"]), text, batch["label"], m.scale)
+
+    return Recipe(loss_fn, head_from_text=True)
+
+
+METHODS = {"zeroshot": None, "lp": lp, "ft": ft, "lpft": lpft, "scratch": scratch, "ema": ema, "l2sp": l2sp,
+           "kd": kd, "featkd": featkd, "flyp": flyp}
 
 
 def lp_head(args, task) -> torch.Tensor:
@@ -187,87 +251,24 @@ def lp_head(args, task) -> torch.Tensor:
     return ckpt["model"]["head"]
 
 
-def make_loss(method: str, model, args, task):
-    """Returns (loss_fn(model, batch), after_step or None, extra_state, evaluation tag) and sets
-    what trains and where the head starts. Anchors and teachers are taken from `model` now: θ0."""
-    image_loss = lambda m, b: ft_loss(m(b["image"]), b["label"])  # noqa: E731
-    if method == "lp":
-        set_trainable(model, image=False, head=True)
-        return image_loss, None, {}, ""
-    if method == "flyp":
-        set_trainable(model, image=True, text=True, head=False, scale=True)
-        prompts = model.tokenizer([FLYP_TEMPLATE.format(c) for c in task.classnames]).to(model.head.device)  # [K, L]
-
-        def flyp(m, b):
-            classes, inverse = b["label"].unique(return_inverse=True)  # encode each class once
-            text = encode_text(m.clip, prompts[classes])[inverse]  # [B, D]
-            return flyp_loss(m.image_features(b["image"]), text, b["label"], m.scale)
-
-        def after_step(step):
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, math.log(100))
-            if args.eval_every and step % args.eval_every == 0:  # the held-out check scores with this head
-                rebuild_head(model, task)
-
-        return flyp, after_step, {}, ""
-
-    set_trainable(model, image=True, text=False, head=True)
-    if method == "scratch":
-        model.head.data.zero_()
-    if method == "lpft":
-        model.head.data.copy_(lp_head(args, task))
-    if method in ("ft", "scratch", "lpft"):
-        return image_loss, None, {}, ""
-    if method == "ema":
-        decay = args.ema_decay if args.ema_decay >= 0 else max(0.0, 1 - 1 / (EMA_WINDOW * max(args.steps, 1)))
-        ema_model = copy.deepcopy(model).requires_grad_(False)
-        pairs = [(e, p) for e, p in zip(ema_model.parameters(), model.parameters()) if p.requires_grad]
-        after = lambda step: ema_update([e for e, _ in pairs], [p for _, p in pairs], decay)  # noqa: E731
-        return image_loss, after, {"ema": ema_model}, f"m={decay:.4g}"
-    if method == "l2sp":
-        anchor = [p.detach().clone() for p in model.clip.visual.parameters()]
-        loss = lambda m, b: l2sp_loss(m(b["image"]), b["label"], list(m.clip.visual.parameters()), anchor,  # noqa: E731
-                                      args.l2sp_lambda)
-        return loss, None, {}, f"lambda={args.l2sp_lambda:g}"
-
-    teacher = frozen_image_tower(model)
-    head0, scale0 = model.head.detach().clone(), model.scale.detach().clone()
-
-    def distill(m, b):
-        feats = m.clip.encode_image(b["image"])  # [B, D], unnormalised
-        logits = m.scale * F.normalize(feats, dim=-1) @ m.head.t()  # [B, K], as ClipClassifier.forward
-        with torch.no_grad():
-            feats0 = teacher(b["image"])  # [B, D], θ0 on the same augmented batch
-        if method == "featkd":
-            return featkd_loss(logits, b["label"], feats, feats0, args.featkd_lambda)
-        logits0 = scale0 * F.normalize(feats0, dim=-1) @ head0.t()  # [B, K], the zero-shot model
-        return kd_loss(logits, logits0, b["label"], args.kd_lambda, args.kd_tau)
-
-    return distill, None, {}, f"lambda={args.featkd_lambda if method == 'featkd' else args.kd_lambda:g}"
-
-
 def parse(argv=None) -> Args:
-    """parse_args with the FT presets overlaid by the chosen --method's own."""
+    """parse_args with the chosen --method's PRESETS."""
     method = argparse.ArgumentParser(add_help=False)
     method.add_argument("--method", default=Args.method)
     name = method.parse_known_args(argv)[0].method
-    presets = {data: {**p, **METHOD_PRESETS.get(name, {}).get(data, {})} for data, p in PRESETS.items()}
-    return parse_args(Args, presets, argv)
+    if name not in METHODS:
+        raise SystemExit(f"error: unknown --method {name!r}; choose one of {', '.join(METHODS)}")
+    return parse_args(Args, PRESETS.get(name, {}), argv)
 
 
 def main(argv=None):
     args = parse(argv)
-    if args.method not in METHODS:
-        raise SystemExit(f"error: unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     env = setup(args, args.method)
     if args.method == "zeroshot":
         return finish(env, args, step=0)
-
-    loss_fn, after_step, extra, tag = make_loss(args.method, env.model, args, env.task)
-    train(env, loss_fn, args, after_step=after_step, extra_state=extra)
-    if args.method == "flyp":
-        rebuild_head(env.model, env.task)
-    return finish(env, args, model=extra.get("ema"), tag=tag)
+    recipe = METHODS[args.method](env.model, args, env.task)
+    model = train(env, recipe.loss_fn, args, ema_decay=recipe.ema_decay, head_from_text=recipe.head_from_text)
+    return finish(env, args, model=model, tag=recipe.tag)
 
 
 if __name__ == "__main__":

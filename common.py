@@ -1,22 +1,36 @@
-"""Infrastructure shared by every method file: CLIP loading, zero-shot heads, datasets, metrics,
-evaluation, run directories and the one training loop. No method logic lives here.
+"""Infrastructure shared by every method file: arguments and the FT recipe, CLIP loading, zero-shot
+heads, CLIP's contrastive loss, datasets, retrieval pools, metrics and evaluation, run directories,
+plots, and the one training loop. No method's own loss lives here.
 
 Conventions (METHODS.md):
-  * Logits are `s · n(f(x)) @ Wᵀ` where W [K, D] is the head and s = clip.logit_scale.exp() is the
-    model's own learned temperature (100 for OpenAI CLIP, ~20 for the mini CLIP). The scale is never
-    baked into W: W starts as unit-norm class embeddings, so WiSE-FT interpolating the head and the
-    tower is interpolating like with like.
+  * Logits are `s · n(f(x)) @ Wᵀ` (`cosine_logits`) where W [K, D] is the head and s =
+    clip.logit_scale.exp() is the model's own learned temperature (100 for OpenAI CLIP, ~20 for the
+    mini CLIP). The scale is never baked into W: W starts as unit-norm class embeddings, so WiSE-FT
+    interpolating the head and the tower is interpolating like with like.
   * A batch is a dict {"image": [B,3,H,W], "label": [B], "index": [B]}; `index` points into the
-    training split so methods with per-image side data (ARF's captions) can look it up.
-  * `loss_fn(model, batch) -> (loss, terms)` where `terms` is a dict of floats/0-d tensors shown in
-    the progress bar and the log.
+    training split so methods with per-image side data (ARF's captions) can look it up. A method that
+    asks `train` for extra `streams` finds their batches under their names (ARF's "retrieved").
+  * The step contract: `loss_fn(model, batch, step) -> (loss, terms)`. `step` is the optimiser step
+    (0-based) the batch belongs to, the same for every micro-batch of gradient accumulation, every
+    process and a resumed run, so anything per-step (Lipsum-FT's random texts) is a pure function of
+    (seed, step) written in the method file. `terms` is a dict of floats/0-d tensors for the progress
+    bar and the log. Everything else the loop does for a method is an explicit argument of `train`:
+    the EMA of the weights to evaluate, a head rebuilt from the text tower, extra data streams.
+  * The knob rule: a paper's hyperparameter is an `Args` field (in `--help`, with its per-data
+    default); an implementation detail is an UPPERCASE constant at the top of its file; never both.
+    The fine-tuning recipe (steps, batch, lr, ...) is FT_RECIPES[--data], one per dataset; a method
+    file's PRESETS hold only what differs from it for that method (tests check that none repeats it).
   * Every run directory holds args.json, log.jsonl, ckpt/step_*.pt, final.pt and results.jsonl; every
     evaluation row is also appended to <runs root>/results.jsonl so evaluate.py can tabulate them all.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import dataclasses
+import functools
+import hashlib
 import inspect
 import json
 import math
@@ -26,6 +40,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -37,11 +52,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent
-ECE_BINS = 15
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
+MINIWORLD_POOL_SIZE = 50_000  # image-text pairs in the generated miniworld retrieval pool (ARF's anchors)
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments: a dataclass per method file, presets per --data, parsed into argparse.
+# Arguments: a dataclass per method file, the FT recipe per --data, parsed into argparse.
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainArgs:
@@ -67,6 +84,21 @@ class TrainArgs:
     device: str = ""  # cuda | cpu (default: cuda when available)
 
 
+# The one fine-tuning recipe per --data that every method starts from (METHODS.md): AdamW, 10% warm-up
+# + cosine, RandomResizedCrop + flip. The papers': lr 1e-5, batch 256, crop scale 0.08-1; ImageNet 10
+# epochs (50k steps), DomainNet 5k steps; weight decay 0.1 for every method (FT included), so that a
+# regulariser is the only difference from FT. miniworld's is the one that shows FT's robustness loss on
+# the built-in world in a few CPU minutes (see the miniworld package).
+FT_RECIPES = {
+    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, eval_every=100, ckpt_every=100),
+    "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
+                     eval_every=5_000, ckpt_every=5_000),
+    "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
+                      eval_every=1_000, ckpt_every=1_000),
+    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4),
+}
+
+
 def _field_comments(cls) -> dict:
     """The `# comment` after each dataclass field, used as its --help text."""
     comments = {}
@@ -82,15 +114,20 @@ def _field_comments(cls) -> dict:
     return comments
 
 
+def check_data(data: str):
+    """The one check of a --data name."""
+    if data not in DATASETS:
+        raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
+
+
 def parse_args(args_cls, presets: dict, argv: Optional[Sequence[str]] = None):
-    """Dataclass defaults < PRESETS[--data] < command line. Unknown --data fails with the choices."""
+    """Dataclass defaults < FT_RECIPES[--data] < the method's PRESETS[--data] < command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--data", default=args_cls.data)
     data = pre.parse_known_args(argv)[0].data
-    if data not in DATASETS:
-        raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
-    defaults = {**{f.name: f.default for f in dataclasses.fields(args_cls)}, **presets.get(data, {})}
+    check_data(data)
+    defaults = {**{f.name: f.default for f in dataclasses.fields(args_cls)}, **FT_RECIPES[data], **presets.get(data, {})}
     parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0])
     helps = _field_comments(args_cls)
     for f in dataclasses.fields(args_cls):
@@ -120,12 +157,13 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: any open_clip CLIP, a weights file, or the built-in miniclip; plus the classifier wrapper.
+# Models: any open_clip CLIP, a weights file, or the built-in miniclip; the classifier wrapper and θ0.
 # ----------------------------------------------------------------------------------------------
 def get_device(name: str = "") -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+@functools.lru_cache(maxsize=None)  # checked once per (model, pretrained), however many callers ask
 def resolve_model(model_name: str, pretrained: str = "") -> str:
     """Checks --model/--pretrained before anything slow happens; returns the open_clip model name."""
     import open_clip
@@ -186,6 +224,11 @@ def image_transforms(preprocess_cfg: dict, crop_scale: float):
     return train, evaluation
 
 
+def cosine_logits(features: torch.Tensor, head: torch.Tensor, scale) -> torch.Tensor:
+    """s · n(f) Wᵀ: unit-norm features [B, D] against head rows [K, D] at temperature s -> [B, K]."""
+    return scale * features @ head.t()
+
+
 class ClipClassifier(nn.Module):
     """A CLIP plus a linear head W [K, D]; logits = s · n(f(x)) @ Wᵀ with s = exp(logit_scale)."""
 
@@ -202,8 +245,18 @@ class ClipClassifier(nn.Module):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_image(images), dim=-1)  # [B, D]
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier on features the caller already has (a loss that also needs the features)."""
+        return cosine_logits(features, self.head, self.scale)  # [B, K]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.image_features(images) @ self.head.t()  # [B, K]
+        return self.logits(self.image_features(images))  # [B, K]
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """θ0 for a regulariser or teacher: a frozen copy taken now, in eval mode (nn.MultiheadAttention's
+    fused kernel: ~9% faster than the training-mode path on ViT-B/16, features equal to ~1e-6)."""
+    return copy.deepcopy(module).requires_grad_(False).eval()
 
 
 def set_trainable(model: ClipClassifier, image: bool = True, text: bool = False, head: bool = True, scale: bool = False):
@@ -223,8 +276,6 @@ def set_trainable(model: ClipClassifier, image: bool = True, text: bool = False,
     model.head.requires_grad_(head)
     model.clip.logit_scale.requires_grad_(scale)
     return model
-
-
 # ----------------------------------------------------------------------------------------------
 # Zero-shot heads
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +334,37 @@ def special_token_ids(tokenizer) -> tuple[int, int, int]:
     """(sot, eot, vocab_size) of an open_clip SimpleTokenizer or the miniworld word tokenizer."""
     vocab_size = getattr(tokenizer, "vocab_size", None) or len(tokenizer.encoder)
     return tokenizer.sot_token_id, tokenizer.eot_token_id, vocab_size
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP's contrastive loss (FLYP and ARF train with it)
+# ----------------------------------------------------------------------------------------------
+def clip_contrastive_loss(image_emb, text_emb, scale, groups=None, duplicates: str = "positive") -> torch.Tensor:
+    """Symmetric InfoNCE of unit-norm pairs image_emb, text_emb [B, D] at temperature s (already
+    exponentiated): ½ [CE(S, I) + CE(Sᵀ, I)] with S_ij = s · ⟨image_i, text_j⟩, the pair (i, i) positive.
+
+    `groups` [B] marks duplicates: pairs i ≠ j with one id share a text (several images of one class
+    behind one class prompt, identical captions). They are not true negatives, and the two rules of the
+    repo's methods are:
+      duplicates="positive"  each duplicate is a positive too, the target spread evenly over the group
+                             (ARF: every image of a class should match its prompt);
+      duplicates="masked"    duplicates are dropped from both softmaxes, the pair (i, i) stays the only
+                             positive (FLYP; FLYP's own code keeps them as negatives).
+    Without duplicates (groups None or all distinct) both are exactly CLIP's loss."""
+    logits = (scale * image_emb @ text_emb.t()).float()  # [B, B]: S_ij
+    ids = torch.arange(len(logits), device=logits.device)
+    if groups is not None and duplicates == "masked":
+        same = (groups[:, None] == groups[None, :]) & (ids[:, None] != ids[None, :])  # [B, B], symmetric
+        logits = logits.masked_fill(same, float("-inf"))
+    elif groups is not None:
+        if duplicates != "positive":
+            raise ValueError(f"duplicates must be 'positive' or 'masked', not {duplicates!r}")
+        same = (groups[:, None] == groups[None, :]).float()  # [B, B], symmetric
+        target = same / same.sum(1, keepdim=True)
+        return -((target * logits.log_softmax(1)).sum(1).mean() + (target * logits.t().log_softmax(1)).sum(1).mean()) / 2
+    return (F.cross_entropy(logits, ids) + F.cross_entropy(logits.t(), ids)) / 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,6 +426,15 @@ class FileImages:
         return FileImages([self.paths[i] for i in idx], self.labels[np.asarray(idx)])
 
 
+
+
+def image_keys(images) -> list:
+    """Stable per-image cache keys: the absolute path of a file, the content hash of an in-memory array."""
+    if isinstance(images, FileImages):
+        return [os.path.abspath(p) for p in images.paths]
+    return [hashlib.sha1(np.ascontiguousarray(images.images[i]).tobytes()).hexdigest() for i in range(len(images))]
+
+
 @dataclass
 class Split:
     name: str
@@ -362,6 +453,7 @@ class Task:
     train: Split
     heldout: Split
     tests: list = field(default_factory=list)  # id first, then ood, then zeroshot
+    pool: Optional[Callable[[], str]] = None  # a retrieval pool the dataset offers (ARF): builds it, returns its TSV
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -408,8 +500,13 @@ def heldout_split(images, seed: int, count: int):
 
 
 def load_miniworld(root: str, seed: int) -> Task:
+    """The generated world (the miniworld package). It lives in no folder, so --data-root is refused, and
+    it is one fixed task whatever the seed: seeds vary the training run (initialisation, data order,
+    augmentation), not the test sets or the held-out slice, as on ImageNet."""
     import miniworld
 
+    if root:
+        raise SystemExit(f"error: --data miniworld is generated and takes no --data-root (got {root!r})")
     task = miniworld.load_task()
     classnames, templates = task["classnames"], task["templates"]
     splits = []
@@ -418,7 +515,16 @@ def load_miniworld(root: str, seed: int) -> Task:
         splits.append(Split(name, s["kind"], images, s.get("classnames", classnames), s.get("templates", templates)))
     by_kind = {k: [s for s in splits if s.kind == k] for k in ("train", "heldout", "id", "ood", "zeroshot")}
     return Task("miniworld", classnames, templates, by_kind["train"][0], by_kind["heldout"][0],
-                by_kind["id"] + by_kind["ood"] + by_kind["zeroshot"])
+                by_kind["id"] + by_kind["ood"] + by_kind["zeroshot"], pool=miniworld_pool)
+
+
+def miniworld_pool() -> str:
+    """miniworld's retrieval pool: MINIWORLD_POOL_SIZE captioned images of the pretraining distribution,
+    written once into the cache (PNGs + pool.tsv in open_clip's CSV layout)."""
+    import miniworld
+
+    out = cache_dir("arf") / f"miniworld-pool-{MINIWORLD_POOL_SIZE}-{digest(sorted(miniworld.world_config().items()))}"
+    return str(miniworld.write_pool(out, MINIWORLD_POOL_SIZE))
 
 
 def load_imagenet(root: str, seed: int) -> Task:
@@ -523,8 +629,7 @@ DATASETS = {"miniworld": load_miniworld, "imagenet": load_imagenet, "domainnet":
 
 
 def load_task(data: str, root: str = "", seed: int = 0) -> Task:
-    if data not in DATASETS:
-        raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
+    check_data(data)
     return DATASETS[data](root, seed)
 
 
@@ -588,6 +693,112 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 yield [(self._perm(p // self.n)[p % self.n], (self.seed * 2_654_435_761 + p) % 2**63) for p in range(first, first + micro)]
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches and retrieval pools: image-text pairs in open_clip's CSV layout, cached embeddings, faiss
+# ----------------------------------------------------------------------------------------------
+EXACT_MAX = 1_000_000  # pools with fewer rows are searched exactly; larger ones with an IVF index
+PQ_MIN = 20_000_000  # from here on IVF stores PQ codes (float vectors would not fit in RAM)
+IVF_NPROBE = 8  # inverted lists visited per query (recall@10 0.99 on bench/retrieval.py's pool)
+
+
+def cache_dir(sub: str) -> Path:
+    """$ROBUSTFT_CACHE/sub (default ~/.cache/robust-ft/sub), created."""
+    root = Path(os.environ.get("ROBUSTFT_CACHE", Path.home() / ".cache" / "robust-ft")) / sub
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def digest(*parts) -> str:
+    return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def clean(text: str) -> str:
+    return " ".join(str(text).split())  # one line, no tabs: caption caches are TSVs
+
+
+def read_pool(path: str, img_key: str, caption_key: str, sep: str):
+    """(FileImages of the pool, captions, rows skipped). Skips rows with a missing column, an empty
+    caption or an image file that does not exist; relative paths are relative to the pool file."""
+    base, paths, captions, bad = Path(path).resolve().parent, [], [], 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        if not reader.fieldnames or img_key not in reader.fieldnames or caption_key not in reader.fieldnames:
+            raise SystemExit(f"error: pool {path} has columns {reader.fieldnames}; expected --pool-img-key {img_key!r} "
+                             f"and --pool-caption-key {caption_key!r} (separator {sep!r})")
+        for row in reader:
+            p, text = row.get(img_key), row.get(caption_key)
+            if not p or not text or not text.strip() or None in row:
+                bad += 1
+                continue
+            p = p if os.path.isabs(p) else str(base / p)
+            if not os.path.isfile(p):
+                bad += 1
+                continue
+            paths.append(p)
+            captions.append(clean(text))
+    return FileImages(paths, np.zeros(len(paths), dtype=np.int64)), captions, bad
+
+
+@torch.inference_mode()
+def embed_images(clip, images, transform, cache_file: Path, batch_size: int, device, workers: int = 0):
+    """n(f(x)) of every image as a float16 [N, D] memmap cached in cache_file, plus a [N] mask of the
+    readable ones. Computed once; a rerun memory-maps the file."""
+    from tqdm import tqdm
+
+    mask_file = cache_file.with_suffix(".ok.npy")
+    if not cache_file.is_file():
+        partial_file, emb = cache_file.with_suffix(".partial.npy"), None
+        ok = np.zeros(len(images), dtype=bool)
+        loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size,
+                                             num_workers=workers, collate_fn=collate_skipping_bad)
+        for batch in tqdm(loader, desc=f"embedding {len(images)} images"):
+            if "image" in batch:
+                z = F.normalize(clip.encode_image(batch["image"].to(device)).float(), dim=-1).cpu().numpy()  # [b, D]
+                if emb is None:
+                    emb = np.lib.format.open_memmap(partial_file, mode="w+", dtype=np.float16, shape=(len(images), z.shape[1]))
+                emb[batch["index"].numpy()] = z
+                ok[batch["index"].numpy()] = True
+        if emb is None:
+            raise SystemExit(f"error: none of the {len(images)} images could be read")
+        emb.flush()
+        del emb
+        np.save(mask_file, ok)
+        os.replace(partial_file, cache_file)
+    return np.load(cache_file, mmap_mode="r"), np.load(mask_file)
+
+
+def build_index(emb: np.ndarray, verbose: bool = True):
+    """Inner-product faiss index over unit rows [N, D]: exact below EXACT_MAX rows, IVF beyond
+    (nlist ≈ 4√N, faiss's guideline; k-means on a 40·nlist sample), PQ codes beyond PQ_MIN."""
+    import faiss
+
+    n, d = emb.shape
+    if n < EXACT_MAX:
+        spec = "Flat"
+    else:
+        nlist = 1 << round(math.log2(4 * math.sqrt(n)))
+        spec = f"IVF{nlist},Flat" if n < PQ_MIN else f"IVF{nlist},PQ{d // 8}"
+    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
+        index.train(np.ascontiguousarray(emb[np.sort(sample)], dtype=np.float32))
+        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
+    for i in range(0, n, 262_144):
+        index.add(np.ascontiguousarray(emb[i:i + 262_144], dtype=np.float32))
+    if verbose:
+        print(f"faiss index: {spec}" + (f", nprobe {IVF_NPROBE}" if spec != "Flat" else " (exact)") + f" over {n} pool images")
+    return index
+
+
+def search(index, queries: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarray:
+    """Indices [Q, k] of the k nearest rows per query (-1 where fewer exist)."""
+    return np.concatenate([index.search(np.ascontiguousarray(queries[i:i + chunk], dtype=np.float32), k)[1]
+                           for i in range(0, len(queries), chunk)])
+
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics and evaluation
 # ----------------------------------------------------------------------------------------------
@@ -638,22 +849,46 @@ def split_head(model: ClipClassifier, split: Split, task: Task) -> torch.Tensor:
     return model.head.detach()
 
 
-def evaluate_split(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> dict:
+@torch.no_grad()
+def split_logits(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> tuple:
+    """(logits [N, K], labels [N], n_bad) of one split; with a class subset (ImageNet-R/A) only those
+    classes are scored and the labels are renumbered into the subset."""
     model.eval()
     head = split_head(model, split, task).to(device)  # [K, D]
-    if split.class_subset is not None:  # score only the classes this split has (ImageNet-R/A)
+    if split.class_subset is not None:
         head = head[split.class_subset]
-    forward = lambda x: model.scale * model.image_features(x) @ head.t()  # noqa: E731
-    logits, labels, bad = predict(forward, split.images, transform, device, batch_size, workers)
+    logits, labels, bad = predict(lambda x: cosine_logits(model.image_features(x), head, model.scale), split.images,
+                                  transform, device, batch_size, workers)
     if split.class_subset is not None:
         remap = torch.full((len(split.classnames),), -1, dtype=torch.long)
         remap[torch.tensor(split.class_subset)] = torch.arange(len(split.class_subset))
         labels = remap[labels]
+    return logits, labels, bad
+
+
+def evaluate_split(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> dict:
+    logits, labels, bad = split_logits(model, split, task, transform, device, batch_size, workers)
     return {**classification_metrics(logits, labels), "skipped": bad}
 
 
+def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=0, splits=None) -> list:
+    rows = []
+    for split in splits or task.tests:
+        metrics = evaluate_split(model, split, task, transform, device, batch_size, workers)
+        rows.append({"split": split.name, "kind": split.kind, **metrics})
+        print(f"  {split.name:<16} {split.kind:<9} acc {100*metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}"
+              + (f"  (skipped {metrics['skipped']} unreadable)" if metrics["skipped"] else ""))
+    return rows
+
+
+def summary(rows: list) -> tuple:
+    """(ID acc, OOD mean, zero-shot-transfer mean) in % from evaluation rows."""
+    mean = lambda kind: 100 * float(np.mean([r["acc"] for r in rows if r["kind"] == kind] or [np.nan]))  # noqa: E731
+    return mean("id"), mean("ood"), mean("zeroshot")
+
+
 # ----------------------------------------------------------------------------------------------
-# Runs: directories, results, checkpoints
+# Runs: directories, results, checkpoints, loading a finished run and its θ0
 # ----------------------------------------------------------------------------------------------
 def git_commit() -> str:
     try:
@@ -700,16 +935,6 @@ def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = 
             f.write(lines)
 
 
-def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=0, splits=None) -> list:
-    rows = []
-    for split in splits or task.tests:
-        metrics = evaluate_split(model, split, task, transform, device, batch_size, workers)
-        rows.append({"split": split.name, "kind": split.kind, **metrics})
-        print(f"  {split.name:<16} {split.kind:<9} acc {100*metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}"
-              + (f"  (skipped {metrics['skipped']} unreadable)" if metrics["skipped"] else ""))
-    return rows
-
-
 def checkpoint_meta(args, method: str, task: Task) -> dict:
     return {"method": method, "model": args.model, "pretrained": args.pretrained, "data": args.data,
             "classnames": task.classnames}
@@ -734,6 +959,72 @@ def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
     model = ClipClassifier(clip, torch.zeros_like(ckpt["model"]["head"]), tokenizer)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), meta, pp
+
+
+
+def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None):
+    """A run directory (or its final.pt / a step checkpoint) -> namespace(dir, args, meta, model, task,
+    seed, data_root, eval_tf, method). `tasks` caches loaded tasks across calls."""
+    ckpt = Path(path)
+    run = ckpt.parent if ckpt.is_file() else ckpt
+    if not (run / "args.json").is_file():
+        raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
+    args = json.loads((run / "args.json").read_text())
+    key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0))
+    tasks = {} if tasks is None else tasks
+    if key not in tasks:
+        tasks[key] = load_task(*key)
+    model, meta, pp = load_classifier(ckpt, device, tasks[key])
+    return argparse.Namespace(dir=run, args=args, meta=meta, model=model, task=tasks[key], seed=key[2],
+                              data_root=key[1], eval_tf=image_transforms(pp, 1.0)[1], method=meta["method"])
+
+
+def run_theta0(run, device) -> ClipClassifier:
+    """θ0 of a loaded run, built the way `setup` built it: seed, load the CLIP, zero-shot head (so a
+    randomly initialised --model comes back with the run's own initial weights)."""
+    seed_everything(run.seed)
+    clip, tokenizer, _ = load_clip(run.meta["model"], run.meta["pretrained"], device)
+    head = zeroshot_head(clip, tokenizer, run.task.classnames, run.task.templates, device)
+    return ClipClassifier(clip, head, tokenizer).to(device).eval()
+
+
+def run_log_args(run, seed=None):
+    """The fields `log_results` reads, from a loaded run (for rows written after training: merges, evals)."""
+    return argparse.Namespace(data=run.args["data"], model=run.meta["model"], pretrained=run.meta["pretrained"],
+                              seed=run.seed if seed is None else seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots: ID vs OOD accuracy (evaluate.py's tables and merge.py's WiSE-FT curves)
+# ----------------------------------------------------------------------------------------------
+def plot_id_vs_ood(points: list, curves: dict, out: str, id_label: str = "ID"):
+    """One ID-vs-OOD picture. points: [(label, id, ood, id_err, ood_err)] drawn with error bars;
+    curves: {label: [(alpha, id, ood), ...]} drawn as dashed lines in alpha order (WiSE-FT), with α = 0.5
+    marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a full table has more than 10 rows
+    markers = "osD^v<>ph*X"
+    for n, (label, x, y, xerr, yerr) in enumerate(points):
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[n % len(markers)], capsize=3, label=label)
+    for label, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--.", label=label)
+        for alpha, x, y in pts:
+            if alpha == 0.5:
+                ax.annotate("α=0.5", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(f"{id_label} accuracy (%)")
+    ax.set_ylabel("OOD accuracy (mean over shifts, %)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,6 +1063,8 @@ def all_reduce_gradients(params: list, world: int):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -821,14 +1114,37 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, extra_state: Optional[dict] = None) -> nn.Module:
-    """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch)`.
+@torch.no_grad()
+def ema_update(ema_params: list, params: list, decay: float):
+    """θ_ema ← m · θ_ema + (1 − m) · θ in place. lerp is exact at the ends: m = 0 copies θ, m = 1
+    keeps θ_ema."""
+    for e, p in zip(ema_params, params):
+        e.lerp_(p, 1.0 - decay)
+
+
+def rebuild_head_from_text(model: ClipClassifier, task: Task):
+    """The head of the model's current text tower (zero-shot head of the task's classes and templates):
+    what a method that trains the text tower (FLYP, ARF) classifies with."""
+    model.head.data = zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates, model.head.device)
+
+
+def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, head_from_text: bool = False,
+          streams: Optional[dict] = None) -> nn.Module:
+    """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch, step)`
+    and returns the model to evaluate.
 
     AdamW (fused on CUDA), linear warm-up + cosine, bf16 autocast on CUDA, gradient accumulation,
     gradient clipping, held-out evaluation every `eval_every` steps, atomic checkpoints every
-    `ckpt_every` steps (model, optimiser, RNG, step, and the state_dict of each module in
-    `extra_state`, e.g. an EMA copy), `--resume`, and gradient averaging under torchrun.
-    `after_step(step)` runs after each optimiser step (EMA updates, interruption in tests)."""
+    `ckpt_every` steps (model, optimiser, scheduler, RNG, step, EMA), `--resume`, and gradient
+    averaging under torchrun. After every optimiser step, in this order: a trained logit scale is
+    clamped to [0, MAX_LOGIT_SCALE]; the EMA is updated; the held-out slice is scored, when due.
+      ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ of the trainable weights (m = ema_decay, θ_ema = θ0
+                      at the start); the held-out checks score it and it is what train returns.
+      head_from_text  the head is rebuilt from the current text tower before every held-out check and
+                      at the end (methods whose loss trains the text tower, not the head).
+      streams         {name: (images, global batch)}: extra data, each micro-batch's share of it under
+                      batch[name]. Stream i is its own StepBatchSampler stream (seed + 1 + i) with the
+                      training transform, so its batches too are a function of (seed, step)."""
     model, task, run, device = env.model, env.task, env.run, env.device
     rank, world = init_distributed(device)
     from tqdm import tqdm
@@ -836,7 +1152,9 @@ def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, e
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
-    extra_state = extra_state or {}
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
+    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad] if ema else []
+    scale_trains = model.clip.logit_scale.requires_grad
 
     start = 0
     if args.resume:
@@ -845,8 +1163,8 @@ def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, e
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
-            for name, module in extra_state.items():
-                module.load_state_dict(ckpt["extra"][name])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
             set_rng_state(ckpt["rng"])
             start = ckpt["step"]
             print(f"resuming from {path} (step {start}/{args.steps})")
@@ -857,16 +1175,22 @@ def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, e
         if not is_main_process():
             return
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "extra": {k: m.state_dict() for k, m in extra_state.items()}, "rng": rng_state(), "step": step}
+                 "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(), "step": step}
         atomic_save(state, run / "ckpt" / f"step_{step}.pt")
         for old in sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
             old.unlink()  # keep the two newest: one may be mid-write when a job is killed
 
-    batches = StepBatchSampler(len(task.train.images), args.batch_size, args.grad_accum, rank, world, args.seed, start, args.steps)
-    loader = torch.utils.data.DataLoader(TransformedImages(task.train.images, env.train_tf), batch_sampler=batches,
-                                         num_workers=args.workers, collate_fn=collate_skipping_bad,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    batch_iter = iter(loader)
+    def stream(images, global_batch, seed, pin):
+        sampler = StepBatchSampler(len(images), global_batch, args.grad_accum, rank, world, seed, start, args.steps)
+        return iter(torch.utils.data.DataLoader(TransformedImages(images, env.train_tf), batch_sampler=sampler,
+                                                num_workers=args.workers, collate_fn=collate_skipping_bad,
+                                                pin_memory=pin, persistent_workers=args.workers > 0))
+
+    def to_device(batch):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    batch_iter = stream(task.train.images, args.batch_size, args.seed, device.type == "cuda")
+    extra = {name: stream(images, bs, args.seed + 1 + i, False) for i, (name, (images, bs)) in enumerate((streams or {}).items())}
     log = open(run / "log.jsonl", "a") if is_main_process() else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not is_main_process(), dynamic_ncols=True)
     bad_images = 0
@@ -875,10 +1199,14 @@ def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, e
         terms_sum: dict = {}
         for _ in range(args.grad_accum):
             batch = next(batch_iter)
+            for name, it in extra.items():
+                batch[name] = next(it)
+                bad_images += batch[name].pop("n_bad")
+                batch[name] = to_device(batch[name])
             bad_images += batch.pop("n_bad")
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch)
             with autocast(device):
-                loss, terms = loss_fn(model, batch)
+                loss, terms = loss_fn(model, batch, step)
             if not torch.isfinite(loss):
                 last = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
                 raise NonFiniteLoss(
@@ -893,12 +1221,18 @@ def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, e
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step(step + 1)
+        if scale_trains:
+            with torch.no_grad():
+                model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if ema is not None:
+            ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
         bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
         record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms_sum}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps and is_main_process():
-            record["heldout_acc"] = evaluate_split(model, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
+            if head_from_text:
+                rebuild_head_from_text(model, task)
+            scored = ema if ema is not None else model
+            record["heldout_acc"] = evaluate_split(scored, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
             bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
             model.train()
         if log:
@@ -910,8 +1244,10 @@ def train(env, loss_fn: Callable, args, after_step: Optional[Callable] = None, e
         print(f"warning: skipped {bad_images} unreadable training images (see above for the folder)")
     if log:
         log.close()
+    if head_from_text:
+        rebuild_head_from_text(model, task)
     model.eval()
-    return model
+    return ema.eval() if ema is not None else model
 
 
 def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Optional[int] = None) -> list:
@@ -927,13 +1263,13 @@ def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Op
 
 
 def setup(args, method: str):
-    """The start of every method's main: seed, device, CLIP, task, transforms, zero-shot classifier,
+    """The start of every method's main: seed, device, task, CLIP, transforms, zero-shot classifier,
     run directory. Returns a namespace with all of them."""
     device = get_device(args.device)
     seed_everything(args.seed, device)
     args.workers = min(args.workers, os.cpu_count() or 1)
     init_distributed(device)
-    resolve_model(args.model, args.pretrained)
+    resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     task = load_task(args.data, args.data_root, args.seed)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)

@@ -12,15 +12,13 @@ zero-shot transfer split and their mean, then ECE and NLL on ID and averaged ove
 """
 import argparse
 import json
-import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from common import (DATASETS, checkpoint_meta, evaluate_task, get_device, image_transforms, load_classifier,
-                    load_task, log_results, make_run, setup, TrainArgs)
+from common import (TrainArgs, check_data, evaluate_task, get_device, load_run, log_results, plot_id_vs_ood,
+                    run_log_args, setup)
 
 
 def read_results(path) -> list:
@@ -87,52 +85,26 @@ def markdown_table(rows: list) -> str:
 
 
 def plot(rows: list, out: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """ID vs OOD mean of every (method, tag) row, with seed error bars; WiSE-FT rows ("wise a=α", written
+    by merge.py) joined into one curve per method."""
     columns, table = summarise(rows)
     id_col = columns[0]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a full table has more than 10 rows
-    markers = "osD^v<>ph*X"
-    curves = defaultdict(list)  # WiSE-FT points, tagged "wise a=0.3" by merge.py, joined into curves
+    points, curves = [], defaultdict(list)
     for (method, tag, _, _), cols in table.items():
         if not cols.get(id_col) or not cols.get("OOD mean"):
             continue
         x, y = np.mean(cols[id_col]), np.mean(cols["OOD mean"])
         if tag.startswith("wise"):
-            curves[method].append((float(tag.split("=")[1]), x, y))
+            curves[f"WiSE-FT on {method}"].append((float(tag.split("=")[1]), x, y))
             continue
-        xerr = np.std(cols[id_col], ddof=1) if len(cols[id_col]) > 1 else 0
-        yerr = np.std(cols["OOD mean"], ddof=1) if len(cols["OOD mean"]) > 1 else 0
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[len(ax.containers) % len(markers)], capsize=3,
-                    label=f"{method} ({tag})" if tag else method)
-    for method, pts in curves.items():
-        pts.sort()
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--.", label=f"WiSE-FT on {method}")
-    ax.set_xlabel(f"ID accuracy ({id_col}, %)")
-    ax.set_ylabel("OOD accuracy (mean over shifts, %)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+        err = lambda v: np.std(v, ddof=1) if len(v) > 1 else 0  # noqa: E731
+        points.append((f"{method} ({tag})" if tag else method, x, y, err(cols[id_col]), err(cols["OOD mean"])))
+    plot_id_vs_ood(points, curves, out, id_label=f"ID ({id_col})")
 
 
-def evaluate_command(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py eval", description="evaluate a checkpoint (or a zero-shot model) on every split")
-    p.add_argument("--ckpt", default="", help="a run directory or a .pt written by a method file; empty = zero-shot --model")
-    for name in ("data", "data_root", "model", "pretrained", "device", "out"):
-        p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name))
-    p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size)
-    p.add_argument("--workers", type=int, default=TrainArgs.workers)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.data not in DATASETS:
-        raise SystemExit(f"error: unknown --data {a.data!r}; choose one of {sorted(DATASETS)}")
+def evaluate_command(a):
     if not a.ckpt:  # the zero-shot model: same path as `baselines.py --method zeroshot`
+        check_data(a.data)
         args = TrainArgs(data=a.data, data_root=a.data_root, model=a.model, pretrained=a.pretrained, device=a.device,
                          out=a.out, eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0)
         env = setup(args, "zeroshot")
@@ -140,33 +112,37 @@ def evaluate_command(argv):
         log_results(env.run, "zeroshot", args, rows, step=0)
         return rows
     device = get_device(a.device)
-    run = Path(a.ckpt) if Path(a.ckpt).is_dir() else Path(a.ckpt).parent
-    saved = json.loads((run / "args.json").read_text()) if (run / "args.json").exists() else {}
-    data, root = saved.get("data", a.data), a.data_root or saved.get("data_root", "")
-    task = load_task(data, root, a.seed)
-    model, meta, pp = load_classifier(a.ckpt, device, task)
-    eval_tf = image_transforms(pp, 1.0)[1]
-    rows = evaluate_task(model, task, eval_tf, device, a.eval_batch_size, a.workers)
-    args = TrainArgs(data=data, data_root=root, model=meta["model"], pretrained=meta["pretrained"], seed=saved.get("seed", a.seed))
-    log_results(run, meta["method"], args, rows, step=saved.get("steps", 0))
+    run = load_run(a.ckpt, device, a.data_root)
+    rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
+    log_results(run.dir, run.method, run_log_args(run), rows, step=run.args.get("steps", 0))
     return rows
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("eval", "table", "plot"):
-        raise SystemExit("usage: evaluate.py {eval,table,plot} ...  (see the module docstring)")
-    command, rest = argv[0], argv[1:]
-    if command == "eval":
-        return evaluate_command(rest)
-    p = argparse.ArgumentParser(prog=f"evaluate.py {command}")
-    p.add_argument("results", help="a results.jsonl")
-    p.add_argument("--out", default="id_vs_ood.png", help="(plot) the PNG to write")
-    a = p.parse_args(rest)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval", help="evaluate a checkpoint (or a zero-shot model) on every split")
+    p.add_argument("--ckpt", default="", help="a run directory or a .pt written by a method file; empty = zero-shot --model")
+    for name, help_ in (("data", "dataset (zero-shot evaluation; a run knows its own)"), ("data_root", "dataset folder "
+                        "(for a run: only if it moved)"), ("model", "open_clip architecture or miniclip (zero-shot)"),
+                        ("pretrained", "open_clip tag or weights file (zero-shot)"), ("device", "cuda | cpu"),
+                        ("out", "run directory of the zero-shot evaluation")):
+        p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
+    p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
+    p.add_argument("--workers", type=int, default=TrainArgs.workers, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the zero-shot model (a random-weight --model)")
+    for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("results", help="a results.jsonl (runs append to <runs root>/results.jsonl)")
+        if name == "plot":
+            p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
+    a = parser.parse_args(argv)
+    if a.command == "eval":
+        return evaluate_command(a)
     if not Path(a.results).is_file():
         raise SystemExit(f"error: {a.results} does not exist (runs append to runs/results.jsonl)")
     rows = read_results(a.results)
-    if command == "table":
+    if a.command == "table":
         print(markdown_table(rows))
     else:
         plot(rows, a.out)

@@ -34,24 +34,18 @@ Run:  python lipsum_ft.py                                   (miniworld + minicli
       python lipsum_ft.py --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai
       python lipsum_ft.py --report-energy-gap runs/lipsum_ft-miniworld-miniclip-s0
 """
-import copy
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (TrainArgs, encode_text, finish, get_device, image_transforms, load_classifier, load_clip, load_task,
-                    parse_args, predict, seed_everything, set_trainable, setup, special_token_ids,
-                    template_embeddings, train)
+from common import (TrainArgs, cosine_logits, encode_text, finish, frozen_copy, get_device, load_run, parse_args, predict,
+                    run_theta0, set_trainable, setup, special_token_ids, template_embeddings, train)
 
 NUM_TEXTS = 80  # M, random texts per step (paper: 80; its Table 8 finds 10-320 equivalent)
 TEXT_LENGTH = 8  # L, random tokens per text (paper: 8; much shorter or longer texts do worse)
-REG_LOSS = "mse"  # default --reg-loss: "mse" on energies (Lipsum-FT) | "kld": KL(softmax(v0) ‖ softmax(v))
-TEXT_GUIDANCE = "random"  # default --text-guidance: "random" texts (Lipsum-FT) | "fixed": CAR-FT's contexts
 ENERGY_GAP_TEXTS = 10_000  # texts of the energy-gap metric (paper: 10,000 of length 8)
 ENERGY_GAP_IMAGES = 2_000  # images per test split scored by the energy gap (evenly spaced subset)
 ENERGY_GAP_SEED = 0  # the same texts for every checkpoint, so gaps are comparable
@@ -59,24 +53,41 @@ ENERGY_GAP_SEED = 0  # the same texts for every checkpoint, so gaps are comparab
 
 @dataclass
 class Args(TrainArgs):
-    lam: float = 1.0  # λ, weight of the energy regulariser R (paper: 1)
-    reg_loss: str = REG_LOSS  # mse | kld: how energies are compared (paper Table 3's ablation)
-    text_guidance: str = TEXT_GUIDANCE  # random | fixed: which texts give the energies (paper Table 3's ablation)
+    lam: float = 1.0  # λ, weight of the energy regulariser R (paper: 1 on every dataset)
+    reg_loss: str = "mse"  # mse | kld: how energies are compared (paper Table 3's ablation; kld = KL(softmax(v0) ‖ softmax(v)))
+    text_guidance: str = "random"  # random | fixed: random texts, or CAR-FT's template contexts (paper Table 3's ablation)
     report_energy_gap: str = ""  # a run dir or .pt: print its energy gap to the zero-shot model and exit
 
 
-# The paper's recipe: lr 1e-5, batch 256, 10% warm-up + cosine, ImageNet 50k / DomainNet 5k steps, λ = 1,
-# M = 80, L = 8. The shared fields equal baselines.py's FT presets so that the regulariser is the only
-# difference from FT (the paper used weight decay 0 for every method, FT included).
-PRESETS = {
-    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, eval_every=100,
-                      ckpt_every=100, lam=1.0),
-    "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
-                     eval_every=5_000, ckpt_every=5_000, lam=1.0),
-    "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
-                      eval_every=1_000, ckpt_every=1_000, lam=1.0),
-    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4, lam=1.0),
-}
+# Lipsum-FT trains with FT's recipe (common.FT_RECIPES) on every dataset, and the paper uses λ = 1 on
+# all of them (the default above), so no dataset needs its own values.
+PRESETS = {}
+
+
+def energies(image_features: torch.Tensor, text_features: torch.Tensor, scale) -> torch.Tensor:
+    """v = s · n(f) n(g)ᵀ, in at least float32 whatever the autocast dtype."""
+    f = F.normalize(image_features.to(torch.promote_types(image_features.dtype, torch.float32)), dim=-1)  # [B, D]
+    g = F.normalize(text_features.to(f.dtype), dim=-1)  # [M, D]
+    return scale * f @ g.t()  # [B, M]
+
+
+def lipsum_regularizer(image_features, image_features_init, text_features, scale, loss: str = "mse") -> torch.Tensor:
+    """R = mean_x 1/(2M) Σ_m (v_m(θ) − v_m(θ0))²  (eq. 7), or the KL ablation KL(softmax(v0) ‖ softmax(v))."""
+    v = energies(image_features, text_features, scale)  # [B, M]
+    v0 = energies(image_features_init, text_features, scale)  # [B, M]
+    if loss == "mse":
+        return (v - v0).pow(2).sum(-1).div(2 * v.shape[-1]).mean()
+    if loss == "kld":
+        return F.kl_div(v.log_softmax(-1), v0.log_softmax(-1), reduction="batchmean", log_target=True)
+    raise ValueError(f"unknown regulariser loss {loss!r} (mse | kld)")
+
+
+def lipsum_ft_loss(logits, labels, image_features, image_features_init, text_features, scale, lam: float,
+                   loss: str = "mse"):
+    """CE(s · n(f_θ(x)) Wᵀ, y) + λ · R. Returns (loss, terms)."""
+    ce = F.cross_entropy(logits, labels)
+    reg = lipsum_regularizer(image_features, image_features_init, text_features, scale, loss)
+    return ce + lam * reg, {"ce": ce.detach(), "reg": reg.detach()}
 
 
 def random_texts(num_texts: int, length: int, sot: int, eot: int, vocab_size: int, context_length: int,
@@ -100,52 +111,17 @@ def model_random_texts(clip, tokenizer, num_texts: int, length: int, generator: 
     return random_texts(num_texts, length, sot, eot, vocab_size, context, generator)
 
 
-def energies(image_features: torch.Tensor, text_features: torch.Tensor, scale) -> torch.Tensor:
-    """v = s · n(f) n(g)ᵀ, in at least float32 whatever the autocast dtype."""
-    f = F.normalize(image_features.to(torch.promote_types(image_features.dtype, torch.float32)), dim=-1)  # [B, D]
-    g = F.normalize(text_features.to(f.dtype), dim=-1)  # [M, D]
-    return scale * f @ g.t()  # [B, M]
-
-
-def lipsum_regularizer(image_features, image_features_init, text_features, scale, loss: str = "mse") -> torch.Tensor:
-    """R = mean_x 1/(2M) Σ_m (v_m(θ) − v_m(θ0))²  (eq. 7), or the KL ablation KL(softmax(v0) ‖ softmax(v))."""
-    v = energies(image_features, text_features, scale)  # [B, M]
-    v0 = energies(image_features_init, text_features, scale)  # [B, M]
-    if loss == "mse":
-        return (v - v0).pow(2).sum(-1).div(2 * v.shape[-1]).mean()
-    if loss == "kld":
-        return F.kl_div(v.log_softmax(-1), v0.log_softmax(-1), reduction="batchmean", log_target=True)
-    raise ValueError(f"unknown regulariser loss {loss!r} (mse | kld)")
-
-
-def lipsum_ft_loss(logits, labels, image_features, image_features_init, text_features, scale, lam: float,
-                   loss: str = REG_LOSS):
-    """CE(s · n(f_θ(x)) Wᵀ, y) + λ · R. Returns (loss, terms)."""
-    ce = F.cross_entropy(logits, labels)
-    reg = lipsum_regularizer(image_features, image_features_init, text_features, scale, loss)
-    return ce + lam * reg, {"ce": ce.detach(), "reg": reg.detach()}
-
-
-class StepCounter(nn.Module):
-    """The optimiser step as a buffer, checkpointed with the model, so that a resumed run draws the
-    random texts of the step it resumes at."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-
-    def set(self, step: int):
-        self.step.fill_(step)
-
-
 def text_seed(seed: int, step: int) -> int:
+    """The random texts of step `step` come from this generator seed: new every step, the same on every
+    process, every micro-batch of the step and after --resume."""
     return (seed * 1_000_003 + step) % 2**63
 
 
-def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts=None, reg_loss: str = REG_LOSS):
+def make_loss_fn(model, lam: float, seed: int, fixed_texts=None, reg_loss: str = "mse"):
     """The training loss for `model` (image tower + head trainable): θ0 is a frozen copy of the image
-    tower taken now; the texts are those of step `counter.step`, or `fixed_texts` [T, D] if given."""
-    visual0 = copy.deepcopy(model.clip.visual).requires_grad_(False).eval()  # θ0
+    tower taken now; the texts of step t are random_texts from text_seed(seed, t), or `fixed_texts`
+    [T, D] if given."""
+    visual0 = frozen_copy(model.clip.visual)  # θ0
     device = model.head.device
     cache = {}
 
@@ -159,19 +135,39 @@ def make_loss_fn(model, lam: float, seed: int, counter: StepCounter, fixed_texts
                 cache.update(step=step, features=encode_text(model.clip, tokens).float())  # [M, D]
         return cache["features"]
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, step):
         images = batch["image"]  # [B, 3, H, W]
         features = model.image_features(images)  # [B, D]
         with torch.no_grad():
             features0 = F.normalize(visual0(images), dim=-1)  # [B, D], θ0 on the same augmented images
         scale = model.scale.detach()
-        logits = scale * features @ model.head.t()  # [B, K], ClipClassifier.forward without a second encode
-        texts = text_features(int(counter.step))  # [M, D]
-        return lipsum_ft_loss(logits, batch["label"], features, features0, texts, scale, lam, reg_loss)
+        logits = cosine_logits(features, model.head, scale)  # [B, K], the classifier on the features above
+        return lipsum_ft_loss(logits, batch["label"], features, features0, text_features(step), scale, lam, reg_loss)
 
     return loss_fn
 
 
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+    if args.report_energy_gap:
+        return report_energy_gap(args)
+    if args.reg_loss not in ("mse", "kld") or args.text_guidance not in ("random", "fixed"):
+        raise SystemExit(f"error: --reg-loss {args.reg_loss!r} / --text-guidance {args.text_guidance!r}: "
+                         "choose mse or kld / random or fixed")
+    env = setup(args, "lipsum_ft")
+    model = set_trainable(env.model, image=True, text=False, head=True)
+    fixed = None
+    if args.text_guidance == "fixed":  # CAR-FT's contexts: per template, n(mean over classes of n(g(prompt)))
+        prompts = template_embeddings(env.clip, env.tokenizer, env.task.classnames, env.task.templates, env.device)
+        fixed = F.normalize(prompts.mean(0), dim=-1)  # [T, D]
+    train(env, make_loss_fn(model, args.lam, args.seed, fixed, args.reg_loss), args)
+    ablation = [a for a, default in ((args.reg_loss, "mse"), (args.text_guidance, "random")) if a != default]
+    return finish(env, args, tag=" ".join([f"lam={args.lam:g}", *ablation]))  # ablations get their own rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The energy gap (paper eq. 6): how far fine-tuning moved the image-text energies
+# ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_texts(clip, tokens: torch.Tensor, device, chunk: int = 1000) -> torch.Tensor:
     return torch.cat([encode_text(clip, c.to(device)).float() for c in tokens.split(chunk)])  # [N_t, D]
@@ -197,53 +193,27 @@ def energy_gap(model, clip0, split, transform, device, text_features, text_featu
 
 def report_energy_gap(args) -> dict:
     """The energy gap of a fine-tuned checkpoint to the zero-shot model it started from."""
-    path = Path(args.report_energy_gap)
-    run = path if path.is_dir() else path.parent
-    saved = json.loads((run / "args.json").read_text()) if (run / "args.json").exists() else {}
     device = get_device(args.device)
-    task = load_task(saved.get("data", args.data), saved.get("data_root", args.data_root), saved.get("seed", args.seed))
-    model, meta, pp = load_classifier(str(path), device, task)
-    seed_everything(saved.get("seed", args.seed))  # a randomly initialised --model is rebuilt as setup() built it
-    clip0 = load_clip(meta["model"], meta["pretrained"], device)[0].eval()
+    run = load_run(args.report_energy_gap, device)
+    model, clip0 = run.model, run_theta0(run, device).clip
     texts = model_random_texts(model.clip, model.tokenizer, ENERGY_GAP_TEXTS, TEXT_LENGTH,
                                torch.Generator().manual_seed(ENERGY_GAP_SEED))  # [N_t, ctx]
     t, t0 = encode_texts(model.clip, texts, device), encode_texts(clip0, texts, device)  # [N_t, D] each
-    eval_tf = image_transforms(pp, 1.0)[1]
     splits = {}
-    for split in task.tests:
-        gap = energy_gap(model, clip0, split, eval_tf, device, t, t0, args.eval_batch_size)
+    for split in run.task.tests:
+        gap = energy_gap(model, clip0, split, run.eval_tf, device, t, t0, args.eval_batch_size)
         splits[split.name] = {"kind": split.kind, "energy_gap": gap}
         print(f"  {split.name:<16} {split.kind:<9} energy gap {gap:.6g}")
     by_kind = lambda k: [v["energy_gap"] for v in splits.values() if v["kind"] == k]  # noqa: E731
-    result = {"checkpoint": str(path), "method": meta["method"], "data": task.name, "model": meta["model"],
-              "seed": saved.get("seed"), "num_texts": ENERGY_GAP_TEXTS, "text_length": TEXT_LENGTH,
+    result = {"checkpoint": args.report_energy_gap, "method": run.method, "data": run.task.name, "model": run.meta["model"],
+              "seed": run.args.get("seed"), "num_texts": ENERGY_GAP_TEXTS, "text_length": TEXT_LENGTH,
               "id": float(np.mean(by_kind("id"))) if by_kind("id") else None,
               "ood_mean": float(np.mean(by_kind("ood"))) if by_kind("ood") else None, "splits": splits}
-    print(f"{meta['method']}: energy gap ID {result['id']}, OOD mean {result['ood_mean']}")
-    (run / "energy_gap.json").write_text(json.dumps(result, indent=2))
-    with open(run.parent / "energy_gap.jsonl", "a") as f:
+    print(f"{run.method}: energy gap ID {result['id']}, OOD mean {result['ood_mean']}")
+    (run.dir / "energy_gap.json").write_text(json.dumps(result, indent=2))
+    with open(run.dir.parent / "energy_gap.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     return result
-
-
-def main(argv=None):
-    args = parse_args(Args, PRESETS, argv)
-    if args.report_energy_gap:
-        return report_energy_gap(args)
-    if args.reg_loss not in ("mse", "kld") or args.text_guidance not in ("random", "fixed"):
-        raise SystemExit(f"error: --reg-loss {args.reg_loss!r} / --text-guidance {args.text_guidance!r}: "
-                         "choose mse or kld / random or fixed")
-    env = setup(args, "lipsum_ft")
-    model = set_trainable(env.model, image=True, text=False, head=True)
-    fixed = None
-    if args.text_guidance == "fixed":  # CAR-FT's contexts: per template, n(mean over classes of n(g(prompt)))
-        prompts = template_embeddings(env.clip, env.tokenizer, env.task.classnames, env.task.templates, env.device)
-        fixed = F.normalize(prompts.mean(0), dim=-1)  # [T, D]
-    counter = StepCounter()
-    loss_fn = make_loss_fn(model, args.lam, args.seed, counter, fixed, args.reg_loss)
-    train(env, loss_fn, args, after_step=counter.set, extra_state={"text_step": counter})
-    ablation = [a for a, default in ((args.reg_loss, "mse"), (args.text_guidance, "random")) if a != default]
-    return finish(env, args, tag=" ".join([f"lam={args.lam:g}", *ablation]))  # ablations get their own rows
 
 
 if __name__ == "__main__":

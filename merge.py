@@ -47,10 +47,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (ClipClassifier, TransformedImages, atomic_save, autocast, classification_metrics,
-                    collate_skipping_bad, evaluate_split, evaluate_task, get_device, image_transforms,
-                    load_classifier, load_clip, load_task, log_results, predict, seed_everything, split_head,
-                    zeroshot_head)
+from common import (TransformedImages, atomic_save, autocast, classification_metrics, collate_skipping_bad,
+                    evaluate_split, evaluate_task, get_device, load_clip, load_run, log_results, plot_id_vs_ood,
+                    run_log_args, run_theta0, seed_everything, split_logits, summary)
 
 WISE_ALPHAS = "0:1:0.1"  # the paper's sweep; α = 0.5 is its default operating point
 TPGM_LR = 1e-2  # Adam on the radii (Tian et al.)
@@ -171,32 +170,8 @@ def parse_alphas(spec: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs: loading, θ0, evaluation helpers
+# Runs: θ0 checks, saving a merged model as a run
 # ----------------------------------------------------------------------------------------------
-def load_run(path: str, device, data_root: str = "", tasks: dict = None):
-    """A run directory (or its final.pt) -> namespace(dir, args, meta, model, task, eval_tf, ...)."""
-    ckpt = Path(path)
-    run = ckpt.parent if ckpt.is_file() else ckpt
-    if not (run / "args.json").is_file():
-        raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
-    args = json.loads((run / "args.json").read_text())
-    key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0))
-    tasks = {} if tasks is None else tasks
-    if key not in tasks:
-        tasks[key] = load_task(*key)
-    model, meta, pp = load_classifier(ckpt, device, tasks[key])
-    return argparse.Namespace(dir=run, args=args, meta=meta, model=model, task=tasks[key], seed=key[2],
-                              data_root=key[1], eval_tf=image_transforms(pp, 1.0)[1], method=meta["method"])
-
-
-def zeroshot_classifier(run, device) -> ClipClassifier:
-    """θ0 of a run, built the way common.setup built it: seed, load the CLIP, zero-shot head."""
-    seed_everything(run.seed)  # a randomly initialised architecture depends on it
-    clip, tokenizer, _ = load_clip(run.meta["model"], run.meta["pretrained"], device)
-    head = zeroshot_head(clip, tokenizer, run.task.classnames, run.task.templates, device)
-    return ClipClassifier(clip, head, tokenizer).to(device).eval()
-
-
 def warn_if_other_init(state0: dict, state1: dict, run):
     """θ0 is rebuilt from the model name and weights file. If those changed since the run was trained
     (say, a rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match."""
@@ -235,33 +210,6 @@ def check_same_init(runs: list):
               "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
 
 
-@torch.no_grad()
-def split_logits(model: ClipClassifier, split, task, tf, device, a) -> tuple:
-    """(logits [N, K], labels [N], n_bad) for one split, scored exactly as common.evaluate_split does."""
-    head = split_head(model, split, task).to(device)  # [K, D]
-    if split.class_subset is not None:
-        head = head[split.class_subset]
-    logits, labels, bad = predict(lambda x: model.scale * model.image_features(x) @ head.t(), split.images, tf,
-                                  device, a.eval_batch_size, a.workers)
-    if split.class_subset is not None:
-        remap = torch.full((len(split.classnames),), -1, dtype=torch.long)
-        remap[torch.tensor(split.class_subset)] = torch.arange(len(split.class_subset))
-        labels = remap[labels]
-    return logits, labels, bad
-
-
-def summary(rows: list) -> tuple:
-    """(ID acc, OOD mean, zero-shot-transfer mean) in % from evaluation rows."""
-    mean = lambda kind: 100 * float(np.mean([r["acc"] for r in rows if r["kind"] == kind] or [np.nan]))  # noqa: E731
-    return mean("id"), mean("ood"), mean("zeroshot")
-
-
-def log_args(run, seed=None):
-    """The fields common.log_results reads, from a run's saved args."""
-    return argparse.Namespace(data=run.args["data"], model=run.meta["model"], pretrained=run.meta["pretrained"],
-                              seed=run.seed if seed is None else seed)
-
-
 def save_merged(out: Path, state: dict, run, method: str, extra: dict):
     """final.pt + args.json, so a merged model is itself a run that evaluate.py and merge.py accept."""
     out.mkdir(parents=True, exist_ok=True)
@@ -277,13 +225,13 @@ def cmd_wise(a, device):
     for path in a.ckpt:
         run = load_run(path, device, a.data_root, tasks)
         state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
-        state0 = zeroshot_classifier(run, device).state_dict()
+        state0 = run_theta0(run, device).state_dict()
         warn_if_other_init(state0, state1, run)
         print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
         for alpha in alphas:
             run.model.load_state_dict(wise(state0, state1, alpha))
             rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
-            log_results(run.dir, run.method, log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}")
+            log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}")
             curves.setdefault(run.method, {}).setdefault(alpha, []).append(summary(rows))
             print(f"α={alpha:<4g} ID {summary(rows)[0]:6.2f}  OOD mean {summary(rows)[1]:6.2f}  ZS mean {summary(rows)[2]:6.2f}")
     first = Path(a.ckpt[0])
@@ -310,28 +258,12 @@ def report_wise(curves: dict, out: str):
                 if al in c:
                     margin = effective_robustness_margin(ref_curve, (c[al][0], c[al][1]))
                     print(f"{m} α={al:g}: OOD margin over the WiSE curve of {ref} at equal ID: {margin:+.2f}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for n, (m, c) in enumerate(means.items()):
-        al = list(c)
-        line = ax.plot([c[x][0] for x in al], [c[x][1] for x in al], "-o", ms=3, label=f"WiSE-FT on {m}")[0]
-        if 1 in c:
-            ax.plot(*c[1][:2], "s", ms=9, color=line.get_color(), label=f"{m} (α=1)")
-        if 0.5 in c:
-            ax.annotate("α=0.5", c[0.5][:2], textcoords="offset points", xytext=(5, 5), fontsize=8)
-        if 0 in c and n == 0:
-            ax.plot(*c[0][:2], "*", ms=14, color="k", label="zero-shot (α=0)")
-    ax.set_xlabel("ID accuracy (%)")
-    ax.set_ylabel("OOD accuracy (mean over shifts, %)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    points = [(f"{m} (α=1)", *c[1][:2], 0, 0) for m, c in means.items() if 1 in c]
+    first = next(iter(means.values()))
+    if 0 in first:
+        points.append(("zero-shot (α=0)", *first[0][:2], 0, 0))
+    curves_by_label = {f"WiSE-FT on {m}": [(al, v[0], v[1]) for al, v in c.items()] for m, c in means.items()}
+    plot_id_vs_ood(points, curves_by_label, out)
 
 
 def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: float, reg: float, device) -> dict:
@@ -374,7 +306,7 @@ def cmd_tpgm(a, device):
     tag = f"tpgm-c reg={reg:g}" if reg else "tpgm"
     run = load_run(a.ckpt[0], device, a.data_root)
     state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
-    state0 = zeroshot_classifier(run, device).state_dict()
+    state0 = run_theta0(run, device).state_dict()
     warn_if_other_init(state0, state1, run)
     heldout = run.task.heldout  # never a test split: TPGM's radii are fitted, so they must not see test
     loader = torch.utils.data.DataLoader(TransformedImages(heldout.images, run.eval_tf), shuffle=True,
@@ -400,7 +332,7 @@ def cmd_tpgm(a, device):
     (out / "radii.json").write_text(json.dumps({k: {"dist": dist[k], "radius": radii[k], "ratio": radii[k] / dist[k]}
                                                 for k in names}, indent=1))
     rows = evaluate_task(model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
-    log_results(run.dir, run.method, log_args(run), rows, run.args.get("steps", 0), tag=tag)
+    log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=tag)
     print(f"{tag}: ID {summary(rows)[0]:.2f}  OOD mean {summary(rows)[1]:.2f}  ZS mean {summary(rows)[2]:.2f}; "
           f"radii and final.pt in {out}")
     return rows, radii
@@ -440,7 +372,7 @@ def cmd_soup(a, device):
     members = [str(runs[i].dir) for i in chosen]
     save_merged(out, state, runs[0], f"{method}+soup-{a.kind}", {"merge": f"soup {a.kind}", "members": members})
     rows = evaluate_task(model, task, tf, device, a.eval_batch_size, a.workers)
-    log_results(out, method, log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
+    log_results(out, method, run_log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
                 runs[0].args.get("steps", 0), tag=f"soup {a.kind}")
     return rows, members
 
@@ -454,7 +386,7 @@ def cmd_ensemble(a, device):
     task = runs[0].task
     chosen = list(range(len(runs)))
     if a.kind == "greedy":
-        held = [split_logits(r.model, task.heldout, task, r.eval_tf, device, a) for r in runs]
+        held = [split_logits(r.model, task.heldout, task, r.eval_tf, device, a.eval_batch_size, a.workers) for r in runs]
         labels = held[0][1]
         acc = lambda idx: classification_metrics(ensemble_logits([held[i][0] for i in idx]), labels)["acc"]  # noqa: E731
         scores = [acc([i]) for i in range(len(runs))]
@@ -464,7 +396,7 @@ def cmd_ensemble(a, device):
         print(f"greedy ensemble: {len(chosen)} of {len(runs)} runs, held-out {100 * best:.2f} (best single {100 * max(scores):.2f})")
     rows = []
     for split in task.tests:
-        outs = [split_logits(runs[i].model, split, task, runs[i].eval_tf, device, a) for i in chosen]
+        outs = [split_logits(runs[i].model, split, task, runs[i].eval_tf, device, a.eval_batch_size, a.workers) for i in chosen]
         metrics = classification_metrics(ensemble_logits([o[0] for o in outs]), outs[0][1])
         rows.append({"split": split.name, "kind": split.kind, **metrics, "skipped": outs[0][2]})
         print(f"  {split.name:<16} {split.kind:<9} acc {100 * metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}")
@@ -473,7 +405,7 @@ def cmd_ensemble(a, device):
     out.mkdir(parents=True, exist_ok=True)
     (out / "members.json").write_text(json.dumps(members, indent=1))
     method = "+".join(sorted({r.method for r in runs}))
-    log_results(out, method, log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
+    log_results(out, method, run_log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
                 runs[0].args.get("steps", 0), tag=f"ensemble {a.kind}")
     return rows, members
 

@@ -124,13 +124,14 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
     FT of the same seed (points), the OOD margin over that seed's FT WiSE-FT curve at equal ID
     (merge.effective_robustness_margin, NaN where the ID is outside the curve's range), and the run's
     energy gap on the OOD splits."""
+    import common
     import merge
 
     points = defaultdict(list)  # (method, tag, seed) -> that run's rows
     for r in rows:
         points[(r["method"], r.get("tag", ""), r["seed"])].append(r)
     run_of = {key: str(Path(rs[0]["run"])) for key, rs in points.items()}
-    point = {key: merge.summary(rs) for key, rs in points.items()}  # (ID, OOD mean, ZS mean) in %
+    point = {key: common.summary(rs) for key, rs in points.items()}  # (ID, OOD mean, ZS mean) in %
     curves = defaultdict(list)  # seed -> [(α, ID, OOD)] of WiSE-FT on FT
     for (method, tag, seed), (i, o, _) in point.items():
         if method == "ft" and tag.startswith("wise a="):

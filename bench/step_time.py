@@ -10,12 +10,13 @@ for its L_ret, so ViT-B/16's real 77-token text tower and 197-token image tower 
 (random weights: the step's cost does not depend on them).
 
 Every method gets its own copy of one zero-shot classifier, its own loss closure built by its own
-file (baselines.make_loss, lipsum_ft.make_loss_fn, car_ft.make_loss_fn, arf.make_loss_fn) and AdamW
+file (baselines.METHODS, lipsum_ft.make_loss_fn, car_ft.make_loss_fn, arf.make_loss_fn) and AdamW
 on exactly the parameters its script trains. One step = loss (every forward the method needs),
-backward, AdamW update, the method's after-step hook (EMA update, logit-scale clamp). All methods see
-the same augmented batch, loaded before timing; ARF's retrieved pairs (its extra data) are one batch
-drawn from its retrieval stream, also loaded before timing, so no method pays for image decoding
-(ARF's stream took 22 ms per 64 miniworld pool images, 0.28x FT's step, in an inline timing).
+backward, AdamW update, and what common.train does after it for that method (EMA update, logit-scale
+clamp). All methods see the same augmented batch, loaded before timing; ARF's retrieved pairs (its
+extra data stream) are one batch of the retrieved pairs, also loaded before timing, so no method pays
+for image decoding (ARF's stream took 22 ms per 64 miniworld pool images, 0.28x FT's step, in an
+inline timing).
 Rounds are interleaved: round r times `--steps` steps of every method in turn, so a slow moment of a
 shared machine hits every method alike (the order rotates by one method per round, so none always
 runs first, right after the floor timings); the table shows the median over rounds of each method's
@@ -94,19 +95,20 @@ def fake_data(root: Path, size: int, n_train: int) -> list:
 
 
 def build(method: str, base, env, args, batch):
-    """(model, loss_fn, after_step, floor) of one method, with the parameters its script trains set
-    trainable; floor: None, or a callable doing work the method's design cannot avoid, timed alone:
-    Lipsum-FT's random texts (on top of the θ0 forward every teacher pays), ARF's whole step."""
+    """(model, loss_fn, after_step, floor, batch) of one method, with the parameters its script trains
+    set trainable; after_step: what common.train does after the optimiser step for it (EMA update,
+    logit-scale clamp), or None; floor: None, or a callable doing work the method's design cannot
+    avoid, timed alone: Lipsum-FT's random texts (on top of the θ0 forward every teacher pays), ARF's
+    whole step; batch: the fixed batch plus the method's extra stream (ARF's retrieved pairs)."""
     model = copy.deepcopy(base)
-    after_step = floor = None
+    floor, ema_decay = None, None
     if method in baselines.METHODS:
         bargs = baselines.parse(["--method", method, "--data", args.data, "--steps", str(args.steps * args.rounds)])
-        loss_fn, after_step, extra, _ = baselines.make_loss(method, model, bargs, env.task)
+        recipe = baselines.METHODS[method](model, bargs, env.task)
+        loss_fn, ema_decay = recipe.loss_fn, recipe.ema_decay
     elif method == "lipsum_ft":
         common.set_trainable(model, image=True, text=False, head=True)
-        counter = lipsum_ft.StepCounter()
-        loss_fn = lipsum_ft.make_loss_fn(model, 1.0, 0, counter)
-        after_step = counter.set
+        loss_fn = lipsum_ft.make_loss_fn(model, 1.0, 0)
 
         def floor():  # on top of the θ0 forward: this step's M random texts through the frozen text tower
             g = torch.Generator().manual_seed(0)
@@ -122,14 +124,16 @@ def build(method: str, base, env, args, batch):
         aargs = arf.parse_args(arf.Args, arf.PRESETS, ["--data", args.data, "--model", args.model, "--steps", "1000000",
                                                          "--batch-size", str(args.batch_size), *args.arf_args])
         captions = arf.train_captions(aargs, env)
-        stream = arf.AnchorStream(*arf.retrieve_anchors(aargs, env), env.train_tf, aargs)
-        anchors = FixedAnchors(stream.captions, stream.next(), env.device)
+        ret_images, ret_captions = arf.retrieve_anchors(aargs, env)
+        data = common.TransformedImages(ret_images, env.train_tf)
+        ret = common.collate_skipping_bad([data[(i, i)] for i in range(min(len(data), args.batch_size // 2))])
+        ret.pop("n_bad")
+        batch = {**batch, "retrieved": {k: v.to(env.device) for k, v in ret.items()}}
         common.set_trainable(model, image=True, text=True, head=False, scale=True)
-        loss_fn = arf.make_loss_fn(model, env.task.classnames, captions, anchors)
-        images = torch.cat([batch["image"], anchors.batch["image"]])  # [B + B_r, 3, H, W]
+        loss_fn = arf.make_loss_fn(model, env.task.classnames, captions, ret_captions)
+        images = torch.cat([batch["image"], ret["image"].to(env.device)])  # [B + B_r, 3, H, W]
         texts = ([arf.FT_TEMPLATE.format(env.task.classnames[c]) for c in batch["label"].unique().tolist()]
-                 + [captions[i] for i in batch["index"].tolist()]
-                 + [anchors.captions[i] for i in anchors.batch["index"].tolist()])
+                 + [captions[i] for i in batch["index"].tolist()] + [ret_captions[i] for i in ret["index"].tolist()])
         tokens, towers = model.tokenizer(texts).to(env.device), copy.deepcopy(model)
         towers_opt = torch.optim.AdamW([q for q in towers.parameters() if q.requires_grad], lr=1e-6,
                                        fused=env.device.type == "cuda")
@@ -140,23 +144,20 @@ def build(method: str, base, env, args, batch):
             total.backward()
             towers_opt.step()
             towers_opt.zero_grad(set_to_none=True)
-
-        def after_step(step):
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, arf.MAX_LOGIT_SCALE)
     else:
         raise SystemExit(f"unknown method {method!r}; choose from {', '.join(TARGETS)}")
-    return model, loss_fn, after_step, floor
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
+    pairs = [(e, q) for e, q in zip(ema.parameters(), model.parameters()) if q.requires_grad] if ema else []
 
+    def after_step():  # common.train's order: clamp a trained scale, then update the EMA
+        if model.clip.logit_scale.requires_grad:
+            with torch.no_grad():
+                model.clip.logit_scale.clamp_(0, common.MAX_LOGIT_SCALE)
+        if ema is not None:
+            common.ema_update([e for e, _ in pairs], [q for _, q in pairs], ema_decay)
 
-class FixedAnchors:
-    """ARF's retrieval stream reduced to one pre-loaded batch of retrieved pairs (see the docstring)."""
-
-    def __init__(self, captions, batch, device):
-        self.captions, self.batch = captions, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def next(self) -> dict:
-        return self.batch
+    needs_after = ema is not None or model.clip.logit_scale.requires_grad
+    return model, loss_fn, after_step if needs_after else None, floor, batch
 
 
 class SavedBytes:
@@ -221,22 +222,22 @@ def main(argv=None):
 
     built, floors, times, memory = {}, {}, {m: [] for m in methods}, {}
     for m in methods:
-        model, loss_fn, after_step, floor = build(m, env.model, env, a, batch)
+        model, loss_fn, after_step, floor, method_batch = build(m, env.model, env, a, batch)
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
-        built[m] = (model.train(), loss_fn, after_step, opt)
+        built[m] = (model.train(), loss_fn, after_step, opt, method_batch)
         if floor is not None:
             floors[m] = floor
 
     def step(m, k):
-        model, loss_fn, after_step, opt = built[m]
+        model, loss_fn, after_step, opt, method_batch = built[m]
         with common.autocast(device):
-            loss, _ = loss_fn(model, batch)
+            loss, _ = loss_fn(model, method_batch, k)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if after_step:
-            after_step(k)
+            after_step()
 
     def sync():
         if device.type == "cuda":
@@ -254,7 +255,7 @@ def main(argv=None):
             with SavedBytes() as saved:
                 step(m, 2)
             memory[m] = saved.bytes / 2**20
-    teacher = copy.deepcopy(env.model.clip.visual).requires_grad_(False).eval()  # θ0, as the methods hold it
+    teacher = common.frozen_copy(env.model.clip.visual)  # θ0, as the methods hold it
 
     def teacher_forward():
         with torch.no_grad(), common.autocast(device):

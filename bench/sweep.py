@@ -34,10 +34,9 @@ def correct(run_dir: Path, split: str) -> np.ndarray:
     cache = run_dir / f"correct-{split}.npy"
     if not cache.is_file():
         import common
-        import merge
 
         device = common.get_device("")
-        run = merge.load_run(str(run_dir), device)
+        run = common.load_run(str(run_dir), device)
         data = run.task.heldout if split == "heldout" else next(t for t in run.task.tests if t.kind == "id")
         logits, labels, _ = common.predict(run.model, data.images, run.eval_tf, device)  # [N, K], [N]
         np.save(cache, (logits.argmax(1) == labels).numpy())

@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny random open_clip architecture (as a config file, the way a user passes a
 custom model) and folder trees of generated JPEGs in the layouts the real datasets use."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,3 +49,65 @@ def folder_data(tmp_path) -> str:
         for k, name in enumerate(["cat", "dog", "red_fox", "owl"]):
             write_images(root / split / name, n, seed=hash((split, k)) % 2**32, colour=COLOURS[k])
     return str(root)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def perturb_(module, seed=0):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.fixture
+def tiny_classifier(tiny_model):
+    """A ClipClassifier on the tiny random CLIP over 3 classes, FT's parts trainable."""
+    import common
+
+    torch.manual_seed(0)
+    clip, tokenizer, _ = common.load_clip(tiny_model)
+    head = common.zeroshot_head(clip, tokenizer, ["cat", "dog", "owl"], ["a photo of a {}."])
+    return common.set_trainable(common.ClipClassifier(clip, head, tokenizer))
+
+
+def assert_gradients_reach_only_image_tower_and_head(model, loss_fn):
+    """One step of a regularised FT loss on a perturbed image tower: the regulariser is on, and the
+    gradient reaches the image tower and the head only."""
+    perturb_(model.clip.visual)
+    batch = {"image": randn(4, 3, 32, 32, seed=14).float(), "label": torch.tensor([0, 1, 2, 0])}
+    loss, terms = loss_fn(model, batch, 0)
+    assert list(terms.values())[1] > 0
+    loss.backward()
+    visual = {id(p) for p in model.clip.visual.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in visual or name == "head":
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def run_script(script, *args, cwd):
+    out = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def make_pool(folder: Path, copies: list) -> Path:
+    """Pool TSV: copies of the given images, random distractors, and 4 rows that must be skipped
+    (no caption column, empty caption, missing file, extra column) plus one unreadable image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["filepath\ttitle"]
+    for i, src in enumerate(copies):
+        Image.open(src).save(folder / f"copy{i}.png")
+        rows.append(f"copy{i}.png\ta copy of image {i}")
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+        rows.append(f"noise{i}.png\tnoise number {i}")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+    rows += ["copy0.png", "copy0.png\t ", "gone.png\ta missing file", "copy1.png\ta caption\textra", "corrupt.png\tunreadable"]
+    (folder / "pool.tsv").write_text("\n".join(rows) + "\n")
+    return folder / "pool.tsv"

@@ -15,46 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import arf
+import common
 from common import FileImages, image_transforms, load_classifier, load_clip, zeroshot_head
-from conftest import REPO, write_images
+from conftest import REPO, make_pool, write_images
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-
-
-def hand_contrastive(img, txt, s, groups):
-    """Symmetric InfoNCE with one python loop per direction and row, in float64."""
-    img, txt, B = img.double().tolist(), txt.double().tolist(), len(img)
-    total = 0.0
-    for a, b in ((img, txt), (txt, img)):
-        for i in range(B):
-            row = [s * sum(x * y for x, y in zip(a[i], b[j])) for j in range(B)]
-            lse = math.log(sum(math.exp(r) for r in row))
-            pos = [j for j in range(B) if groups[j] == groups[i]]
-            total -= sum(row[j] - lse for j in pos) / len(pos) / B
-    return total / 2
-
-
-@pytest.mark.parametrize("groups", [None, [0, 1, 0, 2, 1, 0]])
-def test_contrastive_loss_matches_hand_loop(groups):
-    g = torch.Generator().manual_seed(0)
-    img = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
-    txt = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
-    got = arf.clip_contrastive_loss(img, txt, torch.tensor(7.3), None if groups is None else torch.tensor(groups))
-    want = hand_contrastive(img, txt, 7.3, groups or list(range(6)))
-    assert abs(got.item() - want) < 1e-5
-
-
-def test_contrastive_loss_closed_forms():
-    x = F.normalize(torch.randn(4, 8), dim=-1)
-    same = x[:1].expand(4, 8)
-    assert abs(arf.clip_contrastive_loss(same, same, 10.0).item() - math.log(4)) < 1e-5  # no signal: log B
-    eye = torch.eye(4, 8)
-    assert arf.clip_contrastive_loss(eye, eye, 100.0).item() < 1e-30 + 1e-6  # perfectly aligned pairs
-    # duplicated prompts with targets spread over the duplicates: identical texts are not negatives
-    labels = torch.tensor([0, 0, 1, 1])
-    prompts = eye[[0, 0, 2, 2]]
-    grouped = arf.clip_contrastive_loss(prompts, prompts, 100.0, labels).item()
-    assert abs(grouped - math.log(2)) < 1e-4  # the mass is split over two equal positives, nothing else
 
 
 def test_arf_loss_weights_and_switches():
@@ -63,73 +28,11 @@ def test_arf_loss_weights_and_switches():
     img, cls, cap, rimg, rtxt, labels = e(5), e(5), e(5), e(3), e(3), torch.tensor([0, 1, 0, 2, 1])
     loss, terms = arf.arf_loss(img, cls, labels, 5.0, cap, None, rimg, rtxt, None)
     assert set(terms) == {"l_ft", "l_cap", "l_ret"}
-    want = (arf.W_FT * arf.clip_contrastive_loss(img, cls, 5.0, labels) + arf.W_CAP * arf.clip_contrastive_loss(img, cap, 5.0)
-            + arf.W_RET * arf.clip_contrastive_loss(rimg, rtxt, 5.0))
+    want = (arf.W_FT * common.clip_contrastive_loss(img, cls, 5.0, labels) + arf.W_CAP * common.clip_contrastive_loss(img, cap, 5.0)
+            + arf.W_RET * common.clip_contrastive_loss(rimg, rtxt, 5.0))
     assert abs(loss.item() - want.item()) < 1e-6
     only_ft, terms = arf.arf_loss(img, cls, labels, 5.0)
     assert set(terms) == {"l_ft"} and abs(only_ft.item() - terms["l_ft"].item()) < 1e-6
-
-
-def test_search_returns_the_known_neighbours(monkeypatch, capsys):
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(40, 16))
-    pool = centres[rng.integers(0, 40, 5000)] + 0.3 * rng.normal(size=(5000, 16))  # clustered, like embeddings
-    pool = (pool / np.linalg.norm(pool, axis=1, keepdims=True)).astype(np.float32)
-    picked = rng.choice(5000, 200, replace=False)
-    queries = pool[picked] + 0.01 * rng.normal(size=(200, 16)).astype(np.float32)
-    top = arf.search(arf.build_index(pool), queries, 3)
-    assert "Flat (exact)" in capsys.readouterr().out
-    assert (top[:, 0] == picked).all()
-    exact = np.argsort(-(queries @ pool.T), axis=1)[:, :3]
-    assert (top == exact).all()
-    monkeypatch.setattr(arf, "EXACT_MAX", 1000)  # the approximate path a >1M pool takes
-    top = arf.search(arf.build_index(pool), queries, 3)
-    assert "IVF256,Flat" in capsys.readouterr().out
-    assert (top[:, 0] == picked).mean() >= 0.97
-
-
-def make_pool(folder: Path, copies: list) -> Path:
-    """Pool TSV: copies of the given images, random distractors, and 4 rows that must be skipped
-    (no caption column, empty caption, missing file, extra column) plus one unreadable image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = ["filepath\ttitle"]
-    for i, src in enumerate(copies):
-        Image.open(src).save(folder / f"copy{i}.png")
-        rows.append(f"copy{i}.png\ta copy of image {i}")
-    rng = np.random.default_rng(3)
-    for i in range(30):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
-        rows.append(f"noise{i}.png\tnoise number {i}")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
-    rows += ["copy0.png", "copy0.png\t ", "gone.png\ta missing file", "copy1.png\ta caption\textra", "corrupt.png\tunreadable"]
-    (folder / "pool.tsv").write_text("\n".join(rows) + "\n")
-    return folder / "pool.tsv"
-
-
-def test_pool_bad_rows_retrieval_and_embedding_cache(tmp_path, tiny_model):
-    clip, _, pp = load_clip(tiny_model)
-    _, eval_tf = image_transforms(pp, 0.5)
-    write_images(tmp_path / "train", 6, seed=5)
-    train = FileImages(sorted(str(p) for p in (tmp_path / "train").iterdir()), [0] * 6)
-    pool_tsv = make_pool(tmp_path / "pool", train.paths[:4])
-    images, captions, bad = arf.read_pool(str(pool_tsv), "filepath", "title", "\t")
-    assert bad == 4 and len(images) == 4 + 30 + 1 and captions[0] == "a copy of image 0"
-
-    cache = tmp_path / "pool-emb.npy"
-    emb, ok = arf.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
-    assert emb.dtype == np.float16 and isinstance(emb, np.memmap) and ok.sum() == 34 and not ok[-1]
-    rows = np.flatnonzero(ok)
-    query, _ = arf.embed_images(clip, train, eval_tf, tmp_path / "q.npy", 4, torch.device("cpu"))
-    top = arf.search(arf.build_index(rows_emb := np.asarray(emb[rows], dtype=np.float32)), query[:4], 1)
-    assert (rows[top[:, 0]] == np.arange(4)).all()  # each training image finds its own copy
-    assert rows_emb.shape == (34, 32)
-
-    def fail(*_):
-        raise AssertionError("the cached embeddings should have been reused")
-
-    clip.encode_image = fail
-    again, ok2 = arf.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
-    assert np.array_equal(np.asarray(again), np.asarray(emb)) and np.array_equal(ok, ok2)
 
 
 def tiny_blip2(folder: Path) -> str:
@@ -231,7 +134,7 @@ def test_end_to_end_blip2_pool_and_rerun(tmp_path, tiny_model, folder_data, blip
 
 def test_resume_continues_the_anchor_stream(tmp_path, tiny_model, folder_data, monkeypatch):
     """Killed after step 3 and resumed from the step-2 checkpoint == uninterrupted, which needs the
-    retrieved-pair stream to restart where it was (its position is checkpointed with the model)."""
+    retrieved-pair stream to restart where it was (a function of the step, like the training batch)."""
     root = Path(folder_data)
     (root / "caps.tsv").write_text("".join(f"{p.relative_to(root)}\ta {p.parent.name} number {p.stem}\n"
                                            for p in sorted((root / "train").glob("*/*.jpg"))))
@@ -242,12 +145,12 @@ def test_resume_continues_the_anchor_stream(tmp_path, tiny_model, folder_data, m
     arf.main(base + ["--out", str(tmp_path / "straight")])
     real_train = arf.train
 
-    def killed_at_step_3(env, loss_fn, args, after_step=None, extra_state=None):
-        def hook(step):
-            after_step(step)
-            if step == 3:
+    def killed_at_step_3(env, loss_fn, args, **kw):
+        def killed(model, batch, step):
+            if step == 3:  # 3 steps done, the newest checkpoint is step 2's
                 raise KeyboardInterrupt
-        return real_train(env, loss_fn, args, after_step=hook, extra_state=extra_state)
+            return loss_fn(model, batch, step)
+        return real_train(env, killed, args, **kw)
 
     monkeypatch.setattr(arf, "train", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):

@@ -50,21 +50,22 @@ def test_ema_decay_zero_is_live_weights_and_one_is_initial():
     live = [torch.randn(4, 3, generator=g) * 1e3, torch.randn(5, generator=g) * 1e-3]
     for decay, expect in ((0.0, live), (1.0, init)):
         ema = [t.clone() for t in init]
-        baselines.ema_update(ema, live, decay)
+        common.ema_update(ema, live, decay)
         assert all(torch.equal(e, x) for e, x in zip(ema, expect)), decay
     ema = [t.clone() for t in init]
-    baselines.ema_update(ema, live, 0.75)
+    common.ema_update(ema, live, 0.75)
     assert all(torch.allclose(e, 0.75 * a + 0.25 * b) for e, a, b in zip(ema, init, live))
 
 
 @pytest.mark.parametrize("mask", [True, False])
 def test_flyp_loss_equals_hand_loop(mask):
+    duplicates = "masked" if mask else "negative"
     g = torch.Generator().manual_seed(2)
     labels = torch.tensor([0, 2, 0, 1, 2])  # duplicates: images 0/2 and 1/4 share a prompt
     img = F.normalize(torch.randn(5, 3, generator=g), dim=-1)
     txt = F.normalize(torch.randn(3, 3, generator=g), dim=-1)[labels]  # one prompt embedding per class
     scale = torch.tensor(7.0)
-    loss, terms = baselines.flyp_loss(img, txt, labels, scale, mask_duplicates=mask)
+    loss, terms = baselines.flyp_loss(img, txt, labels, scale, duplicates)
 
     def direction(a, b):  # mean over i of −log softmax_j(s·a_i·b_j)[i], j over allowed pairs
         total = 0.0
@@ -75,11 +76,10 @@ def test_flyp_loss_equals_hand_loop(mask):
         return total / 5
 
     i2t, t2i = direction(img, txt), direction(txt, img)
-    assert terms["i2t"].item() == pytest.approx(i2t, abs=1e-5) and terms["t2i"].item() == pytest.approx(t2i, abs=1e-5)
-    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-5)
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-5) and terms["contrastive"].item() == loss.item()
     unique = torch.tensor([0, 1, 2])  # without duplicates the mask changes nothing: CLIP's loss
-    a, _ = baselines.flyp_loss(img[:3], txt[[0, 3, 1]], unique, scale, mask_duplicates=True)
-    b, _ = baselines.flyp_loss(img[:3], txt[[0, 3, 1]], unique, scale, mask_duplicates=False)
+    a, _ = baselines.flyp_loss(img[:3], txt[[0, 3, 1]], unique, scale, "masked")
+    b, _ = baselines.flyp_loss(img[:3], txt[[0, 3, 1]], unique, scale, "negative")
     assert torch.equal(a, b)
 
 
@@ -95,16 +95,16 @@ def tiny(tiny_model):
     return model, task, batch
 
 
-def wiring(method, model, task, **kw):
+def wiring(method, model, task, **kw) -> baselines.Recipe:
     args = baselines.Args(method=method, steps=100, **kw)
-    return baselines.make_loss(method, model, args, task)
+    return baselines.METHODS[method](model, args, task)
 
 
 @pytest.mark.parametrize("method, term", [("l2sp", "l2sp"), ("kd", "kd"), ("featkd", "featkd")])
 def test_regulariser_zero_on_the_model_at_theta0_then_grows(tiny, method, term):
     model, task, batch = tiny
-    loss_fn, _, _, _ = wiring(method, model, task)
-    loss, terms = loss_fn(model, batch)
+    loss_fn = wiring(method, model, task).loss_fn
+    loss, terms = loss_fn(model, batch, 0)
     # L2SP compares weights: exactly 0. KD / FeatKD compare with the eval-mode teacher, whose fused
     # attention kernel rounds differently from the student's training-mode path: 0 up to round-off.
     assert terms[term].item() == 0.0 if term == "l2sp" else abs(terms[term].item()) < 1e-6
@@ -114,7 +114,7 @@ def test_regulariser_zero_on_the_model_at_theta0_then_grows(tiny, method, term):
     with torch.no_grad():
         for p in model.clip.visual.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    assert loss_fn(model, batch)[1][term].item() > 0
+    assert loss_fn(model, batch, 1)[1][term].item() > 0
 
 
 def test_scratch_head_starts_at_zero_and_lp_trains_only_the_head(tiny):
@@ -126,34 +126,23 @@ def test_scratch_head_starts_at_zero_and_lp_trains_only_the_head(tiny):
     assert trainable == ["head"]
 
 
-def test_ema_wiring_tracks_the_trainable_weights(tiny):
+def test_ema_recipe_decay_and_tag(tiny):
     model, task, batch = tiny
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    _, after, extra, tag = wiring("ema", model, task, ema_decay=0.0)
-    assert tag == "m=0"
-    with torch.no_grad():
-        model.clip.visual.conv1.weight.add_(1.0)
-        model.head.mul_(2.0)
-    after(1)
-    ema = extra["ema"].state_dict()
-    assert torch.equal(ema["clip.visual.conv1.weight"], model.clip.visual.conv1.weight)
-    assert torch.equal(ema["head"], model.head) and not torch.equal(ema["head"], init["head"])
-    assert all(not p.requires_grad for p in extra["ema"].parameters())
-    assert wiring("ema", model, task)[3] == "m=0.95"  # default: 1 − 1/(EMA_WINDOW · 100 steps)
-    assert baselines.make_loss("ema", model, baselines.Args(method="ema", steps=50_000), task)[3] == "m=0.9999"
+    recipe = wiring("ema", model, task, ema_decay=0.0)
+    assert (recipe.tag, recipe.ema_decay, recipe.head_from_text) == ("m=0", 0.0, False)
+    assert wiring("ema", model, task).tag == "m=0.95"  # default: 1 − 1/(EMA_WINDOW · 100 steps)
+    assert baselines.ema(model, baselines.Args(method="ema", steps=50_000), task).ema_decay == pytest.approx(0.9999)
+    assert wiring("ft", model, task).ema_decay is None  # only EMA asks train() for an average
 
 
 def test_flyp_trains_both_towers_and_scale_not_head(tiny):
     model, task, batch = tiny
-    loss_fn, after, _, _ = wiring("flyp", model, task)
-    loss, terms = loss_fn(model, batch)
+    recipe = wiring("flyp", model, task)
+    loss, terms = recipe.loss_fn(model, batch, 0)
     loss.backward()
     assert model.clip.token_embedding.weight.grad is not None and model.clip.visual.conv1.weight.grad is not None
     assert model.clip.logit_scale.grad is not None and model.head.grad is None
-    with torch.no_grad():
-        model.clip.logit_scale.fill_(10.0)
-    after(1)
-    assert model.clip.logit_scale.item() == pytest.approx(math.log(100))
+    assert recipe.head_from_text  # evaluated with the head of its fine-tuned text tower
 
 
 def test_lpft_without_an_lp_run_says_what_to_run(tiny, tmp_path):
@@ -197,7 +186,7 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     assert f"lpft: head from {runs / 'lp' / 'final.pt'}" in proc.stdout
     task = common.load_task("folder", folder_data)
     model, _, _ = common.load_classifier(runs / "zeroshot")
-    baselines.make_loss("lpft", model, baselines.Args(method="lpft", model=tiny_model, lp_run=str(runs / "lp")), task)
+    baselines.lpft(model, baselines.Args(method="lpft", model=tiny_model, lp_run=str(runs / "lp")), task)
     assert torch.equal(model.head, final["lp"]["head"])
     # Scratch-FT: a zero head gives uniform logits, so the first step's CE is exactly log K.
     assert logs["scratch"][0]["ce"] == pytest.approx(math.log(4), abs=1e-6)
@@ -205,8 +194,12 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     # grow once θ moved.
     for m in ("l2sp", "kd", "featkd"):
         assert abs(logs[m][0][m]) < 1e-6 < logs[m][-1][m], m
-    # EMA with decay 1 evaluates θ0 exactly although the live weights trained.
+    # EMA with decay 1 evaluates θ0 exactly although the live weights trained, and its held-out checks
+    # during training scored the average (θ0), not the live weights.
     assert all(torch.equal(v, theta0[k]) for k, v in final["ema"].items())
+    zs = common.load_run(runs / "zeroshot", "cpu")
+    zs_heldout = common.evaluate_split(zs.model, zs.task.heldout, zs.task, zs.eval_tf, torch.device("cpu"))["acc"]
+    assert logs["ema"][1]["heldout_acc"] == zs_heldout
     live = torch.load(runs / "ema" / "ckpt" / "step_2.pt", weights_only=False)["model"]
     assert not torch.equal(live["clip.visual.conv1.weight"], theta0["clip.visual.conv1.weight"])
     # FLYP: the text tower trained and the saved head is the zero-shot head of that text tower.

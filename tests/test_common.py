@@ -6,14 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from conftest import REPO, write_images
+from conftest import REPO, make_pool, write_images
 
 import common
+from common import FileImages, image_transforms, load_clip
 
 
 def run_script(args, cwd, env_extra=None, check=True):
@@ -164,15 +168,15 @@ def micro_args(root, model, out, **kw):
     return common.TrainArgs(**{**base, **kw})
 
 
-def ft_loss(model, batch):
+def ft_loss(model, batch, step):
     loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
     return loss, {"ce": loss.detach()}
 
 
-def train_run(args, after_step=None):
+def train_run(args, loss_fn=ft_loss):
     env = common.setup(args, "ft")
     common.set_trainable(env.model)
-    common.train(env, ft_loss, args, after_step=after_step)
+    common.train(env, loss_fn, args)
     return env.model.state_dict()
 
 
@@ -182,18 +186,62 @@ def test_resume_gives_identical_weights(tmp_path, folder_data, tiny_model):
     class Interrupted(Exception):
         pass
 
-    def interrupt(step):
-        if step == 4:  # after the step-3 checkpoint, before step 4 is saved
+    def interrupted(model, batch, step):
+        if step == 4:  # four steps done, the last one after the step-3 checkpoint
             raise Interrupted
+        return ft_loss(model, batch, step)
 
     with pytest.raises(Interrupted):
-        train_run(micro_args(folder_data, tiny_model, tmp_path / "b"), after_step=interrupt)
+        train_run(micro_args(folder_data, tiny_model, tmp_path / "b"), interrupted)
     assert (tmp_path / "b" / "ckpt" / "step_3.pt").exists()
     resumed = train_run(micro_args(folder_data, tiny_model, tmp_path / "b", resume=True))
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
     changed = train_run(micro_args(folder_data, tiny_model, tmp_path / "c", seed=1))
     assert not torch.equal(changed["head"], straight["head"])
+
+
+def test_trained_logit_scale_is_clamped_after_every_step(tmp_path, folder_data, tiny_model):
+    args = micro_args(folder_data, tiny_model, tmp_path / "a", steps=1, lr=0.0)
+    env = common.setup(args, "ft")
+    common.set_trainable(env.model, scale=True)
+    with torch.no_grad():
+        env.model.clip.logit_scale.fill_(10.0)  # s = e^10, far above open_clip's bound of 100
+    common.train(env, ft_loss, args)
+    assert env.model.clip.logit_scale.item() == pytest.approx(math.log(100))
+    frozen = common.setup(micro_args(folder_data, tiny_model, tmp_path / "b", steps=1, lr=0.0), "ft")
+    common.set_trainable(frozen.model)
+    with torch.no_grad():
+        frozen.model.clip.logit_scale.fill_(10.0)
+    common.train(frozen, ft_loss, args.__class__(**{**vars(args), "out": str(tmp_path / "b")}))
+    assert frozen.model.clip.logit_scale.item() == 10.0  # a frozen scale is the model's own, untouched
+
+
+def test_presets_hold_only_departures_from_the_ft_recipe():
+    """One FT recipe per --data (common.FT_RECIPES): a method's PRESETS may not repeat it (or its Args
+    defaults), and may override a recipe field only where its paper departs from FT (listed here; a
+    new departure has to be added consciously)."""
+    import arf
+    import baselines
+    import car_ft
+    import lipsum_ft
+
+    departures = {("baselines:lp", "lr"), ("baselines:lp", "weight_decay"), ("baselines:flyp", "batch_size"),
+                  ("baselines:flyp", "steps")}
+    presets = {"lipsum_ft": (lipsum_ft.Args, lipsum_ft.PRESETS), "car_ft": (car_ft.Args, car_ft.PRESETS),
+               "arf": (arf.Args, arf.PRESETS)}
+    presets.update({f"baselines:{m}": (baselines.Args, p) for m, p in baselines.PRESETS.items()})
+    for name, (args_cls, by_data) in presets.items():
+        assert set(by_data) <= set(common.FT_RECIPES), name
+        defaults = {f.name: f.default for f in common.dataclasses.fields(args_cls)}
+        for data, values in by_data.items():
+            recipe = common.FT_RECIPES[data]
+            for key, value in values.items():
+                assert key in defaults, (name, data, key)
+                assert value != recipe.get(key, defaults[key]), f"{name} PRESETS[{data!r}] repeats {key}={value!r}"
+                assert key not in recipe or (name, key) in departures, f"{name} PRESETS[{data!r}] drifts from FT's {key}"
+    lp = baselines.parse(["--method", "lp", "--data", "miniworld"])
+    assert (lp.lr, lp.weight_decay, lp.steps) == (1e-3, 0.0, 300)  # LP: 10x FT's lr, FT's steps
 
 
 def test_rerun_into_existing_run_refuses(tmp_path, folder_data, tiny_model):
@@ -206,7 +254,7 @@ def test_nan_loss_stops_with_step_and_terms(tmp_path, folder_data, tiny_model):
     args = micro_args(folder_data, tiny_model, tmp_path / "a")
     env = common.setup(args, "ft")
     common.set_trainable(env.model)
-    bad = lambda model, batch: (model(batch["image"]).sum() * float("nan"), {"ce": 1.0})  # noqa: E731
+    bad = lambda model, batch, step: (model(batch["image"]).sum() * float("nan"), {"ce": 1.0})  # noqa: E731
     with pytest.raises(common.NonFiniteLoss, match="step 0"):
         common.train(env, bad, args)
 
@@ -322,3 +370,85 @@ def test_empty_class_folder_is_reported_not_fatal(tmp_path, capsys):
     task = common.load_task("folder", str(tmp_path))
     assert "empty class folder" in capsys.readouterr().out
     assert task.classnames == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------------------ retrieval pools and faiss
+def test_search_returns_the_known_neighbours(monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16))
+    pool = centres[rng.integers(0, 40, 5000)] + 0.3 * rng.normal(size=(5000, 16))  # clustered, like embeddings
+    pool = (pool / np.linalg.norm(pool, axis=1, keepdims=True)).astype(np.float32)
+    picked = rng.choice(5000, 200, replace=False)
+    queries = pool[picked] + 0.01 * rng.normal(size=(200, 16)).astype(np.float32)
+    top = common.search(common.build_index(pool), queries, 3)
+    assert "Flat (exact)" in capsys.readouterr().out
+    assert (top[:, 0] == picked).all()
+    exact = np.argsort(-(queries @ pool.T), axis=1)[:, :3]
+    assert (top == exact).all()
+    monkeypatch.setattr(common, "EXACT_MAX", 1000)  # the approximate path a >1M pool takes
+    top = common.search(common.build_index(pool), queries, 3)
+    assert "IVF256,Flat" in capsys.readouterr().out
+    assert (top[:, 0] == picked).mean() >= 0.97
+
+
+def test_pool_bad_rows_retrieval_and_embedding_cache(tmp_path, tiny_model):
+    clip, _, pp = load_clip(tiny_model)
+    _, eval_tf = image_transforms(pp, 0.5)
+    write_images(tmp_path / "train", 6, seed=5)
+    train = FileImages(sorted(str(p) for p in (tmp_path / "train").iterdir()), [0] * 6)
+    pool_tsv = make_pool(tmp_path / "pool", train.paths[:4])
+    images, captions, bad = common.read_pool(str(pool_tsv), "filepath", "title", "\t")
+    assert bad == 4 and len(images) == 4 + 30 + 1 and captions[0] == "a copy of image 0"
+
+    cache = tmp_path / "pool-emb.npy"
+    emb, ok = common.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
+    assert emb.dtype == np.float16 and isinstance(emb, np.memmap) and ok.sum() == 34 and not ok[-1]
+    rows = np.flatnonzero(ok)
+    query, _ = common.embed_images(clip, train, eval_tf, tmp_path / "q.npy", 4, torch.device("cpu"))
+    top = common.search(common.build_index(rows_emb := np.asarray(emb[rows], dtype=np.float32)), query[:4], 1)
+    assert (rows[top[:, 0]] == np.arange(4)).all()  # each training image finds its own copy
+    assert rows_emb.shape == (34, 32)
+
+    def fail(*_):
+        raise AssertionError("the cached embeddings should have been reused")
+
+    clip.encode_image = fail
+    again, ok2 = common.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
+    assert np.array_equal(np.asarray(again), np.asarray(emb)) and np.array_equal(ok, ok2)
+
+
+# ------------------------------------------------------------------------ CLIP's contrastive loss
+def hand_contrastive(img, txt, s, groups):
+    """Symmetric InfoNCE with one python loop per direction and row, in float64."""
+    img, txt, B = img.double().tolist(), txt.double().tolist(), len(img)
+    total = 0.0
+    for a, b in ((img, txt), (txt, img)):
+        for i in range(B):
+            row = [s * sum(x * y for x, y in zip(a[i], b[j])) for j in range(B)]
+            lse = math.log(sum(math.exp(r) for r in row))
+            pos = [j for j in range(B) if groups[j] == groups[i]]
+            total -= sum(row[j] - lse for j in pos) / len(pos) / B
+    return total / 2
+
+
+@pytest.mark.parametrize("groups", [None, [0, 1, 0, 2, 1, 0]])
+def test_contrastive_loss_matches_hand_loop(groups):
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    got = common.clip_contrastive_loss(img, txt, torch.tensor(7.3), None if groups is None else torch.tensor(groups))
+    want = hand_contrastive(img, txt, 7.3, groups or list(range(6)))
+    assert abs(got.item() - want) < 1e-5
+
+
+def test_contrastive_loss_closed_forms():
+    x = F.normalize(torch.randn(4, 8), dim=-1)
+    same = x[:1].expand(4, 8)
+    assert abs(common.clip_contrastive_loss(same, same, 10.0).item() - math.log(4)) < 1e-5  # no signal: log B
+    eye = torch.eye(4, 8)
+    assert common.clip_contrastive_loss(eye, eye, 100.0).item() < 1e-30 + 1e-6  # perfectly aligned pairs
+    # duplicated prompts with targets spread over the duplicates: identical texts are not negatives
+    labels = torch.tensor([0, 0, 1, 1])
+    prompts = eye[[0, 0, 2, 2]]
+    grouped = common.clip_contrastive_loss(prompts, prompts, 100.0, labels).item()
+    assert abs(grouped - math.log(2)) < 1e-4  # the mass is split over two equal positives, nothing else

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import baselines
+import common
 import merge
 from common import evaluate_split, load_task
 from conftest import COLOURS, write_images
@@ -161,16 +162,16 @@ def test_wise_cli_endpoints_reproduce_zeroshot_and_ft_runs(runs):
     assert "wise a=0.5" in {json.loads(x)["tag"] for x in (Path(runs["a"]).parent / "results.jsonl").read_text().splitlines()}
     assert Path(runs["a"], "wise_curve.png").stat().st_size > 1000
     # θ0 rebuilt by merge.py is the zero-shot run's checkpoint, bit for bit
-    run = merge.load_run(runs["a"], "cpu")
+    run = common.load_run(runs["a"], "cpu")
     saved = torch.load(Path(runs["zs"]) / "final.pt", weights_only=False)["model"]
-    built = merge.zeroshot_classifier(run, "cpu").state_dict()
+    built = common.run_theta0(run, "cpu").state_dict()
     assert all(torch.equal(built[k], saved[k]) for k in saved)
 
 
 def test_learn_radii_penalty_and_descent(runs):
-    run = merge.load_run(runs["a"], "cpu")
+    run = common.load_run(runs["a"], "cpu")
     state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
-    state0 = merge.zeroshot_classifier(run, "cpu").state_dict()
+    state0 = common.run_theta0(run, "cpu").state_dict()
     images = torch.stack([run.eval_tf(run.task.train.images.load(i)) for i in range(16)])
     batch = {"image": images, "label": torch.as_tensor(run.task.train.images.labels[:16])}
     dist = merge.tpgm_distances(state0, state1)
@@ -194,12 +195,12 @@ def test_tpgm_cli_uses_heldout_and_writes_radii(runs, monkeypatch):
     real = merge.TransformedImages
     monkeypatch.setattr(merge, "TransformedImages", lambda images, tf: seen.append(images) or real(images, tf))
     merge.main(["tpgm-c", "--ckpt", runs["a"], "--steps", "3", "--batch-size", "4", "--reg", "0.5"])
-    run = merge.load_run(runs["a"], "cpu")
+    run = common.load_run(runs["a"], "cpu")
     assert [len(s) for s in seen] == [len(run.task.heldout.images)] and seen[0].paths == run.task.heldout.images.paths
     radii = json.loads(Path(runs["a"], "tpgm-c-reg0.5", "radii.json").read_text())
     assert radii and all(0 <= r["ratio"] <= 1 for r in radii.values())
     assert set(results(runs["a"], "tpgm-c reg=0.5")) == {"test", "sketch"}
-    merge.load_run(Path(runs["a"], "tpgm-c-reg0.5"), "cpu")  # the projected model is itself a loadable run
+    common.load_run(Path(runs["a"], "tpgm-c-reg0.5"), "cpu")  # the projected model is itself a loadable run
 
 
 def test_soups_and_ensembles_on_runs(runs):
@@ -217,7 +218,7 @@ def test_soups_and_ensembles_on_runs(runs):
     task = load_task("folder", runs["common"][3], 0)
     accs = []
     for path in (runs["a"], runs["b"], runs["zs"], "runs/soup-greedy"):
-        r = merge.load_run(path, "cpu")
+        r = common.load_run(path, "cpu")
         accs.append(evaluate_split(r.model, task.heldout, task, r.eval_tf, torch.device("cpu"))["acc"])
     assert accs[-1] >= max(accs[:-1])
     rows, members = merge.main(["ensemble", "--kind", "greedy", "--ckpt", runs["a"], runs["b"], "--out", "runs/ens-g"])

@@ -1,6 +1,7 @@
 """Fast checks of the miniworld: renderer, captions, tokenizer, tiny CLIP, task and pool (< 60 s on 2 cores)."""
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,21 @@ def test_committed_checkpoint_loads():
     assert img.shape == (2, txt.shape[1]) and torch.isfinite(img).all() and not model.training
 
 
+def test_missing_checkpoint_says_how_to_build_it_and_never_pretrains(tmp_path, monkeypatch):
+    monkeypatch.setattr(mw.model, "CHECKPOINT", tmp_path / "assets" / "miniclip.pt")
+    monkeypatch.setattr(mw.model, "pretrain", lambda *a, **k: pytest.fail("load_miniclip must not pretrain"))
+    t0 = time.time()
+    with pytest.raises(SystemExit) as exc:
+        mw.load_miniclip()
+    msg = str(exc.value)
+    assert "missing" in msg and "python -m miniworld pretrain" in msg and "miniclip.pt" in msg, msg
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        mw.load_miniclip(path=tmp_path / "nowhere.pt")
+    assert time.time() - t0 < 5
+
+
 def test_load_task_splits(monkeypatch):
-    monkeypatch.setattr(mw, "TASK_SIZES", dict(train=60, heldout=20, id=20, ood=20, zeroshot=24))
+    monkeypatch.setattr(mw.task, "TASK_SIZES", dict(train=60, heldout=20, id=20, ood=20, zeroshot=24))
     task = mw.load_task(0)
     K = len(task["classnames"])
     assert K == 20 and len(task["templates"]) >= 8

@@ -1,28 +1,21 @@
-"""lipsum_ft.py and car_ft.py: the regularisers against hand loops and closed-form properties, the
-random texts, the model's own scale, gradient routing, bit-exact resume, and both scripts end to end on
+"""lipsum_ft.py: the regulariser against a hand loop and closed forms, the random texts of each step, the
+model's own scale, gradient routing, bit-exact resume, the energy gap, and the script end to end on
 generated folders with a tiny random CLIP."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import car_ft
 import common
 import lipsum_ft
-from conftest import REPO
+from conftest import assert_gradients_reach_only_image_tower_and_head, perturb_, randn, run_script
 
 OPENAI_SPECIALS = dict(sot=49406, eot=49407, vocab_size=49408)
 
 
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-# ------------------------------------------------------------------ the regularisers (no model)
+# ------------------------------------------------------------------ the regulariser (no model)
 def test_lipsum_regularizer_equals_hand_loop():
     f, f0, t, s = randn(5, 8, seed=1), randn(5, 8, seed=2), randn(13, 8, seed=3), 17.3
     total = 0.0
@@ -34,33 +27,17 @@ def test_lipsum_regularizer_equals_hand_loop():
     assert lipsum_ft.lipsum_regularizer(f, f0, t, s).item() == pytest.approx(total / 5, abs=1e-6)
 
 
-def test_regularizers_vanish_at_theta0_and_kl_is_nonnegative():
+def test_regularizer_vanishes_at_theta0():
     f, t = randn(7, 8, seed=4), randn(5, 8, seed=5)
     assert lipsum_ft.lipsum_regularizer(f, f.clone(), t, 20.0).item() == 0.0
     assert lipsum_ft.lipsum_regularizer(f, f.clone(), t, 20.0, loss="kld").item() == 0.0
-    assert car_ft.car_regularizer(f, f.clone(), t, 20.0).item() == 0.0
-    for seed in range(20):
-        kl = car_ft.car_regularizer(randn(4, 8, seed=seed), randn(4, 8, seed=seed + 100), t, 20.0)
-        assert kl.item() >= 0.0
 
 
-def test_car_regularizer_is_teacher_first_kl_at_scale_s():
-    f, f0, w, s = randn(6, 8, seed=6), randn(6, 8, seed=7), F.normalize(randn(4, 8, seed=8), dim=-1), 14.0
-    p = torch.softmax(s * F.normalize(f, dim=-1) @ w.t(), -1)
-    p0 = torch.softmax(s * F.normalize(f0, dim=-1) @ w.t(), -1)
-    expected = (p0 * (p0.log() - p.log())).sum(-1).mean()  # KL(p0 ‖ p)
-    assert car_ft.car_regularizer(f, f0, w, s).item() == pytest.approx(expected.item(), abs=1e-10)
-    # CAR-FT is Lipsum-FT's (KLD, fixed texts) ablation corner: the two files must agree there
-    assert lipsum_ft.lipsum_regularizer(f, f0, w, s, loss="kld").item() == pytest.approx(expected.item(), abs=1e-10)
-
-
-def test_losses_add_the_weighted_regularizer_to_cross_entropy():
+def test_loss_adds_the_weighted_regularizer_to_cross_entropy():
     logits, labels = randn(6, 3, seed=9), torch.tensor([0, 1, 2, 0, 1, 2])
     f, f0, t = randn(6, 8, seed=10), randn(6, 8, seed=11), randn(5, 8, seed=12)
     loss, terms = lipsum_ft.lipsum_ft_loss(logits, labels, f, f0, t, 20.0, lam=3.0)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item() + 3.0 * terms["reg"].item(), abs=1e-10)
-    loss, terms = car_ft.car_ft_loss(logits, labels, f, f0, t, 20.0, beta=0.5)
-    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item() + 0.5 * terms["kl"].item(), abs=1e-10)
 
 
 # ------------------------------------------------------------------ random texts
@@ -88,33 +65,17 @@ def test_random_texts_change_every_step_and_repeat_for_the_same_step():
 
 
 # ------------------------------------------------------------------ with a tiny CLIP
-@pytest.fixture
-def tiny_classifier(tiny_model):
-    torch.manual_seed(0)
-    clip, tokenizer, _ = common.load_clip(tiny_model)
-    head = common.zeroshot_head(clip, tokenizer, ["cat", "dog", "owl"], ["a photo of a {}."])
-    return common.set_trainable(common.ClipClassifier(clip, head, tokenizer))
-
-
-def perturb_(module, seed=0):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
-
-
 def test_lipsum_loss_uses_model_scale_step_texts_and_theta0(tiny_classifier):
     model = tiny_classifier
     with torch.no_grad():
         model.clip.logit_scale.fill_(math.log(20.0))
-    counter = lipsum_ft.StepCounter()
-    loss_fn = lipsum_ft.make_loss_fn(model, lam=1.0, seed=3, counter=counter)
-    kld_fn = lipsum_ft.make_loss_fn(model, lam=1.0, seed=3, counter=counter, reg_loss="kld")
+    loss_fn = lipsum_ft.make_loss_fn(model, lam=1.0, seed=3)
+    kld_fn = lipsum_ft.make_loss_fn(model, lam=1.0, seed=3, reg_loss="kld")
     batch = {"image": randn(4, 3, 32, 32, seed=13).float(), "label": torch.tensor([0, 1, 2, 0])}
-    assert loss_fn(model, batch)[1]["reg"].item() < 1e-9  # θ = θ0 at the start
+    assert loss_fn(model, batch, 0)[1]["reg"].item() < 1e-9  # θ = θ0 at the start
     f0 = model.image_features(batch["image"]).detach()  # θ0's features, before θ moves
     perturb_(model.clip.visual)
-    counter.set(2)
-    reg = loss_fn(model, batch)[1]["reg"].item()
+    reg = loss_fn(model, batch, 2)[1]["reg"].item()  # the texts of step 2
     g = torch.Generator().manual_seed(lipsum_ft.text_seed(3, 2))
     tokens = lipsum_ft.random_texts(lipsum_ft.NUM_TEXTS, lipsum_ft.TEXT_LENGTH, context_length=16, generator=g,
                                     **OPENAI_SPECIALS)
@@ -125,7 +86,7 @@ def test_lipsum_loss_uses_model_scale_step_texts_and_theta0(tiny_classifier):
     assert reg > 1e-4  # and not the energies at a hard-coded s = 100 (25x larger)
     assert reg != pytest.approx(lipsum_ft.lipsum_regularizer(f, f0, t, 100.0).item(), rel=0.5)
     # --reg-loss kld reaches the loss: the same step's energies, compared by KL instead of MSE
-    assert kld_fn(model, batch)[1]["reg"].item() == pytest.approx(
+    assert kld_fn(model, batch, 2)[1]["reg"].item() == pytest.approx(
         lipsum_ft.lipsum_regularizer(f, f0, t, 20.0, "kld").item(), rel=1e-5)
 
 
@@ -136,60 +97,23 @@ def test_lipsum_rejects_an_unknown_ablation_before_touching_the_run_folder(tmp_p
         assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("method", ["lipsum", "car"])
-def test_gradients_reach_only_image_tower_and_head(tiny_classifier, method):
-    model = tiny_classifier
-    if method == "lipsum":
-        loss_fn = lipsum_ft.make_loss_fn(model, 1.0, 0, lipsum_ft.StepCounter())
-    else:
-        templates = ["a photo of a {}.", "a sketch of a {}."]
-        w_ctx = car_ft.context_head(model.clip, model.tokenizer, ["cat", "dog"], templates)
-        loss_fn = car_ft.make_loss_fn(model, w_ctx, 1.0)
-    perturb_(model.clip.visual)
-    batch = {"image": randn(4, 3, 32, 32, seed=14).float(), "label": torch.tensor([0, 1, 2, 0])}
-    loss, terms = loss_fn(model, batch)
-    assert list(terms.values())[1] > 0
-    loss.backward()
-    visual = {id(p) for p in model.clip.visual.parameters()}
-    for name, p in model.named_parameters():
-        if id(p) in visual or name == "head":
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
-
-
-def test_context_head_rows_are_class_means_of_template_prompts(tiny_classifier):
-    clip, tok = tiny_classifier.clip, tiny_classifier.tokenizer
-    classes, templates = ["cat", "dog", "owl"], ["a photo of a {}.", "a sketch of a {}."]
-    w = car_ft.context_head(clip, tok, classes, templates)
-    assert w.shape == (2, 32)
-    with torch.no_grad():
-        for c, tpl in enumerate(templates):
-            e = clip.encode_text(tok([tpl.format(k) for k in classes]), normalize=True).mean(0)
-            assert torch.allclose(w[c], e / e.norm(), atol=1e-6)
+def test_gradients_reach_only_image_tower_and_head(tiny_classifier):
+    assert_gradients_reach_only_image_tower_and_head(tiny_classifier, lipsum_ft.make_loss_fn(tiny_classifier, 1.0, 0))
 
 
 # ------------------------------------------------------------------ end to end
-def run_script(script, *args, cwd):
-    out = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-@pytest.mark.parametrize("script,tag", [("lipsum_ft.py", "lam=1"), ("car_ft.py", "beta=1")])
-def test_scripts_train_and_evaluate_on_folders(script, tag, tiny_model, folder_data, tmp_path):
+def test_script_trains_and_evaluates_on_folders(tiny_model, folder_data, tmp_path):
+    script, tag = "lipsum_ft.py", "lam=1"
     run_script(script, "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
                "--batch-size", "8", "--out", "runs/r", cwd=tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     assert {r["split"] for r in rows} == {"test", "sketch"} and {r["tag"] for r in rows} == {tag}
     log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(math.isfinite(r["loss"]) for r in log)
-    if script == "lipsum_ft.py":
-        lipsum_ft.main(["--report-energy-gap", str(tmp_path / "runs" / "r")])
-        gap = json.loads((tmp_path / "runs" / "r" / "energy_gap.json").read_text())
-        assert gap["num_texts"] == 10_000 and set(gap["splits"]) == {"test", "sketch"}
-        assert gap["id"] > 0 and math.isfinite(gap["ood_mean"])
+    lipsum_ft.main(["--report-energy-gap", str(tmp_path / "runs" / "r")])
+    gap = json.loads((tmp_path / "runs" / "r" / "energy_gap.json").read_text())
+    assert gap["num_texts"] == 10_000 and set(gap["splits"]) == {"test", "sketch"}
+    assert gap["id"] > 0 and math.isfinite(gap["ood_mean"])
 
 
 def test_energy_gap_is_zero_for_the_zero_shot_model(tiny_model, folder_data, tmp_path, monkeypatch):
@@ -206,12 +130,12 @@ def test_resume_is_bit_identical(tiny_model, folder_data, tmp_path, monkeypatch)
                    "--batch-size", "8", "--ckpt-every", "2", "--eval-every", "0", "--lam", "50"]
     lipsum_ft.main(common_args + ["--out", str(tmp_path / "full")])
 
-    def interrupted(env, loss_fn, args, after_step=None, extra_state=None):
-        def stop(step):
-            after_step(step)
-            if step == 3:  # killed after step 3, before its checkpoint: resume from step 2
+    def interrupted(env, loss_fn, args, **kw):
+        def killed(model, batch, step):
+            if step == 3:  # killed after 3 steps, before a step-4 checkpoint: resume from step 2
                 raise KeyboardInterrupt
-        return common.train(env, loss_fn, args, stop, extra_state)
+            return loss_fn(model, batch, step)
+        return common.train(env, killed, args, **kw)
 
     monkeypatch.setattr(lipsum_ft, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
