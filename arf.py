@@ -28,7 +28,6 @@ Run:  python arf.py                                   (miniworld: dataset captio
           --captioner blip2 --captioner-model Salesforce/blip2-opt-2.7b --pool cc3m.tsv
       python arf.py --no-cap / --no-ret               (ablations: one anchor switched off)
 """
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path

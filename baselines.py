@@ -52,7 +52,6 @@ Run:  python baselines.py --method ft        (miniworld + miniclip, CPU, minutes
       python baselines.py --method ft --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai
 """
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional

@@ -73,7 +73,7 @@ def make_loss_fn(model, w_ctx: torch.Tensor, beta: float):
     """The training loss: θ0 is a frozen copy of the image tower taken now; W_ctx is fixed."""
     visual0 = frozen_copy(model.clip.visual)  # θ0
 
-    def loss_fn(model, batch, step):
+    def loss_fn(model, batch, step):  # the same first lines as lipsum_ft.py's step, on purpose: each file shows its whole step
         images = batch["image"]  # [B, 3, H, W]
         features = model.image_features(images)  # [B, D]
         with torch.no_grad():

@@ -40,7 +40,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -112,6 +111,16 @@ def _field_comments(cls) -> dict:
         for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
             comments[m.group(1)] = m.group(2).strip()
     return comments
+
+
+def parse_alphas(spec: str) -> list:
+    """"0:1:0.1" (start:stop:step, stop included) or "0,0.5,1"."""
+    if ":" in spec:
+        start, stop, step = (float(s) for s in spec.split(":"))
+        values = np.arange(start, stop + step / 2, step)
+    else:
+        values = [float(s) for s in spec.split(",")]
+    return [round(float(a), 6) for a in values]
 
 
 def check_data(data: str):
@@ -881,6 +890,19 @@ def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=
     return rows
 
 
+def effective_robustness_margin(points_curve: list, point: tuple) -> float:
+    """OOD margin of `point` = (ID, OOD) over the piecewise-linear WiSE-FT curve through `points_curve`
+    [(ID, OOD), ...] in α order, at equal ID (METHODS.md, Evaluation). Where the curve crosses that ID
+    more than once (ID is not monotone in α), the highest curve OOD is the bar. NaN when the ID lies
+    outside the curve's ID range: the curve is not extrapolated."""
+    x, y = point
+    bars = [y0 for x0, y0 in points_curve if x0 == x]
+    for (x0, y0), (x1, y1) in zip(points_curve, points_curve[1:]):
+        if x0 != x1 and min(x0, x1) <= x <= max(x0, x1):
+            bars.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return y - max(bars) if bars else math.nan
+
+
 def summary(rows: list) -> tuple:
     """(ID acc, OOD mean, zero-shot-transfer mean) in % from evaluation rows."""
     mean = lambda kind: 100 * float(np.mean([r["acc"] for r in rows if r["kind"] == kind] or [np.nan]))  # noqa: E731
@@ -986,6 +1008,81 @@ def run_theta0(run, device) -> ClipClassifier:
     clip, tokenizer, _ = load_clip(run.meta["model"], run.meta["pretrained"], device)
     head = zeroshot_head(clip, tokenizer, run.task.classnames, run.task.templates, device)
     return ClipClassifier(clip, head, tokenizer).to(device).eval()
+
+
+def save_run(out: Path, state: dict, run, method: str, extra: dict):
+    """final.pt + args.json for weights made from a loaded `run` (a merge), so they are a run themselves that
+    evaluate.py and merge.py accept."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": state, "meta": {**run.meta, "method": method}}, out / "final.pt")
+    (out / "args.json").write_text(json.dumps({**run.args, "method": method, "out": str(out), **extra}, indent=2))
+
+
+def check_compatible(states: list, names: list):
+    """Same keys, shapes and dtypes, or a message naming the first difference."""
+    ref = states[0]
+    for state, name in zip(states[1:], names[1:]):
+        if state.keys() != ref.keys():
+            diff = sorted(set(state) ^ set(ref))[:3]
+            raise SystemExit(f"error: {name} and {names[0]} are different architectures (parameters {diff} differ)")
+        for k, v in ref.items():
+            if state[k].shape != v.shape or state[k].dtype != v.dtype:
+                raise SystemExit(f"error: {name} and {names[0]} are different architectures: {k} is "
+                                 f"{tuple(state[k].shape)} {state[k].dtype} vs {tuple(v.shape)} {v.dtype}")
+
+
+def check_same_init(runs: list):
+    """Soups average weights, which only makes sense from one initialisation and architecture: the same
+    model, weights file, classes and state-dict layout, and (for a randomly initialised model) the same
+    initial weights whatever the seeds."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r.meta["model"] != first.meta["model"]:
+            raise SystemExit(f"error: {r.dir} is a {r.meta['model']} and {first.dir} a {first.meta['model']}: "
+                             "weights of different architectures cannot be averaged")
+        if r.meta["pretrained"] != first.meta["pretrained"]:
+            raise SystemExit(f"error: {r.dir} starts from pretrained={r.meta['pretrained']!r} and {first.dir} from "
+                             f"{first.meta['pretrained']!r}: soups need one shared initialisation")
+        if r.meta["classnames"] != first.meta["classnames"]:
+            raise SystemExit(f"error: {r.dir} and {first.dir} were fine-tuned on different class lists")
+    check_compatible([r.model.state_dict() for r in runs], [str(r.dir) for r in runs])
+    seeds = sorted({r.seed for r in runs})
+    if len(seeds) > 1:  # a random-init architecture differs per seed: compare the actual θ0 weights
+        ref = None
+        for s in seeds:
+            seed_everything(s)
+            clip = load_clip(first.meta["model"], first.meta["pretrained"], "cpu")[0].state_dict()
+            if ref is not None and any(not torch.equal(ref[k], clip[k]) for k in ref):
+                raise SystemExit(f"error: runs with seeds {seeds[0]} and {s} start from different weights "
+                                 f"({first.meta['model']} with pretrained={first.meta['pretrained']!r} is initialised "
+                                 "randomly per seed): soups need one shared initialisation")
+            if ref is None:
+                ref = clip
+        print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
+              "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
+
+
+def shuffled_batches(images, transform, batch_size: int, seed: int, workers: int = 0):
+    """Endless full batches of `images` (unreadable ones skipped), reshuffled every pass from `seed`."""
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), shuffle=True,
+                                         batch_size=min(batch_size, len(images)), num_workers=workers,
+                                         collate_fn=collate_skipping_bad, drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    while True:
+        yield from loader
+
+
+def run_endpoints(run, device) -> tuple:
+    """(θ0, θ_ft) state dicts of a loaded run, what weight-space methods combine; θ0 is rebuilt as
+    `setup` built it. If the model name or weights file changed since the run was trained (say, a
+    rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match: said."""
+    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
+    state0 = run_theta0(run, device).state_dict()
+    if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
+        print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
+              f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
+              "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
+    return state0, state1
 
 
 def run_log_args(run, seed=None):

@@ -135,7 +135,7 @@ def make_loss_fn(model, lam: float, seed: int, fixed_texts=None, reg_loss: str =
                 cache.update(step=step, features=encode_text(model.clip, tokens).float())  # [M, D]
         return cache["features"]
 
-    def loss_fn(model, batch, step):
+    def loss_fn(model, batch, step):  # the same first lines as car_ft.py's step, on purpose: each file shows its whole step
         images = batch["image"]  # [B, 3, H, W]
         features = model.image_features(images)  # [B, D]
         with torch.no_grad():

@@ -31,7 +31,7 @@ Choices where the papers are silent (METHODS.md asks to state them):
   * Soups need one shared initialisation and architecture and are refused otherwise; output
     ensembles only need the same task (logits of any architectures can be averaged).
 
-Run (any run directory written by a method file; see docs/merge.md for measured numbers):
+Run (any run directory written by a method file; RESULTS.md has measured numbers):
   python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1
   python merge.py tpgm --ckpt runs/ft-miniworld-miniclip-s0
   python merge.py tpgm-c --ckpt runs/ft-miniworld-miniclip-s0 --reg 1.0
@@ -40,16 +40,15 @@ Run (any run directory written by a method file; see docs/merge.md for measured 
 """
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (TransformedImages, atomic_save, autocast, classification_metrics, collate_skipping_bad,
-                    evaluate_split, evaluate_task, get_device, load_clip, load_run, log_results, plot_id_vs_ood,
-                    run_log_args, run_theta0, seed_everything, split_logits, summary)
+from common import (autocast, check_compatible, check_same_init, classification_metrics, effective_robustness_margin,
+                    evaluate_split, evaluate_task, get_device, load_run, log_results, parse_alphas, plot_id_vs_ood,
+                    run_endpoints, run_log_args, save_run, shuffled_batches, split_logits, summary)
 
 WISE_ALPHAS = "0:1:0.1"  # the paper's sweep; α = 0.5 is its default operating point
 TPGM_LR = 1e-2  # Adam on the radii (Tian et al.)
@@ -62,19 +61,6 @@ TPGM_C_REG = 1.0  # μ: weight of TPGM-C's mean-ratio penalty (the Lipsum-FT pap
 # ----------------------------------------------------------------------------------------------
 # Pure functions over state dicts
 # ----------------------------------------------------------------------------------------------
-def check_compatible(states: list, names: list):
-    """Same keys, shapes and dtypes, or a message naming the first difference."""
-    ref = states[0]
-    for state, name in zip(states[1:], names[1:]):
-        if state.keys() != ref.keys():
-            diff = sorted(set(state) ^ set(ref))[:3]
-            raise SystemExit(f"error: {name} and {names[0]} are different architectures (parameters {diff} differ)")
-        for k, v in ref.items():
-            if state[k].shape != v.shape or state[k].dtype != v.dtype:
-                raise SystemExit(f"error: {name} and {names[0]} are different architectures: {k} is "
-                                 f"{tuple(state[k].shape)} {state[k].dtype} vs {tuple(v.shape)} {v.dtype}")
-
-
 def wise(state0: dict, state1: dict, alpha: float) -> dict:
     """θ_α = (1 − α)·θ0 + α·θ1 on every float tensor; α = 0 and 1 return the endpoints' own values."""
     check_compatible([state0, state1], ["θ0", "θ_ft"])
@@ -146,77 +132,6 @@ def greedy_select(scores: list, score_of) -> tuple:
     return chosen, best, trace
 
 
-def effective_robustness_margin(points_curve: list, point: tuple) -> float:
-    """OOD margin of `point` = (ID, OOD) over the piecewise-linear WiSE-FT curve through `points_curve`
-    [(ID, OOD), ...] in α order, at equal ID (METHODS.md, Evaluation). Where the curve crosses that ID
-    more than once (ID is not monotone in α), the highest curve OOD is the bar. NaN when the ID lies
-    outside the curve's ID range: the curve is not extrapolated."""
-    x, y = point
-    bars = [y0 for x0, y0 in points_curve if x0 == x]
-    for (x0, y0), (x1, y1) in zip(points_curve, points_curve[1:]):
-        if x0 != x1 and min(x0, x1) <= x <= max(x0, x1):
-            bars.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
-    return y - max(bars) if bars else math.nan
-
-
-def parse_alphas(spec: str) -> list:
-    """"0:1:0.1" (start:stop:step, stop included) or "0,0.5,1"."""
-    if ":" in spec:
-        start, stop, step = (float(s) for s in spec.split(":"))
-        values = np.arange(start, stop + step / 2, step)
-    else:
-        values = [float(s) for s in spec.split(",")]
-    return [round(float(a), 6) for a in values]
-
-
-# ----------------------------------------------------------------------------------------------
-# Runs: θ0 checks, saving a merged model as a run
-# ----------------------------------------------------------------------------------------------
-def warn_if_other_init(state0: dict, state1: dict, run):
-    """θ0 is rebuilt from the model name and weights file. If those changed since the run was trained
-    (say, a rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match."""
-    if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
-        print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
-              f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
-              "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
-
-
-def check_same_init(runs: list):
-    """Soups average weights, which only makes sense from one initialisation and architecture."""
-    first = runs[0]
-    for r in runs[1:]:
-        if r.meta["model"] != first.meta["model"]:
-            raise SystemExit(f"error: {r.dir} is a {r.meta['model']} and {first.dir} a {first.meta['model']}: "
-                             "weights of different architectures cannot be averaged")
-        if r.meta["pretrained"] != first.meta["pretrained"]:
-            raise SystemExit(f"error: {r.dir} starts from pretrained={r.meta['pretrained']!r} and {first.dir} from "
-                             f"{first.meta['pretrained']!r}: soups need one shared initialisation")
-        if r.meta["classnames"] != first.meta["classnames"]:
-            raise SystemExit(f"error: {r.dir} and {first.dir} were fine-tuned on different class lists")
-    check_compatible([r.model.state_dict() for r in runs], [str(r.dir) for r in runs])
-    seeds = sorted({r.seed for r in runs})
-    if len(seeds) > 1:  # a random-init architecture differs per seed: compare the actual θ0 weights
-        ref = None
-        for s in seeds:
-            seed_everything(s)
-            clip = load_clip(first.meta["model"], first.meta["pretrained"], "cpu")[0].state_dict()
-            if ref is not None and any(not torch.equal(ref[k], clip[k]) for k in ref):
-                raise SystemExit(f"error: runs with seeds {seeds[0]} and {s} start from different weights "
-                                 f"({first.meta['model']} with pretrained={first.meta['pretrained']!r} is initialised "
-                                 "randomly per seed): soups need one shared initialisation")
-            if ref is None:
-                ref = clip
-        print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
-              "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
-
-
-def save_merged(out: Path, state: dict, run, method: str, extra: dict):
-    """final.pt + args.json, so a merged model is itself a run that evaluate.py and merge.py accept."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save({"model": state, "meta": {**run.meta, "method": method}}, out / "final.pt")
-    (out / "args.json").write_text(json.dumps({**run.args, "method": method, "out": str(out), **extra}, indent=2))
-
-
 # ----------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------
@@ -224,9 +139,7 @@ def cmd_wise(a, device):
     alphas, tasks, curves = parse_alphas(a.alphas), {}, {}
     for path in a.ckpt:
         run = load_run(path, device, a.data_root, tasks)
-        state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
-        state0 = run_theta0(run, device).state_dict()
-        warn_if_other_init(state0, state1, run)
+        state0, state1 = run_endpoints(run, device)
         print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
         for alpha in alphas:
             run.model.load_state_dict(wise(state0, state1, alpha))
@@ -240,30 +153,27 @@ def cmd_wise(a, device):
 
 
 def report_wise(curves: dict, out: str):
-    """Markdown table (mean over runs), the headline deltas, effective robustness, and the plot."""
+    """Markdown table (mean ± std over runs), the headline deltas, effective robustness, and the plot."""
     means = {m: {al: np.mean(v, axis=0) for al, v in sorted(c.items())} for m, c in curves.items()}
-    stds = {m: {al: np.std(v, axis=0, ddof=1) if len(v) > 1 else np.zeros(3) for al, v in c.items()} for m, c in curves.items()}
     print("\n| method | α | runs | ID | OOD mean | ZS mean |\n|---|---|---|---|---|---|")
     for m, c in means.items():
         for al, v in c.items():
-            cells = " | ".join(f"{mu:.1f} ± {sd:.1f}" for mu, sd in zip(v, stds[m][al]))
-            print(f"| {m} | {al:g} | {len(curves[m][al])} | {cells} |")
+            sd = np.std(curves[m][al], axis=0, ddof=1) if len(curves[m][al]) > 1 else np.zeros(3)
+            print(f"| {m} | {al:g} | {len(curves[m][al])} | " + " | ".join(f"{x:.1f} ± {e:.1f}" for x, e in zip(v, sd)) + " |")
     ref = "ft" if "ft" in means else next(iter(means))
     ref_curve = [(v[0], v[1]) for v in means[ref].values()]
     for m, c in means.items():
         if 0 in c and 0.5 in c and 1 in c:
             print(f"{m}: WiSE α=0.5 vs α=1: OOD {c[0.5][1] - c[1][1]:+.2f}; vs α=0 (zero-shot): ID {c[0.5][0] - c[0][0]:+.2f}")
-        if m != ref:
-            for al in (0.5, 1):
-                if al in c:
-                    margin = effective_robustness_margin(ref_curve, (c[al][0], c[al][1]))
-                    print(f"{m} α={al:g}: OOD margin over the WiSE curve of {ref} at equal ID: {margin:+.2f}")
+        for al in (0.5, 1) if m != ref else ():
+            if al in c:
+                margin = effective_robustness_margin(ref_curve, (c[al][0], c[al][1]))
+                print(f"{m} α={al:g}: OOD margin over the WiSE curve of {ref} at equal ID: {margin:+.2f}")
     points = [(f"{m} (α=1)", *c[1][:2], 0, 0) for m, c in means.items() if 1 in c]
     first = next(iter(means.values()))
     if 0 in first:
         points.append(("zero-shot (α=0)", *first[0][:2], 0, 0))
-    curves_by_label = {f"WiSE-FT on {m}": [(al, v[0], v[1]) for al, v in c.items()] for m, c in means.items()}
-    plot_id_vs_ood(points, curves_by_label, out)
+    plot_id_vs_ood(points, {f"WiSE-FT on {m}": [(al, v[0], v[1]) for al, v in c.items()] for m, c in means.items()}, out)
 
 
 def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: float, reg: float, device) -> dict:
@@ -296,39 +206,26 @@ def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: floa
     return dict(zip(names, gamma.detach().tolist()))
 
 
-def cycle(loader):
-    while True:
-        yield from loader
-
-
 def cmd_tpgm(a, device):
     reg = a.reg if a.command == "tpgm-c" else 0.0
     tag = f"tpgm-c reg={reg:g}" if reg else "tpgm"
     run = load_run(a.ckpt[0], device, a.data_root)
-    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
-    state0 = run_theta0(run, device).state_dict()
-    warn_if_other_init(state0, state1, run)
+    state0, state1 = run_endpoints(run, device)
     heldout = run.task.heldout  # never a test split: TPGM's radii are fitted, so they must not see test
-    loader = torch.utils.data.DataLoader(TransformedImages(heldout.images, run.eval_tf), shuffle=True,
-                                         batch_size=min(a.batch_size, len(heldout.images)), num_workers=a.workers,
-                                         collate_fn=collate_skipping_bad, drop_last=True,
-                                         generator=torch.Generator().manual_seed(run.seed))
+    batches = shuffled_batches(heldout.images, run.eval_tf, a.batch_size, run.seed, a.workers)
     print(f"{tag} on {run.dir}: {a.steps} Adam steps (lr {a.lr}) on '{heldout.name}' ({len(heldout.images)} images)")
     model = run.model
-    radii = learn_radii(model, state0, state1, cycle(loader), a.steps, a.lr, reg, device)
+    radii = learn_radii(model, state0, state1, batches, a.steps, a.lr, reg, device)
     dist, names = tpgm_distances(state0, state1), list(radii)
-    print(f"\nlearned radii ({tag}): tensor, ‖θ_ft − θ0‖, γ, γ/‖Δ‖")
-    for k in names:
-        print(f"  {k:<60} {dist[k]:10.4f} {radii[k]:10.4f} {radii[k] / dist[k]:6.3f}")
-    ratios = np.array([radii[k] / dist[k] for k in names])
-    print(f"ratio γ/‖Δ‖: mean {ratios.mean():.3f}, min {ratios.min():.3f}, max {ratios.max():.3f}")
+    ratios = np.array([radii[k] / dist[k] for k in names])  # per tensor in OUT/radii.json
+    print(f"learned radii ({tag}): γ/‖Δ‖ mean {ratios.mean():.3f}, min {ratios.min():.3f}, max {ratios.max():.3f}")
     heldout_ft = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
     state = tpgm_project(state0, state1, radii)
     model.load_state_dict(state)
     heldout_p = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
     print(f"held-out acc: θ_ft {100 * heldout_ft:.2f} -> projected {100 * heldout_p:.2f}")
     out = Path(a.out or run.dir / tag.replace(" ", "-").replace("=", ""))
-    save_merged(out, state, run, f"{run.method}+{tag.split()[0]}", {"merge": tag, "source": str(run.dir)})
+    save_run(out, state, run, f"{run.method}+{tag.split()[0]}", {"merge": tag, "source": str(run.dir)})
     (out / "radii.json").write_text(json.dumps({k: {"dist": dist[k], "radius": radii[k], "ratio": radii[k] / dist[k]}
                                                 for k in names}, indent=1))
     rows = evaluate_task(model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
@@ -338,8 +235,25 @@ def cmd_tpgm(a, device):
     return rows, radii
 
 
-def combined_run_dir(a, runs, name: str) -> Path:
-    return Path(a.out) if a.out else runs[0].dir.parent / f"{name}-{runs[0].args['data']}-{Path(runs[0].meta['model']).stem}"
+def report_greedy(what: str, runs, scores: list, score_of) -> list:
+    """greedy_select with each try and the outcome printed; returns the chosen members' indices."""
+    chosen, best, trace = greedy_select(scores, score_of)
+    for i, score, added in trace:
+        print(f"  try {runs[i].dir}: {what} held-out {100 * score:.2f} -> {'added' if added else 'skipped'}")
+    print(f"greedy {what}: {len(chosen)} of {len(runs)} runs, held-out {100 * best:.2f} (best single {100 * max(scores):.2f})")
+    return chosen
+
+
+def combined_run(a, runs, chosen: list, what: str) -> tuple:
+    """(folder, method name, member run folders) of a soup or ensemble of `runs[chosen]`."""
+    out = Path(a.out) if a.out else runs[0].dir.parent / f"{what}-{a.kind}-{runs[0].args['data']}-{Path(runs[0].meta['model']).stem}"
+    return out, "+".join(sorted({r.method for r in runs})), [str(runs[i].dir) for i in chosen]
+
+
+def log_combined(out: Path, method: str, runs, members: list, rows: list, tag: str):
+    """A combination's rows: seed -1 (it has none of its own) and the member list on every row."""
+    log_results(out, method, run_log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
+                runs[0].args.get("steps", 0), tag=tag)
 
 
 def cmd_soup(a, device):
@@ -361,19 +275,13 @@ def cmd_soup(a, device):
         scores = [heldout_acc(s) for s in states]
         for r, s in zip(runs, scores):
             print(f"  held-out {100 * s:6.2f}  {r.dir}")
-        chosen, best, trace = greedy_select(scores, lambda idx: heldout_acc(uniform_soup([states[i] for i in idx])))
-        for i, score, added in trace:
-            print(f"  try {runs[i].dir}: soup held-out {100 * score:.2f} -> {'added' if added else 'skipped'}")
-        print(f"greedy soup: {len(chosen)} of {len(runs)} runs, held-out {100 * best:.2f} (best single {100 * max(scores):.2f})")
+        chosen = report_greedy("soup", runs, scores, lambda idx: heldout_acc(uniform_soup([states[i] for i in idx])))
     state = uniform_soup([states[i] for i in chosen])
     model.load_state_dict(state)
-    method = "+".join(sorted({r.method for r in runs}))
-    out = combined_run_dir(a, runs, f"soup-{a.kind}")
-    members = [str(runs[i].dir) for i in chosen]
-    save_merged(out, state, runs[0], f"{method}+soup-{a.kind}", {"merge": f"soup {a.kind}", "members": members})
+    out, method, members = combined_run(a, runs, chosen, "soup")
+    save_run(out, state, runs[0], f"{method}+soup-{a.kind}", {"merge": f"soup {a.kind}", "members": members})
     rows = evaluate_task(model, task, tf, device, a.eval_batch_size, a.workers)
-    log_results(out, method, run_log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
-                runs[0].args.get("steps", 0), tag=f"soup {a.kind}")
+    log_combined(out, method, runs, members, rows, f"soup {a.kind}")
     return rows, members
 
 
@@ -390,29 +298,33 @@ def cmd_ensemble(a, device):
         labels = held[0][1]
         acc = lambda idx: classification_metrics(ensemble_logits([held[i][0] for i in idx]), labels)["acc"]  # noqa: E731
         scores = [acc([i]) for i in range(len(runs))]
-        chosen, best, trace = greedy_select(scores, acc)
-        for i, score, added in trace:
-            print(f"  try {runs[i].dir}: ensemble held-out {100 * score:.2f} -> {'added' if added else 'skipped'}")
-        print(f"greedy ensemble: {len(chosen)} of {len(runs)} runs, held-out {100 * best:.2f} (best single {100 * max(scores):.2f})")
+        chosen = report_greedy("ensemble", runs, scores, acc)
     rows = []
     for split in task.tests:
         outs = [split_logits(runs[i].model, split, task, runs[i].eval_tf, device, a.eval_batch_size, a.workers) for i in chosen]
         metrics = classification_metrics(ensemble_logits([o[0] for o in outs]), outs[0][1])
         rows.append({"split": split.name, "kind": split.kind, **metrics, "skipped": outs[0][2]})
         print(f"  {split.name:<16} {split.kind:<9} acc {100 * metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}")
-    members = [str(runs[i].dir) for i in chosen]
-    out = combined_run_dir(a, runs, f"ensemble-{a.kind}")
+    out, method, members = combined_run(a, runs, chosen, "ensemble")
     out.mkdir(parents=True, exist_ok=True)
     (out / "members.json").write_text(json.dumps(members, indent=1))
-    method = "+".join(sorted({r.method for r in runs}))
-    log_results(out, method, run_log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
-                runs[0].args.get("steps", 0), tag=f"ensemble {a.kind}")
+    log_combined(out, method, runs, members, rows, f"ensemble {a.kind}")
     return rows, members
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    only = {  # flags of one subcommand (or a few): name -> (commands, argparse keywords)
+        "--alphas": (("wise",), dict(default=WISE_ALPHAS, help="start:stop:step (stop included) or a,b,c")),
+        "--plot": (("wise",), dict(default="", help="PNG of the ID-vs-OOD curve (default: RUN/wise_curve.png)")),
+        "--out": (("tpgm", "tpgm-c", "soup", "ensemble"), dict(default="", help="directory for the merged model / member list")),
+        "--steps": (("tpgm", "tpgm-c"), dict(type=int, default=TPGM_STEPS, help="Adam steps on the radii")),
+        "--lr": (("tpgm", "tpgm-c"), dict(type=float, default=TPGM_LR, help="Adam learning rate on the radii")),
+        "--batch-size": (("tpgm", "tpgm-c"), dict(type=int, default=TPGM_BATCH, help="held-out images per step")),
+        "--reg": (("tpgm-c",), dict(type=float, default=TPGM_C_REG, help="μ, weight of the mean γ/‖Δ‖ penalty")),
+    }
+    kinds = {"soup": ("greedy", "uniform"), "ensemble": ("greedy", "output")}
     for name, help_ in (("wise", "WiSE-FT α sweep"), ("tpgm", "TPGM projection"), ("tpgm-c", "TPGM with a radius penalty"),
                         ("soup", "uniform / greedy model soup"), ("ensemble", "output / greedy ensemble")):
         p = sub.add_parser(name, help=help_)
@@ -421,26 +333,16 @@ def main(argv=None):
         p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
         p.add_argument("--eval-batch-size", type=int, default=512, help="batch size for evaluation")
         p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-        if name == "wise":
-            p.add_argument("--alphas", default=WISE_ALPHAS, help="start:stop:step (stop included) or a,b,c")
-            p.add_argument("--plot", default="", help="PNG of the ID-vs-OOD curve (default: RUN/wise_curve.png)")
-        else:
-            p.add_argument("--out", default="", help="directory for the merged model / member list")
-        if name.startswith("tpgm"):
-            p.add_argument("--steps", type=int, default=TPGM_STEPS, help="Adam steps on the radii")
-            p.add_argument("--lr", type=float, default=TPGM_LR, help="Adam learning rate on the radii")
-            p.add_argument("--batch-size", type=int, default=TPGM_BATCH, help="held-out images per step")
-        if name == "tpgm-c":
-            p.add_argument("--reg", type=float, default=TPGM_C_REG, help="μ, weight of the mean γ/‖Δ‖ penalty")
-        if name in ("soup", "ensemble"):
-            kinds = ("greedy", "uniform") if name == "soup" else ("greedy", "output")
-            p.add_argument("--kind", choices=kinds, default="greedy", help="greedy: add members by held-out accuracy")
+        for flag, (commands, kw) in only.items():
+            if name in commands:
+                p.add_argument(flag, **kw)
+        if name in kinds:
+            p.add_argument("--kind", choices=kinds[name], default="greedy", help="greedy: add members by held-out accuracy")
     a = parser.parse_args(argv)
     if a.command.startswith("tpgm") and len(a.ckpt) != 1:
         raise SystemExit(f"error: {a.command} projects one fine-tuned run; got {len(a.ckpt)}")
-    device = get_device(a.device)
     commands = {"wise": cmd_wise, "tpgm": cmd_tpgm, "tpgm-c": cmd_tpgm, "soup": cmd_soup, "ensemble": cmd_ensemble}
-    return commands[a.command](a, device)
+    return commands[a.command](a, get_device(a.device))
 
 
 if __name__ == "__main__":

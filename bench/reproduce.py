@@ -122,10 +122,9 @@ def ood_mean(rows: list) -> float:
 def paired_with_ft(rows: list, gaps: list) -> dict:
     """{(method, tag): {column: [value per seed]}}: ID, OOD mean and zero-shot-transfer mean relative to
     FT of the same seed (points), the OOD margin over that seed's FT WiSE-FT curve at equal ID
-    (merge.effective_robustness_margin, NaN where the ID is outside the curve's range), and the run's
+    (common.effective_robustness_margin, NaN where the ID is outside the curve's range), and the run's
     energy gap on the OOD splits."""
     import common
-    import merge
 
     points = defaultdict(list)  # (method, tag, seed) -> that run's rows
     for r in rows:
@@ -146,7 +145,7 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
         cols["id"].append(i - ft_id)
         cols["ood"].append(o - ft_ood)
         cols["zs"].append(z - ft_zs)
-        cols["margin"].append(merge.effective_robustness_margin([c[1:] for c in sorted(curves[seed])], (i, o)))
+        cols["margin"].append(common.effective_robustness_margin([c[1:] for c in sorted(curves[seed])], (i, o)))
         if not tag.startswith(MERGED) and run_of[(method, tag, seed)] in gap:
             cols["gap"].append(gap[run_of[(method, tag, seed)]])
     return table

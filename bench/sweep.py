@@ -14,7 +14,6 @@ held-out accuracy on the same seeds. Every attempt's test numbers are reported b
 reader sees what the rule gave up. Writes the table to --out (default docs/sweep_<method>_<flag>.md).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

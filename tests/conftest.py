@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random open_clip architecture (as a config file, the way a user passes a
 custom model) and folder trees of generated JPEGs in the layouts the real datasets use."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,14 @@ def make_pool(folder: Path, copies: list) -> Path:
     rows += ["copy0.png", "copy0.png\t ", "gone.png\ta missing file", "copy1.png\ta caption\textra", "corrupt.png\tunreadable"]
     (folder / "pool.tsv").write_text("\n".join(rows) + "\n")
     return folder / "pool.tsv"
+
+
+def assert_script_trains_on_folders(script: str, tag: str, tiny_model, folder_data, tmp_path):
+    """A method file end to end as a subprocess on the folder micro config: one results row per test
+    split with the method's tag, and a finite loss logged at each of the 4 steps."""
+    run_script(script, "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
+               "--batch-size", "8", "--out", "runs/r", cwd=tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"test", "sketch"} and {r["tag"] for r in rows} == {tag}
+    log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(math.isfinite(r["loss"]) for r in log)

@@ -2,21 +2,18 @@
 caption caches, the BLIP-2 plumbing (a tiny random BLIP-2 built offline), pool rows that must be
 skipped, and an end-to-end run on generated folder data."""
 import json
-import math
 import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import arf
 import common
-from common import FileImages, image_transforms, load_classifier, load_clip, zeroshot_head
+from common import FileImages, load_classifier, zeroshot_head
 from conftest import REPO, make_pool, write_images
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]

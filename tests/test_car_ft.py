@@ -1,15 +1,12 @@
 """car_ft.py: the context KL against its closed form (and against Lipsum-FT's KL corner), the context
 head, gradient routing, and the script end to end on generated folders with a tiny random CLIP."""
-import json
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import car_ft
 import lipsum_ft
-from conftest import assert_gradients_reach_only_image_tower_and_head, randn, run_script
+from conftest import assert_gradients_reach_only_image_tower_and_head, assert_script_trains_on_folders, randn
 
 
 def test_regularizer_vanishes_at_theta0_and_kl_is_nonnegative():
@@ -55,10 +52,4 @@ def test_context_head_rows_are_class_means_of_template_prompts(tiny_classifier):
 
 
 def test_script_trains_and_evaluates_on_folders(tiny_model, folder_data, tmp_path):
-    script, tag = "car_ft.py", "beta=1"
-    run_script(script, "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
-               "--batch-size", "8", "--out", "runs/r", cwd=tmp_path)
-    rows = [json.loads(x) for x in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in rows} == {"test", "sketch"} and {r["tag"] for r in rows} == {tag}
-    log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and all(math.isfinite(r["loss"]) for r in log)
+    assert_script_trains_on_folders("car_ft.py", "beta=1", tiny_model, folder_data, tmp_path)

@@ -452,3 +452,34 @@ def test_contrastive_loss_closed_forms():
     prompts = eye[[0, 0, 2, 2]]
     grouped = common.clip_contrastive_loss(prompts, prompts, 100.0, labels).item()
     assert abs(grouped - math.log(2)) < 1e-4  # the mass is split over two equal positives, nothing else
+
+
+# ------------------------------------------------------------------------ runs and their θ0, reporting
+def test_run_endpoints_warn_when_the_rebuilt_init_shares_no_tensor(capsys, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    s0 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    s1 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    as_module = lambda state: type("M", (), {"state_dict": lambda self: state})()  # noqa: E731
+    run = type("Run", (), {"dir": "r", "method": "ft", "meta": {"model": "m", "pretrained": ""}, "model": as_module(s1)})
+    monkeypatch.setattr(common, "run_theta0", lambda run, device: as_module(s0))
+    got0, got1 = common.run_endpoints(run, "cpu")
+    assert "differs from the rebuilt θ0" in capsys.readouterr().out
+    assert all(torch.equal(got0[k], s0[k]) and torch.equal(got1[k], s1[k]) for k in s0)
+    run.model = as_module({**s1, "b": s0["b"]})  # a frozen tensor equal to θ0's: the init is the run's own
+    common.run_endpoints(run, "cpu")
+    assert capsys.readouterr().out == ""
+
+
+def test_effective_robustness_margin():
+    curve = [(60.0, 50.0), (70.0, 52.0), (80.0, 48.0)]  # zero-shot -> FT
+    assert common.effective_robustness_margin(curve, (65.0, 55.0)) == pytest.approx(55.0 - 51.0)
+    assert common.effective_robustness_margin(curve, (75.0, 47.0)) == pytest.approx(47.0 - 50.0)
+    assert common.effective_robustness_margin(curve, (70.0, 52.0)) == pytest.approx(0.0)
+    assert math.isnan(common.effective_robustness_margin(curve, (85.0, 60.0)))  # no extrapolation
+    bent = [(60.0, 50.0), (80.0, 60.0), (75.0, 40.0)]  # ID not monotone in α: the higher bar counts
+    assert common.effective_robustness_margin(bent, (77.0, 59.0)) == pytest.approx(59.0 - 58.5)  # not 59 - 48
+
+
+def test_parse_alphas():
+    assert common.parse_alphas("0:1:0.1") == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert common.parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]

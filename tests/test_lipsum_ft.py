@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import common
 import lipsum_ft
-from conftest import assert_gradients_reach_only_image_tower_and_head, perturb_, randn, run_script
+from conftest import (assert_gradients_reach_only_image_tower_and_head, assert_script_trains_on_folders, perturb_,
+                      randn)
 
 OPENAI_SPECIALS = dict(sot=49406, eot=49407, vocab_size=49408)
 
@@ -103,13 +104,7 @@ def test_gradients_reach_only_image_tower_and_head(tiny_classifier):
 
 # ------------------------------------------------------------------ end to end
 def test_script_trains_and_evaluates_on_folders(tiny_model, folder_data, tmp_path):
-    script, tag = "lipsum_ft.py", "lam=1"
-    run_script(script, "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
-               "--batch-size", "8", "--out", "runs/r", cwd=tmp_path)
-    rows = [json.loads(x) for x in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in rows} == {"test", "sketch"} and {r["tag"] for r in rows} == {tag}
-    log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and all(math.isfinite(r["loss"]) for r in log)
+    assert_script_trains_on_folders("lipsum_ft.py", "lam=1", tiny_model, folder_data, tmp_path)
     lipsum_ft.main(["--report-energy-gap", str(tmp_path / "runs" / "r")])
     gap = json.loads((tmp_path / "runs" / "r" / "energy_gap.json").read_text())
     assert gap["num_texts"] == 10_000 and set(gap["splits"]) == {"test", "sketch"}
