@@ -95,8 +95,8 @@ def fake_data(root: Path, size: int, n_train: int) -> list:
 
 
 def build(method: str, base, env, args, batch):
-    """(model, loss_fn, after_step, floor, batch) of one method, with the parameters its script trains
-    set trainable; after_step: what common.train does after the optimiser step for it (EMA update,
+    """(model, loss_fn, post_update, floor, batch) of one method, with the parameters its script trains
+    set trainable; post_update: what common.train does after the optimiser step for it (EMA update,
     logit-scale clamp), or None; floor: None, or a callable doing work the method's design cannot
     avoid, timed alone: Lipsum-FT's random texts (on top of the θ0 forward every teacher pays), ARF's
     whole step; batch: the fixed batch plus the method's extra stream (ARF's retrieved pairs)."""
@@ -149,7 +149,7 @@ def build(method: str, base, env, args, batch):
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
     pairs = [(e, q) for e, q in zip(ema.parameters(), model.parameters()) if q.requires_grad] if ema else []
 
-    def after_step():  # common.train's order: clamp a trained scale, then update the EMA
+    def post_update():  # common.train's order: clamp a trained scale, then update the EMA
         if model.clip.logit_scale.requires_grad:
             with torch.no_grad():
                 model.clip.logit_scale.clamp_(0, common.MAX_LOGIT_SCALE)
@@ -157,7 +157,7 @@ def build(method: str, base, env, args, batch):
             common.ema_update([e for e, _ in pairs], [q for _, q in pairs], ema_decay)
 
     needs_after = ema is not None or model.clip.logit_scale.requires_grad
-    return model, loss_fn, after_step if needs_after else None, floor, batch
+    return model, loss_fn, post_update if needs_after else None, floor, batch
 
 
 class SavedBytes:
@@ -222,22 +222,22 @@ def main(argv=None):
 
     built, floors, times, memory = {}, {}, {m: [] for m in methods}, {}
     for m in methods:
-        model, loss_fn, after_step, floor, method_batch = build(m, env.model, env, a, batch)
+        model, loss_fn, post_update, floor, method_batch = build(m, env.model, env, a, batch)
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
-        built[m] = (model.train(), loss_fn, after_step, opt, method_batch)
+        built[m] = (model.train(), loss_fn, post_update, opt, method_batch)
         if floor is not None:
             floors[m] = floor
 
     def step(m, k):
-        model, loss_fn, after_step, opt, method_batch = built[m]
+        model, loss_fn, post_update, opt, method_batch = built[m]
         with common.autocast(device):
             loss, _ = loss_fn(model, method_batch, k)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if after_step:
-            after_step()
+        if post_update:
+            post_update()
 
     def sync():
         if device.type == "cuda":

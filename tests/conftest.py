@@ -2,6 +2,7 @@
 custom model) and folder trees of generated JPEGs in the layouts the real datasets use."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,11 +90,13 @@ def assert_gradients_reach_only_image_tower_and_head(model, loss_fn):
             assert p.grad is None, name
 
 
-def run_script(script, *args, cwd):
-    out = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+def run_script(args, cwd, env_extra=None, check=True):
+    """`python ARGS` as a subprocess with the repo importable; with check, a failure shows its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
 
 
 def make_pool(folder: Path, copies: list) -> Path:
@@ -117,8 +120,8 @@ def make_pool(folder: Path, copies: list) -> Path:
 def assert_script_trains_on_folders(script: str, tag: str, tiny_model, folder_data, tmp_path):
     """A method file end to end as a subprocess on the folder micro config: one results row per test
     split with the method's tag, and a finite loss logged at each of the 4 steps."""
-    run_script(script, "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
-               "--batch-size", "8", "--out", "runs/r", cwd=tmp_path)
+    run_script([str(REPO / script), "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
+                "--batch-size", "8", "--out", "runs/r"], cwd=tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     assert {r["split"] for r in rows} == {"test", "sketch"} and {r["tag"] for r in rows} == {tag}
     log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]

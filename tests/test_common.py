@@ -1,12 +1,8 @@
-"""Foundation tests: metrics against hand computations, zero-shot heads, dataset layouts, the
-training loop's resume and DDP equivalence, the FT smoke run, and actionable errors on bad input."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+"""common.py: metrics against hand computations, zero-shot heads, dataset layouts, the training loop
+(resume, DDP equivalence, the logit-scale clamp), the one FT recipe, actionable errors on bad input,
+CLIP's contrastive loss, retrieval pools and faiss, and run loading."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,18 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import REPO, make_pool, write_images
+from conftest import REPO, make_pool, run_script, write_images
 
 import common
 from common import FileImages, image_transforms, load_clip
-
-
-def run_script(args, cwd, env_extra=None, check=True):
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -279,27 +267,6 @@ def test_ddp_two_processes_match_one(tmp_path, folder_data, tiny_model):
     init = common.load_clip(tiny_model)[0].state_dict()
     moved = max((one["clip." + k] - v).abs().max().item() for k, v in init.items() if k.startswith("visual"))
     assert moved > 1e-4  # the runs trained (the comparison is not between two untouched models)
-
-
-# ------------------------------------------------------------------------------------------ smoke
-def test_baselines_ft_end_to_end_and_table(tmp_path, folder_data, tiny_model):
-    out = tmp_path / "runs" / "ft"
-    run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", folder_data,
-                "--model", tiny_model, "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--out", str(out)], cwd=tmp_path)
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in rows} == {"test", "sketch"}
-    for r in rows:
-        assert {"method", "data", "model", "split", "acc", "ece", "nll", "seed", "commit", "step"} <= set(r)
-        assert r["method"] == "ft" and r["n"] == 16
-    assert (out / "args.json").exists() and (out / "final.pt").exists()
-    table = run_script([str(REPO / "evaluate.py"), "table", str(tmp_path / "runs" / "results.jsonl")], cwd=tmp_path).stdout
-    assert "| ft | 1 |" in table and "OOD mean" in table
-    again = run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", str(out)], cwd=tmp_path).stdout
-    acc_test = next(r["acc"] for r in rows if r["split"] == "test")
-    assert f"acc {100*acc_test:6.2f}" in again
-    plot = tmp_path / "p.png"
-    run_script([str(REPO / "evaluate.py"), "plot", str(tmp_path / "runs" / "results.jsonl"), "--out", str(plot)], cwd=tmp_path)
-    assert plot.stat().st_size > 1000
 
 
 # ------------------------------------------------------------------------------------- bad input
