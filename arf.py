@@ -12,12 +12,13 @@ similarity (image-text anchors, CC3M in the paper).
 
 Choices where the paper is silent (METHODS.md "choose"): weights 1:1:1; retrieval by image-image cosine
 similarity of the frozen tower, k nearest per training image, deduplicated by pool row; one retrieved
-batch of --ret-batch-size pairs per step (half the
-batch: keeps ARF's step within 2x FT's on ViT-B/16); duplicate class prompts (and identical captions) in a batch
-are positives of each other, not false negatives (targets uniform over the duplicates:
-common.clip_contrastive_loss's "positive" rule); the contrastive loss sees each process's own
-micro-batch (no all-gather); the logit scale trains and is clamped at 100 like open_clip's (common.train);
-the head is rebuilt from the fine-tuned text tower for every evaluation. The retrieved batch of step t
+batch of --ret-batch-size pairs per step (half the batch: keeps ARF's step within 2x FT's on
+ViT-B/16); duplicate class prompts (and identical captions) in a batch are positives of each other,
+not false negatives (targets uniform over the duplicates: common.clip_contrastive_loss's "positive"
+rule); each InfoNCE is over the global batch, every process's micro-batches (common.ContrastiveLoss:
+gathered with gradient, open_clip's feature cache under --grad-accum); the logit scale
+trains and is clamped at 100 like open_clip's (common.train); the head is rebuilt from the fine-tuned
+text tower for every evaluation. The retrieved batch of step t
 is micro-batch t of its own data stream (common.train's `streams`, a StepBatchSampler stream over the
 retrieved pairs with seed + 1): a function of (seed, step) like the training batch, and so resumed
 exactly. The anchors are prepared before training, below `main`: captions (the data's, a TSV, or
@@ -35,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (TrainArgs, TransformedImages, barrier, build_index, cache_dir, clean, clip_contrastive_loss,
-                    collate_skipping_bad, digest, embed_images, encode_text, finish, image_keys, is_main_process,
-                    parse_args, read_pool, search, set_trainable, setup, train)
+from common import (ContrastiveLoss, TrainArgs, TransformedImages, barrier, build_index, cache_dir, clean,
+                    clip_contrastive_loss, collate_skipping_bad, digest, embed_images, encode_text, finish, image_keys,
+                    is_main_process, parse_args, read_pool, search, set_trainable, setup, text_ids, train)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
@@ -88,21 +89,14 @@ def arf_loss(image_emb, class_emb, labels, logit_scale, caption_emb=None, captio
     return loss, terms
 
 
-def group_ids(texts: list, device) -> torch.Tensor:
-    ids = {}
-    return torch.tensor([ids.setdefault(t, len(ids)) for t in texts], device=device)  # [B]
-
-
-def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None):
+def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None) -> ContrastiveLoss:
     """The training loss for `model` (both towers + scale trainable): class prompts of the batch, the
     batch's captions (captions[i] of training image i; None = no L_cap) and the step's retrieved pairs
-    batch["retrieved"] (their captions in retrieved_captions; None = no L_ret)."""
+    batch["retrieved"] (their captions in retrieved_captions; None = no L_ret). Each InfoNCE runs over
+    the global batch (common.ContrastiveLoss); duplicates are found by text across it (common.text_ids)."""
     device = model.head.device
 
-    def embed_texts(texts: list) -> torch.Tensor:
-        return encode_text(model.clip, model.tokenizer(texts).to(device))  # [N, D]
-
-    def loss_fn(model, batch, step):
+    def embed(model, batch, step):  # a micro-batch's rows
         images, labels, n = batch["image"], batch["label"], len(batch["label"])
         classes, inverse = labels.unique(return_inverse=True)  # encode each class prompt once
         texts = [FT_TEMPLATE.format(classnames[c]) for c in classes.tolist()]
@@ -112,13 +106,20 @@ def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None
         if ret:  # one forward pass per tower for everything in the step
             images = torch.cat([images, ret["image"]])
         img = model.image_features(images)  # [B (+ B_r), D]
-        txt = embed_texts(texts + cap_texts + ret_texts)  # [K_b + B (+ B_r), D]
+        txt = encode_text(model.clip, model.tokenizer(texts + cap_texts + ret_texts).to(device))  # [K_b + B (+ B_r), D]
         k = len(texts)
-        return arf_loss(img[:n], txt[:k][inverse], labels, model.scale,
-                        txt[k:k + n] if captions else None, group_ids(cap_texts, device),
-                        img[n:] if ret else None, txt[k + len(cap_texts):], group_ids(ret_texts, device))
+        rows = {"image": img[:n], "class_text": txt[:k][inverse], "label": labels}
+        if captions:
+            rows.update(caption=txt[k:k + n], caption_id=text_ids(cap_texts, device))
+        if ret:
+            rows.update(ret_image=img[n:], ret_text=txt[k + n * bool(captions):], ret_id=text_ids(ret_texts, device))
+        return rows
 
-    return loss_fn
+    def loss(rows, scale):
+        return arf_loss(rows["image"], rows["class_text"], rows["label"], scale, rows.get("caption"), rows.get("caption_id"),
+                        rows.get("ret_image"), rows.get("ret_text"), rows.get("ret_id"))
+
+    return ContrastiveLoss(embed, loss)
 
 
 def main(argv=None):

@@ -59,8 +59,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common import (FT_RECIPES, TrainArgs, clip_contrastive_loss, cosine_logits, encode_text, finish, frozen_copy,
-                    parse_args, set_trainable, setup, train)
+from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, clip_contrastive_loss, cosine_logits, encode_text, finish,
+                    frozen_copy, parse_args, set_trainable, setup, train)
 
 EMA_WINDOW = 0.2  # EMA averaging window 1/(1 − m) as a fraction of the run
 FLYP_TEMPLATE = "a photo of a {}."  # FLYP's training prompt
@@ -133,7 +133,7 @@ def flyp_loss(image_emb, text_emb, labels, scale, duplicates: str = FLYP_DUPLICA
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Recipe:
-    loss_fn: Callable  # loss_fn(model, batch, step) -> (loss, terms)
+    loss_fn: Callable  # loss_fn(model, batch, step) -> (loss, terms), or a common.ContrastiveLoss
     tag: str = ""  # the results rows' tag: the method's own knob values
     ema_decay: Optional[float] = None  # evaluate the EMA of the weights with this decay (common.train keeps it)
     head_from_text: bool = False  # evaluate with the head rebuilt from the fine-tuned text tower
@@ -222,12 +222,15 @@ def flyp(model, args, task) -> Recipe:
     set_trainable(model, image=True, text=True, head=False, scale=True)
     prompts = model.tokenizer([FLYP_TEMPLATE.format(c) for c in task.classnames]).to(model.head.device)  # [K, L]
 
-    def loss_fn(m, batch, step):
+    def embed(m, batch, step):  # a micro-batch's rows; the loss is over the global batch (common.ContrastiveLoss)
         classes, inverse = batch["label"].unique(return_inverse=True)  # encode each class prompt once
         text = encode_text(m.clip, prompts[classes])[inverse]  # [B, D]
-        return flyp_loss(m.image_features(batch["image"]), text, batch["label"], m.scale)
+        return {"image": m.image_features(batch["image"]), "text": text, "label": batch["label"]}
 
-    return Recipe(loss_fn, head_from_text=True)
+    def loss(rows, scale):
+        return flyp_loss(rows["image"], rows["text"], rows["label"], scale)
+
+    return Recipe(ContrastiveLoss(embed, loss), head_from_text=True)
 
 
 METHODS = {"zeroshot": None, "lp": lp, "ft": ft, "lpft": lpft, "scratch": scratch, "ema": ema, "l2sp": l2sp,

@@ -26,6 +26,7 @@ Conventions (METHODS.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -374,6 +375,44 @@ def clip_contrastive_loss(image_emb, text_emb, scale, groups=None, duplicates: s
         target = same / same.sum(1, keepdim=True)
         return -((target * logits.log_softmax(1)).sum(1).mean() + (target * logits.t().log_softmax(1)).sum(1).mean()) / 2
     return (F.cross_entropy(logits, ids) + F.cross_entropy(logits.t(), ids)) / 2
+
+
+@dataclass
+class ContrastiveLoss:
+    """A loss over the whole global batch (InfoNCE: every row is a negative of every other), split in two
+    so that common.train can make it exact under torchrun and gradient accumulation:
+      embed(model, batch, step) -> {name: [b, ...]}   a micro-batch's rows: embeddings (with gradient)
+                                                      and integer group ids
+      loss(rows, scale) -> (loss, terms)              the loss on the rows of every micro-batch of the
+                                                      step on every process, at temperature `scale`
+    train() gathers the rows across processes with gradient (open_clip's gather_features) and, under
+    --grad-accum A, uses open_clip's feature-cache scheme: one no-grad embedding pass over the A
+    micro-batches, then each micro-batch re-embedded with gradient and the full loss backpropagated
+    through its own rows. Exact (the gradients of the full-batch loss); it costs one extra forward of
+    every micro-batch when A > 1, and nothing extra when A = 1."""
+    embed: Callable
+    loss: Callable
+
+
+def text_ids(texts: list, device) -> torch.Tensor:
+    """A group id per text [N], equal exactly for equal texts, on every process (a 56-bit hash, not an
+    index into this micro-batch): duplicates are found across the whole global batch."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=7).digest(), "big") for t in texts],
+                        dtype=torch.long, device=device)
+
+
+def gather_rows(rows: dict) -> dict:
+    """Every process's rows of each tensor, concatenated in rank order: embeddings with gradient (the
+    backward sums every process's gradient into the local rows), ids without. open_clip's gather."""
+    from open_clip.loss import gather_features
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for with_grad in (True, False):
+        keys = sorted(k for k, v in rows.items() if v.is_floating_point() == with_grad)
+        for a, b in zip(keys[0::2], keys[1::2] + keys[-1:] * (len(keys) % 2)):  # open_clip gathers pairs
+            out[a], out[b] = gather_features(rows[a], rows[b], gather_with_grad=with_grad, rank=rank, world_size=world)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1146,22 +1185,19 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_gradients(params: list, world: int):
-    """Averages gradients over processes in one flat buffer. Method losses call sub-modules
-    (clip.encode_image, frozen teachers) directly, which DistributedDataParallel's forward hook
-    cannot see, so the reduction is explicit."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+class LossOf(nn.Module):
+    """The step's loss as a module's forward, so that torch's DistributedDataParallel sees the model's
+    forward (the method losses call sub-modules and frozen teachers directly) and averages gradients in
+    buckets while backward runs. forward(batch, step) = loss_fn(model, batch, step), or a
+    ContrastiveLoss's embed(model, batch, step)."""
 
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
 
+    def forward(self, batch, step):
+        fn = self.loss_fn.embed if isinstance(self.loss_fn, ContrastiveLoss) else self.loss_fn
+        return fn(self.model, batch, step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1232,8 +1268,10 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
 
     AdamW (fused on CUDA), linear warm-up + cosine, bf16 autocast on CUDA, gradient accumulation,
     gradient clipping, held-out evaluation every `eval_every` steps, atomic checkpoints every
-    `ckpt_every` steps (model, optimiser, scheduler, RNG, step, EMA), `--resume`, and gradient
-    averaging under torchrun. After every optimiser step, in this order: a trained logit scale is
+    `ckpt_every` steps (model, optimiser, scheduler, RNG, step, EMA), `--resume`, and under torchrun
+    DistributedDataParallel's bucketed gradient averaging (overlapping backward; micro-batches before
+    the step's last are accumulated without it). A ContrastiveLoss is computed over the global batch
+    (gathered across processes, exact under accumulation). After every optimiser step, in this order: a trained logit scale is
     clamped to [0, MAX_LOGIT_SCALE]; the EMA is updated; the held-out slice is scored, when due.
       ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ of the trainable weights (m = ema_decay, θ_ema = θ0
                       at the start); the held-out checks score it and it is what train returns.
@@ -1291,28 +1329,63 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
     log = open(run / "log.jsonl", "a") if is_main_process() else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not is_main_process(), dynamic_ncols=True)
     bad_images = 0
+    stepper = LossOf(model, loss_fn)
+    if world > 1:  # gradients averaged in buckets during backward; the parameters are broadcast from rank 0
+        stepper = nn.parallel.DistributedDataParallel(stepper, broadcast_buffers=False, gradient_as_bucket_view=True)
+    accum = args.grad_accum
+
+    def synced_unless(last: bool):  # gradient accumulation: average across processes only on the step's last backward
+        return stepper.no_sync() if world > 1 and not last else contextlib.nullcontext()
+
+    def check_finite(loss, terms, step):
+        if not torch.isfinite(loss):
+            last = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+            raise NonFiniteLoss(
+                f"loss is {loss.item()} at step {step} (terms: { {k: float(v) for k, v in terms.items()} }). "
+                f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
+
+    def scalars(loss, terms, parts=1) -> dict:
+        return {k: float(v.detach() if torch.is_tensor(v) else v) / parts for k, v in {"loss": loss, **terms}.items()}
+
     model.train()
     for step in bar:
-        terms_sum: dict = {}
-        for _ in range(args.grad_accum):
+        micro = []
+        for _ in range(accum):
             batch = next(batch_iter)
             for name, it in extra.items():
                 batch[name] = next(it)
                 bad_images += batch[name].pop("n_bad")
                 batch[name] = to_device(batch[name])
             bad_images += batch.pop("n_bad")
-            batch = to_device(batch)
-            with autocast(device):
-                loss, terms = loss_fn(model, batch, step)
-            if not torch.isfinite(loss):
-                last = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-                raise NonFiniteLoss(
-                    f"loss is {loss.item()} at step {step} (terms: { {k: float(v) for k, v in terms.items()} }). "
-                    f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
-            (loss / args.grad_accum).backward()
-            for k, v in {"loss": loss, **terms}.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / args.grad_accum
-        all_reduce_gradients(params, world)
+            micro.append(to_device(batch))
+        terms_sum: dict = {}
+        if isinstance(loss_fn, ContrastiveLoss):  # the loss of the global batch (see ContrastiveLoss)
+            cached = []
+            if accum > 1:
+                with torch.no_grad(), autocast(device):
+                    cached = [stepper(b, step) for b in micro]
+            for j, batch in enumerate(micro):
+                with synced_unless(j == accum - 1):
+                    with autocast(device):
+                        own = stepper(batch, step)  # this micro-batch's rows, with gradient
+                        parts = [own if i == j else c for i, c in enumerate(cached)] or [own]
+                        rows = {k: torch.cat([p[k] for p in parts]) for k in own}
+                        rows = gather_rows(rows) if world > 1 else rows
+                        scale = model.scale  # its gradient counted once per step, not once per pass:
+                        scale = scale.detach() + (scale - scale.detach()) / accum if accum > 1 else scale
+                        loss, terms = loss_fn.loss(rows, scale)
+                    check_finite(loss, terms, step)
+                    loss.backward()
+            terms_sum = scalars(loss, terms)  # every pass computes the same full-batch loss
+        else:
+            for j, batch in enumerate(micro):
+                with synced_unless(j == accum - 1):
+                    with autocast(device):
+                        loss, terms = stepper(batch, step)
+                    check_finite(loss, terms, step)
+                    (loss / accum).backward()
+                for k, v in scalars(loss, terms, accum).items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v
         if args.clip_grad > 0:
             terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
         opt.step()

@@ -232,7 +232,10 @@ def main(argv=None):
     def step(m, k):
         model, loss_fn, post_update, opt, method_batch = built[m]
         with common.autocast(device):
-            loss, _ = loss_fn(model, method_batch, k)
+            if isinstance(loss_fn, common.ContrastiveLoss):  # one process, no accumulation: embed, then the loss
+                loss, _ = loss_fn.loss(loss_fn.embed(model, method_batch, k), model.scale)
+            else:
+                loss, _ = loss_fn(model, method_batch, k)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

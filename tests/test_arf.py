@@ -146,8 +146,8 @@ def test_resume_continues_the_anchor_stream(tmp_path, tiny_model, folder_data, m
         def killed(model, batch, step):
             if step == 3:  # 3 steps done, the newest checkpoint is step 2's
                 raise KeyboardInterrupt
-            return loss_fn(model, batch, step)
-        return real_train(env, killed, args, **kw)
+            return loss_fn.embed(model, batch, step)
+        return real_train(env, common.ContrastiveLoss(killed, loss_fn.loss), args, **kw)
 
     monkeypatch.setattr(arf, "train", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):

@@ -138,7 +138,8 @@ def test_ema_recipe_decay_and_tag(tiny):
 def test_flyp_trains_both_towers_and_scale_not_head(tiny):
     model, task, batch = tiny
     recipe = wiring("flyp", model, task)
-    loss, terms = recipe.loss_fn(model, batch, 0)
+    assert isinstance(recipe.loss_fn, common.ContrastiveLoss)  # over the global batch (tests/test_scale.py)
+    loss, terms = recipe.loss_fn.loss(recipe.loss_fn.embed(model, batch, 0), model.scale)
     loss.backward()
     assert model.clip.token_embedding.weight.grad is not None and model.clip.visual.conv1.weight.grad is not None
     assert model.clip.logit_scale.grad is not None and model.head.grad is None

@@ -247,28 +247,6 @@ def test_nan_loss_stops_with_step_and_terms(tmp_path, folder_data, tiny_model):
         common.train(env, bad, args)
 
 
-def test_ddp_two_processes_match_one(tmp_path, folder_data, tiny_model):
-    base = ["baselines.py", "--method", "ft", "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
-            "--steps", "3", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "0", "--ckpt-every", "0"]
-    run_script([str(REPO / base[0]), *base[1:], "--out", str(tmp_path / "one")], cwd=tmp_path)
-    run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                str(REPO / base[0]), *base[1:], "--out", str(tmp_path / "two")], cwd=tmp_path,
-               env_extra={"OMP_NUM_THREADS": "1"})
-    one = torch.load(tmp_path / "one" / "final.pt", weights_only=False)["model"]
-    two = torch.load(tmp_path / "two" / "final.pt", weights_only=False)["model"]
-    for k in one:
-        a, b = one[k], two[k]
-        if k.endswith("attn.in_proj_bias"):
-            # The key bias has an exactly-zero gradient (softmax is shift-invariant), so Adam divides
-            # float round-off by its own magnitude there; every parameter that learns must match.
-            width = a.shape[0] // 3
-            a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
-        assert torch.allclose(a, b, atol=1e-5), k
-    init = common.load_clip(tiny_model)[0].state_dict()
-    moved = max((one["clip." + k] - v).abs().max().item() for k, v in init.items() if k.startswith("visual"))
-    assert moved > 1e-4  # the runs trained (the comparison is not between two untouched models)
-
-
 # ------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("extra, message", [
     (["--data", "imagenet", "--data-root", "/nonexistent"], "Expected layout"),
