@@ -872,11 +872,15 @@ def autocast(device: torch.device):
 
 
 @torch.inference_mode()
-def predict(forward: Callable, images, transform, device, batch_size: int = 512, workers: int = 0):
-    """Runs `forward(images) -> logits` over an image list; returns (logits [N,K], labels [N], n_bad)."""
-    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate_skipping_bad)
-    outs, labels, bad = [], [], 0
+def predict(forward: Callable, images, transform, device, batch_size: int = 512, workers: int = 0, shard: bool = False):
+    """Runs `forward(images) -> logits` over an image list; returns (logits [N,K], labels [N], n_bad),
+    unreadable images skipped. shard: under torchrun every process scores every world-th image and the
+    shards are gathered back into the images' order on every process (sharded evaluation)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
+    mine = np.arange(rank, len(images), world)  # [N / world]: this process's share
+    loader = torch.utils.data.DataLoader(TransformedImages(images if world == 1 else images.subset(mine), transform),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad)
+    outs, labels, index, bad = [], [], [], 0
     for batch in loader:
         bad += batch["n_bad"]
         if "image" not in batch:
@@ -884,9 +888,16 @@ def predict(forward: Callable, images, transform, device, batch_size: int = 512,
         with autocast(device):
             outs.append(forward(batch["image"].to(device, non_blocking=True)).float().cpu())
         labels.append(batch["label"])
+        index.append(torch.as_tensor(mine)[batch["index"]])  # positions in the whole image list
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, (outs, labels, index, bad))
+        outs, labels, index = (sum((s[i] for s in shards), []) for i in range(3))
+        bad = sum(s[3] for s in shards)
     if not outs:
         raise SystemExit("error: no readable images in this split")
-    return torch.cat(outs), torch.cat(labels), bad
+    order = torch.cat(index).argsort()  # the images' own order, whatever the sharding
+    return torch.cat(outs)[order], torch.cat(labels)[order], bad
 
 
 def split_head(model: ClipClassifier, split: Split, task: Task) -> torch.Tensor:
@@ -906,7 +917,7 @@ def split_logits(model: ClipClassifier, split: Split, task: Task, transform, dev
     if split.class_subset is not None:
         head = head[split.class_subset]
     logits, labels, bad = predict(lambda x: cosine_logits(model.image_features(x), head, model.scale), split.images,
-                                  transform, device, batch_size, workers)
+                                  transform, device, batch_size, workers, shard=True)
     if split.class_subset is not None:
         remap = torch.full((len(split.classnames),), -1, dtype=torch.long)
         remap[torch.tensor(split.class_subset)] = torch.arange(len(split.class_subset))
@@ -920,12 +931,14 @@ def evaluate_split(model: ClipClassifier, split: Split, task: Task, transform, d
 
 
 def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=0, splits=None) -> list:
+    """A row of metrics per split (under torchrun: every process scores its shard, all get the rows)."""
     rows = []
     for split in splits or task.tests:
         metrics = evaluate_split(model, split, task, transform, device, batch_size, workers)
         rows.append({"split": split.name, "kind": split.kind, **metrics})
-        print(f"  {split.name:<16} {split.kind:<9} acc {100*metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}"
-              + (f"  (skipped {metrics['skipped']} unreadable)" if metrics["skipped"] else ""))
+        if is_main_process():
+            print(f"  {split.name:<16} {split.kind:<9} acc {100*metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}"
+                  + (f"  (skipped {metrics['skipped']} unreadable)" if metrics["skipped"] else ""))
     return rows
 
 
@@ -961,14 +974,36 @@ def git_commit() -> str:
 
 
 def atomic_save(obj, path: Path):
-    """torch.save to a temp file, fsync, rename: a kill mid-write never leaves a torn file."""
+    """torch.save to a temp file, fsync, rename: a kill mid-write never leaves a torn file, and a write
+    that fails (a full disk) stops the run with a message and leaves every earlier file as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write of its zip writer as RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = sorted(p.name for p in path.parent.glob("*.pt"))
+        raise SystemExit(f"error: could not write {path} ({e}). Nothing was replaced: {', '.join(kept) or 'no earlier file'} "
+                         f"in {path.parent} as before. Free disk space, then rerun with --resume.") from None
+
+
+def append_lines(path: Path, text: str):
+    """Appends whole lines under an exclusive lock in one write: any number of processes appending to
+    one file (bench/reproduce.py --workers N) never tear or interleave a line."""
+    import fcntl
+
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def make_run(args, method: str) -> Path:
@@ -992,8 +1027,7 @@ def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = 
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     lines = "".join(json.dumps({**common, **row}) + "\n" for row in rows)
     for path in {run / "results.jsonl", run.parent / "results.jsonl"}:
-        with open(path, "a") as f:
-            f.write(lines)
+        append_lines(path, lines)
 
 
 def checkpoint_meta(args, method: str, task: Task) -> dict:
@@ -1398,12 +1432,13 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
             ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
         bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
         record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms_sum}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps and is_main_process():
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # every process: sharded
             if head_from_text:
                 rebuild_head_from_text(model, task)
             scored = ema if ema is not None else model
             record["heldout_acc"] = evaluate_split(scored, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
-            bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
+            if is_main_process():
+                bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
             model.train()
         if log:
             log.write(json.dumps(record) + "\n")
@@ -1423,11 +1458,12 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
 def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Optional[int] = None) -> list:
     """The end of every method's main: final.pt, evaluation on every test split, results.jsonl."""
     model = model or env.model
+    if is_main_process():
+        atomic_save({"model": model.state_dict(), "meta": checkpoint_meta(args, env.method, env.task)}, env.run / "final.pt")
+        print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
+    rows = evaluate_task(model, env.task, env.eval_tf, env.device, args.eval_batch_size, args.workers)  # sharded
     if not is_main_process():
         return []
-    atomic_save({"model": model.state_dict(), "meta": checkpoint_meta(args, env.method, env.task)}, env.run / "final.pt")
-    print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
-    rows = evaluate_task(model, env.task, env.eval_tf, env.device, args.eval_batch_size, args.workers)
     log_results(env.run, env.method, args, rows, args.steps if step is None else step, tag)
     return rows
 

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (TrainArgs, cosine_logits, encode_text, finish, frozen_copy, get_device, load_run, parse_args, predict,
-                    run_theta0, set_trainable, setup, special_token_ids, template_embeddings, train)
+from common import (TrainArgs, append_lines, cosine_logits, encode_text, finish, frozen_copy, get_device, load_run,
+                    parse_args, predict, run_theta0, set_trainable, setup, special_token_ids, template_embeddings, train)
 
 NUM_TEXTS = 80  # M, random texts per step (paper: 80; its Table 8 finds 10-320 equivalent)
 TEXT_LENGTH = 8  # L, random tokens per text (paper: 8; much shorter or longer texts do worse)
@@ -211,8 +211,7 @@ def report_energy_gap(args) -> dict:
               "ood_mean": float(np.mean(by_kind("ood"))) if by_kind("ood") else None, "splits": splits}
     print(f"{run.method}: energy gap ID {result['id']}, OOD mean {result['ood_mean']}")
     (run.dir / "energy_gap.json").write_text(json.dumps(result, indent=2))
-    with open(run.dir.parent / "energy_gap.jsonl", "a") as f:
-        f.write(json.dumps(result) + "\n")
+    append_lines(run.dir.parent / "energy_gap.jsonl", json.dumps(result) + "\n")
     return result
 
 

@@ -102,3 +102,51 @@ def test_nan_names_last_good_checkpoint(tmp_path, folder_data, tiny_model):
 
     with pytest.raises(common.NonFiniteLoss, match=r"step 3 .*step_2\.pt"):
         common.train(env, loss_fn, args)
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops(tmp_path, folder_data, tiny_model, monkeypatch):
+    import errno
+
+    import common
+
+    args = common.TrainArgs(data="folder", data_root=folder_data, model=tiny_model, steps=6, batch_size=8,
+                            eval_every=0, ckpt_every=2, workers=0, out=str(tmp_path / "run"))
+    env = common.setup(args, "ft")
+    common.set_trainable(env.model)
+    real_save = torch.save
+
+    def save(obj, f):
+        if isinstance(obj, dict) and obj.get("step") == 4:  # the disk fills while step 4's checkpoint is written
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    loss_fn = lambda model, batch, step: (torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"]), {})  # noqa: E731
+    with pytest.raises(SystemExit, match=r"No space left on device.*step_2\.pt.*--resume"):
+        common.train(env, loss_fn, args)
+    ckpt = tmp_path / "run" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_2.pt"]  # no torn step_4.pt, no temp file left
+    assert torch.load(ckpt / "step_2.pt", weights_only=False)["step"] == 2
+
+
+WRITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import common
+for i in range(200):
+    common.append_lines(Path(sys.argv[2]), "".join('{"writer": %s, "i": %d, "pad": "%s"}\\n' % (sys.argv[3], i, "x" * 3000)
+                                                  for _ in range(3)))
+"""
+
+
+def test_many_processes_appending_results_never_tear_a_line(tmp_path):
+    out = tmp_path / "results.jsonl"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(out), str(w)]) for w in range(8)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every line whole JSON
+    assert len(rows) == 8 * 200 * 3
+    assert {(r["writer"], r["i"]) for r in rows} == {(w, i) for w in range(8) for i in range(200)}
+    # each append's 3 lines stay together: no writer's line lands inside another's append
+    assert all(rows[k]["writer"] == rows[k + 1]["writer"] == rows[k + 2]["writer"] for k in range(0, len(rows), 3))

@@ -1,9 +1,14 @@
 """Scale: every method ends with the same weights from 1 process at global batch B, from `--grad-accum 2`
-at B, and from `torchrun --nproc_per_node 2` at B (gloo on CPU). For the CE-based methods that is the
+at B, and from `torchrun --nproc_per_node 2` at B (gloo on CPU); FT and FLYP also from two one-process
+"nodes" on localhost. For the CE-based methods that is the
 mean over the batch split differently; for FLYP and ARF it needs the global-batch InfoNCE
 (common.ContrastiveLoss: rows gathered across processes with gradient, open_clip's feature cache under
 accumulation)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ for script, argv in json.loads(sys.argv[1]):
 """
 METHODS = ["lp", "ft", "lpft", "scratch", "ema", "l2sp", "kd", "featkd", "flyp", "lipsum_ft", "car_ft", "arf"]
 CONFIGS = {"one": [], "accum2": ["--grad-accum", "2"], "torchrun2": None}
+TWO_NODES = ("ft", "flyp")  # also run as torchrun --nnodes 2 --nproc-per-node 1 on localhost
 
 
 def close(a: dict, b: dict, atol=1e-5) -> list:
@@ -67,15 +73,67 @@ def finals(tmp_path_factory, tiny_model):
                     if flags is None else [])
         run_script([*launcher, str(base / "driver.py"), json.dumps(jobs)], cwd=base, env_extra={"OMP_NUM_THREADS": "1"})
         out[config] = {m: torch.load(runs / m / "final.pt", weights_only=False)["model"] for m in METHODS}
+    # two "nodes" of one process each on localhost (static rendezvous), for one CE and one contrastive method
+    jobs = [(script, [*argv[:-1], str(base / "2nodes" / Path(argv[-1]).name)]) for script, argv in jobs
+            if Path(argv[-1]).name in TWO_NODES]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-endpoint", "127.0.0.1:29543", str(base / "driver.py"),
+                               json.dumps(jobs)], cwd=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}) for r in (0, 1)]
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    out["2nodes"] = {m: torch.load(base / "2nodes" / m / "final.pt", weights_only=False)["model"] for m in TWO_NODES}
     out["init"] = torch.load(base / "one" / "lp" / "final.pt", weights_only=False)["model"]  # LP: the image tower at θ0
     return out
 
 
-@pytest.mark.parametrize("config", ["accum2", "torchrun2"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("config, method", [(c, m) for m in METHODS for c in ("accum2", "torchrun2")]
+                         + [("2nodes", m) for m in TWO_NODES])
 def test_same_weights_as_one_process(finals, method, config):
     one, other = finals["one"][method], finals[config][method]
     assert set(one) == set(other)
     assert not close(one, other), f"{method} under {config}: {close(one, other)[:4]}"
     moved = [k for k in one if k.startswith("clip.visual") and not torch.equal(one[k], finals["init"][k])]
     assert moved or method == "lp", f"{method} did not train its image tower"  # not a comparison of untouched models
+
+
+EVAL = """
+import json, sys, torch
+import common
+common.init_distributed(torch.device("cpu"))
+run = common.load_run(sys.argv[1], torch.device("cpu"))
+scored, features = [0], run.model.image_features
+run.model.image_features = lambda x: scored.__setitem__(0, scored[0] + len(x)) or features(x)  # images this process scored
+rows = common.evaluate_task(run.model, run.task, run.eval_tf, torch.device("cpu"), batch_size=5)
+open(f"{sys.argv[2]}.{common.dist.get_rank() if common.dist.is_initialized() else 0}", "w").write(str(scored[0]))
+if common.is_main_process():
+    open(sys.argv[2], "w").write(json.dumps(rows))
+"""
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path, folder_data, tiny_model):
+    """2 processes each score half of every split (17 images in one: not divisible by 2, with an
+    unreadable file) and get the accuracy, ECE and NLL of 1 process."""
+    from conftest import write_images
+
+    write_images(Path(folder_data) / "sketch" / "owl", 5, seed=99)  # sketch: 4 x 4 images + 1
+    (Path(folder_data) / "sketch" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", folder_data, "--model",
+                tiny_model, "--steps", "2", "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "run")], cwd=tmp_path)
+    (tmp_path / "eval.py").write_text(EVAL)
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script([str(tmp_path / "eval.py"), str(tmp_path / "run"), str(tmp_path / "one.json")], cwd=tmp_path, env_extra=env)
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542", str(tmp_path / "eval.py"),
+                str(tmp_path / "run"), str(tmp_path / "two.json")], cwd=tmp_path, env_extra=env)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert [r["split"] for r in one] == [r["split"] for r in two] == ["test", "sketch"]
+    sketch = one[1]
+    assert sketch["n"] == 16 + 1 and sketch["skipped"] == 1  # 18 files, one unreadable
+    counts = [int((tmp_path / f"two.json.{r}").read_text()) for r in (0, 1)]
+    # test 16 = 8 + 8; sketch 18 files = 9 + 9, the unreadable one (sketch/cat/broken.jpg, first) in rank 0's half
+    assert counts == [8 + 8, 8 + 9] and int((tmp_path / "one.json.0").read_text()) == 16 + 17
+    for a, b in zip(one, two):
+        assert (a["n"], a["skipped"]) == (b["n"], b["skipped"])
+        for metric in ("acc", "ece", "nll"):
+            assert abs(a[metric] - b[metric]) <= 1e-6, (a["split"], metric, a[metric], b[metric])
