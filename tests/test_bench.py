@@ -1,5 +1,6 @@
 """bench/ scripts end to end on micro configs (they print their table and write nothing): the numbers
 they measure are machine-dependent, so these check the plumbing and the table's shape."""
+import subprocess
 import sys
 
 from conftest import REPO
@@ -39,7 +40,18 @@ def test_retrieval_micro_exact_index_has_recall_one(capsys):
 
     retrieval.main(["--n", "3000", "--d", "32", "--queries", "50", "--threads", "1", "--no-write"])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3,000") or line.startswith("| 3000"))
-    assert "1.000" in row  # below EXACT_MAX arf.build_index is exact: recall@10 vs torch's exact search is 1
+    assert "1.000" in row  # below EXACT_MAX common.build_index is exact: recall@10 vs torch's exact search is 1
+
+
+def test_ddp_micro_two_processes_both_paths_agree(tmp_path, folder_data, tiny_model):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ddp.py"), "--data", "folder", "--data-root", folder_data,
+                           "--model", tiny_model, "--batch-size", "8", "--rounds", "2", "--steps", "1", "--no-write"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # the bench stops if the gradients differ
+    rows = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert rows["flat all-reduce after backward (old)"][3].strip() == "1.00"
+    assert float(rows["DistributedDataParallel, bucketed during backward (now)"][3]) > 0
+    assert "over 2 gloo processes" in proc.stdout
 
 
 def test_fixes_micro_old_and_new_paths_agree(tiny_model, capsys):
