@@ -1305,8 +1305,9 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
     `ckpt_every` steps (model, optimiser, scheduler, RNG, step, EMA), `--resume`, and under torchrun
     DistributedDataParallel's bucketed gradient averaging (overlapping backward; micro-batches before
     the step's last are accumulated without it). A ContrastiveLoss is computed over the global batch
-    (gathered across processes, exact under accumulation). After every optimiser step, in this order: a trained logit scale is
-    clamped to [0, MAX_LOGIT_SCALE]; the EMA is updated; the held-out slice is scored, when due.
+    (gathered across processes, exact under accumulation). After every optimiser step, in this order:
+    a trained logit scale is clamped to [0, MAX_LOGIT_SCALE]; the EMA is updated; the held-out slice is
+    scored (sharded over processes), when due.
       ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ of the trainable weights (m = ema_decay, θ_ema = θ0
                       at the start); the held-out checks score it and it is what train returns.
       head_from_text  the head is rebuilt from the current text tower before every held-out check and
@@ -1381,6 +1382,39 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
     def scalars(loss, terms, parts=1) -> dict:
         return {k: float(v.detach() if torch.is_tensor(v) else v) / parts for k, v in {"loss": loss, **terms}.items()}
 
+    def backward_mean(micro: list, step: int) -> dict:
+        """A loss that is a mean over images: each micro-batch's share, backpropagated in turn."""
+        terms_sum = {}
+        for j, batch in enumerate(micro):
+            with synced_unless(j == accum - 1):
+                with autocast(device):
+                    loss, terms = stepper(batch, step)
+                check_finite(loss, terms, step)
+                (loss / accum).backward()
+            for k, v in scalars(loss, terms, accum).items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v
+        return terms_sum
+
+    def backward_global_batch(micro: list, step: int) -> dict:
+        """A ContrastiveLoss: the rows of every micro-batch of every process, open_clip's feature cache."""
+        cached = []
+        if accum > 1:
+            with torch.no_grad(), autocast(device):
+                cached = [stepper(b, step) for b in micro]
+        for j, batch in enumerate(micro):
+            with synced_unless(j == accum - 1):
+                with autocast(device):
+                    own = stepper(batch, step)  # this micro-batch's rows, with gradient
+                    parts = [own if i == j else c for i, c in enumerate(cached)] or [own]
+                    rows = {k: torch.cat([p[k] for p in parts]) for k in own}
+                    rows = gather_rows(rows) if world > 1 else rows
+                    scale = model.scale  # its gradient counted once per step, not once per pass:
+                    scale = scale.detach() + (scale - scale.detach()) / accum if accum > 1 else scale
+                    loss, terms = loss_fn.loss(rows, scale)
+                check_finite(loss, terms, step)
+                loss.backward()
+        return scalars(loss, terms)  # every pass computes the same full-batch loss
+
     model.train()
     for step in bar:
         micro = []
@@ -1392,34 +1426,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
                 batch[name] = to_device(batch[name])
             bad_images += batch.pop("n_bad")
             micro.append(to_device(batch))
-        terms_sum: dict = {}
-        if isinstance(loss_fn, ContrastiveLoss):  # the loss of the global batch (see ContrastiveLoss)
-            cached = []
-            if accum > 1:
-                with torch.no_grad(), autocast(device):
-                    cached = [stepper(b, step) for b in micro]
-            for j, batch in enumerate(micro):
-                with synced_unless(j == accum - 1):
-                    with autocast(device):
-                        own = stepper(batch, step)  # this micro-batch's rows, with gradient
-                        parts = [own if i == j else c for i, c in enumerate(cached)] or [own]
-                        rows = {k: torch.cat([p[k] for p in parts]) for k in own}
-                        rows = gather_rows(rows) if world > 1 else rows
-                        scale = model.scale  # its gradient counted once per step, not once per pass:
-                        scale = scale.detach() + (scale - scale.detach()) / accum if accum > 1 else scale
-                        loss, terms = loss_fn.loss(rows, scale)
-                    check_finite(loss, terms, step)
-                    loss.backward()
-            terms_sum = scalars(loss, terms)  # every pass computes the same full-batch loss
-        else:
-            for j, batch in enumerate(micro):
-                with synced_unless(j == accum - 1):
-                    with autocast(device):
-                        loss, terms = stepper(batch, step)
-                    check_finite(loss, terms, step)
-                    (loss / accum).backward()
-                for k, v in scalars(loss, terms, accum).items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + v
+        terms_sum = (backward_global_batch if isinstance(loss_fn, ContrastiveLoss) else backward_mean)(micro, step)
         if args.clip_grad > 0:
             terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
         opt.step()
