@@ -23,6 +23,12 @@ is micro-batch t of its own data stream (common.train's `streams`, a StepBatchSa
 retrieved pairs with seed + 1): a function of (seed, step) like the training batch, and so resumed
 exactly. The anchors are prepared before training, below `main`: captions (the data's, a TSV, or
 BLIP-2) and retrieval from the pool (--pool, or the one the dataset offers: miniworld's generated pool).
+Preparation scales: under torchrun every process captions and embeds its own share (equal chunks,
+common.shard_chunks), every finished batch of captions and chunk of embeddings is on disk at once (a
+killed run resumes there), and only the faiss search runs on one process. So no process waits in a
+collective for much longer than the slowest share or the search; `--prepare` does just this and
+exits, so that ImageNet's hours of BLIP-2 captioning can run (and be resumed) as a job of its own,
+after which training under any number of processes reads the caches.
 
 Run:  python arf.py                                   (miniworld: dataset captions, generated 50k pool)
       python arf.py --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai \
@@ -36,13 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (ContrastiveLoss, TrainArgs, TransformedImages, barrier, build_index, cache_dir, clean,
+from common import (ContrastiveLoss, TrainArgs, TransformedImages, append_lines, barrier, build_index, cache_dir, clean,
                     clip_contrastive_loss, collate_skipping_bad, digest, embed_images, encode_text, finish, image_keys,
-                    is_main_process, parse_args, read_pool, search, set_trainable, setup, text_ids, train)
+                    is_main_process, parse_args, read_pool, search, set_trainable, setup, shard_chunks, text_ids, train)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
 CAPTION_MAX_TOKENS = 30  # BLIP-2 generation length
+CAPTION_CHUNK = 1024  # training images per captioning share: chunk c goes to process c mod world
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Args(TrainArgs):
     cap: bool = True  # text-compensated anchors, L_cap (--no-cap: ablation)
     ret: bool = True  # retrieved image-text anchors, L_ret (--no-ret: ablation)
     cache: str = ""  # folder for captions, pool embeddings, retrievals (default $ROBUSTFT_CACHE/arf)
+    prepare: bool = False  # only prepare the anchors into --cache (sharded under torchrun, resumable), then exit
 
 
 # ARF trains with FT's recipe (common.FT_RECIPES) so that ARF and FT differ only in the loss. Real data
@@ -127,9 +135,13 @@ def main(argv=None):
     tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
     if not args.out:
         args.out = f"runs/arf{'-' + tag.replace(',', '-') if tag else ''}-{args.data}-{Path(args.model).stem}-s{args.seed}"
-    env = setup(args, "arf")
+    env = setup(args, "arf", run_dir=not args.prepare)
     captions = train_captions(args, env) if args.cap else None
     ret_images, ret_captions = retrieve_anchors(args, env) if args.ret else (None, None)
+    if args.prepare:  # training (any number of processes) then finds every cache ready
+        if is_main_process():
+            print(f"anchors prepared in {cache_root(args)}")
+        return None
     set_trainable(env.model, image=True, text=True, head=False, scale=True)
     streams = {"retrieved": (ret_images, args.ret_batch_size or args.batch_size // 2)} if args.ret else None
     loss_fn = make_loss_fn(env.model, env.task.classnames, captions, ret_captions)
@@ -165,34 +177,42 @@ def _blip2_pixels(image_processor, image):
 
 @torch.inference_mode()
 def blip2_captions(images, model_name: str, cache_file: Path, batch_size: int, device, workers: int = 0) -> list:
-    """Captions every image with BLIP-2, appending 'key<TAB>caption' to cache_file batch by batch,
-    so a rerun (or a killed run) only captions what is missing."""
+    """Captions every image with BLIP-2 (bf16 on CUDA). Every process calls it and captions its share
+    (common.shard_chunks of CAPTION_CHUNK images), appending 'key<TAB>caption' lines to cache_file
+    batch by batch under a lock, so a rerun (or a killed run) only captions what is missing."""
     from functools import partial
 
     from tqdm import tqdm
 
+    if is_main_process() and cache_file.is_file() and cache_file.stat().st_size:
+        with open(cache_file, "rb+") as f:  # a line torn by a kill: end it, so the next append starts a line
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    barrier()
     keys, done = image_keys(images), read_caption_file(cache_file)
-    todo = [i for i, k in enumerate(keys) if k not in done]
+    todo = [i for r in shard_chunks(len(keys), CAPTION_CHUNK) for i in r if keys[i] not in done]
     if todo:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         print(f"captioning {len(todo)} images with BLIP-2 {model_name} ({len(keys) - len(todo)} cached in {cache_file})")
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         processor = Blip2Processor.from_pretrained(model_name)
         model = Blip2ForConditionalGeneration.from_pretrained(model_name, dtype=dtype).to(device).eval()
         data = TransformedImages(images, partial(_blip2_pixels, processor.image_processor))
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=todo, num_workers=workers,
                                              collate_fn=collate_skipping_bad)
-        with open(cache_file, "a") as f:
-            for batch in tqdm(loader, desc="BLIP-2 captions"):
+        with tqdm(total=len(todo), desc="BLIP-2 captions", unit="img") as bar:
+            for batch in loader:
+                bar.update(len(batch.get("index", [])) + batch["n_bad"])
                 if "image" not in batch:
                     continue
                 out = model.generate(pixel_values=batch["image"].to(device, dtype), max_new_tokens=CAPTION_MAX_TOKENS)
-                for i, text in zip(batch["index"].tolist(), processor.batch_decode(out, skip_special_tokens=True)):
-                    done[keys[i]] = clean(text)
-                    f.write(f"{keys[i]}\t{done[keys[i]]}\n")
-                f.flush()
+                texts = [clean(t) for t in processor.batch_decode(out, skip_special_tokens=True)]
+                append_lines(cache_file, "".join(f"{keys[i]}\t{t}\n" for i, t in zip(batch["index"].tolist(), texts)))
         del model
+    barrier()  # every process's share is in the file
+    done = read_caption_file(cache_file)
     return [done.get(k, "") for k in keys]  # unreadable images keep "" and are never drawn in training
 
 
@@ -201,10 +221,7 @@ def train_captions(args, env) -> list:
     images = env.task.train.images
     if args.captioner == "blip2":
         cache_file = cache_root(args) / f"captions-blip2-{Path(args.captioner_model).name}-{digest(args.captioner_model)}.tsv"
-        if is_main_process():
-            blip2_captions(images, args.captioner_model, cache_file, args.caption_batch_size, env.device, args.workers)
-        barrier()
-        return blip2_captions(images, args.captioner_model, cache_file, args.caption_batch_size, env.device)
+        return blip2_captions(images, args.captioner_model, cache_file, args.caption_batch_size, env.device, args.workers)
     if args.captioner != "dataset":
         raise SystemExit(f"error: unknown --captioner {args.captioner!r}; choose dataset or blip2")
     if args.captions:
@@ -235,15 +252,17 @@ def retrieve_anchors(args, env):
     st = os.stat(pool)
     pool_file = cache_root(args) / f"pool-{digest(os.path.abspath(pool), st.st_size, st.st_mtime, sep, model_key)}.npy"
     train_file = cache_root(args) / f"train-{digest(*image_keys(env.task.train.images), model_key)}.npy"
-    ret_file = cache_root(args) / f"retrieved-{digest(pool_file, train_file, args.retrieve_k)}.npy"
-    if is_main_process():
-        bs, w = args.eval_batch_size, args.workers
-        pool_emb, ok = embed_images(env.clip, images, env.eval_tf, pool_file, bs, env.device, w)
-        if not ret_file.is_file():
-            query, qok = embed_images(env.clip, env.task.train.images, env.eval_tf, train_file, bs, env.device, w)
+    ret_file = cache_root(args) / f"retrieved-{digest(pool_file.name, train_file.name, args.retrieve_k)}.npy"
+    retrieve = not ret_file.is_file()  # decided before any process can write it: every process agrees
+    bs, w = args.eval_batch_size, args.workers
+    pool_emb, ok = embed_images(env.clip, images, env.eval_tf, pool_file, bs, env.device, w)  # each process its share
+    if retrieve:
+        query, qok = embed_images(env.clip, env.task.train.images, env.eval_tf, train_file, bs, env.device, w)
+        if is_main_process():  # the search itself: one process (faiss uses every core it has)
             rows = np.flatnonzero(ok)  # index row -> pool row
             neighbours = search(build_index(pool_emb[rows]), query[qok], args.retrieve_k)  # [Q, k]
-            np.save(ret_file, rows[np.unique(neighbours[neighbours >= 0])])
+            np.save(ret_file.with_suffix(".tmp.npy"), rows[np.unique(neighbours[neighbours >= 0])])
+            os.replace(ret_file.with_suffix(".tmp.npy"), ret_file)
     barrier()
     keep, unreadable = np.load(ret_file), int((~np.load(pool_file.with_suffix(".ok.npy"))).sum())
     print(f"pool {pool}: {len(images) - unreadable} usable pairs, skipped {bad} rows (malformed or missing image) "

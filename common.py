@@ -749,6 +749,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
 EXACT_MAX = 1_000_000  # pools with fewer rows are searched exactly; larger ones with an IVF index
 PQ_MIN = 20_000_000  # from here on IVF stores PQ codes (float vectors would not fit in RAM)
 IVF_NPROBE = 8  # inverted lists visited per query (recall@10 0.99 on bench/retrieval.py's pool)
+EMBED_CHUNK = 8192  # images per embedding chunk: the unit of sharding over processes and of resuming
 
 
 def cache_dir(sub: str) -> Path:
@@ -789,32 +790,69 @@ def read_pool(path: str, img_key: str, caption_key: str, sep: str):
     return FileImages(paths, np.zeros(len(paths), dtype=np.int64)), captions, bad
 
 
+def shard_chunks(n: int, chunk: int) -> list:
+    """This process's chunks of range(n): chunk c (rows c·chunk ...) belongs to process c mod world, so
+    every process gets an equal share and the chunks are the same whatever the number of processes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return [range(s, min(n, s + chunk)) for s in range(rank * chunk, n, world * chunk)]
+
+
 @torch.inference_mode()
-def embed_images(clip, images, transform, cache_file: Path, batch_size: int, device, workers: int = 0):
+def embed_images(clip, images, transform, cache_file: Path, batch_size: int, device, workers: int = 0,
+                 chunk: Optional[int] = None):
     """n(f(x)) of every image as a float16 [N, D] memmap cached in cache_file, plus a [N] mask of the
-    readable ones. Computed once; a rerun memory-maps the file."""
+    readable ones; a rerun memory-maps the file. Every process calls it: the images are embedded in
+    chunks of EMBED_CHUNK (sharded over processes by shard_chunks, bf16 autocast on CUDA), each chunk
+    saved when done (cache_file.chunkNNNNNN.npz), so a killed run resumes at its first unfinished
+    chunk; process 0 then joins the chunks into cache_file."""
     from tqdm import tqdm
 
+    chunk = chunk or EMBED_CHUNK
     mask_file = cache_file.with_suffix(".ok.npy")
+    part = lambda r: cache_file.with_suffix(f".chunk{r.start // chunk:06d}.npz")  # noqa: E731
     if not cache_file.is_file():
-        partial_file, emb = cache_file.with_suffix(".partial.npy"), None
-        ok = np.zeros(len(images), dtype=bool)
-        loader = torch.utils.data.DataLoader(TransformedImages(images, transform), batch_size=batch_size,
-                                             num_workers=workers, collate_fn=collate_skipping_bad)
-        for batch in tqdm(loader, desc=f"embedding {len(images)} images"):
-            if "image" in batch:
-                z = F.normalize(clip.encode_image(batch["image"].to(device)).float(), dim=-1).cpu().numpy()  # [b, D]
-                if emb is None:
-                    emb = np.lib.format.open_memmap(partial_file, mode="w+", dtype=np.float16, shape=(len(images), z.shape[1]))
-                emb[batch["index"].numpy()] = z
-                ok[batch["index"].numpy()] = True
-        if emb is None:
-            raise SystemExit(f"error: none of the {len(images)} images could be read")
-        emb.flush()
-        del emb
-        np.save(mask_file, ok)
-        os.replace(partial_file, cache_file)
+        todo = [r for r in shard_chunks(len(images), chunk) if not part(r).is_file()]
+        bar = tqdm(total=sum(len(r) for r in todo), desc=f"embedding {len(images)} images", unit="img")
+        for r in todo:
+            emb, ok = None, np.zeros(len(r), dtype=bool)
+            loader = torch.utils.data.DataLoader(TransformedImages(images.subset(list(r)), transform), batch_size=batch_size,
+                                                 num_workers=workers, collate_fn=collate_skipping_bad)
+            for batch in loader:
+                if "image" in batch:
+                    with autocast(device):
+                        z = F.normalize(clip.encode_image(batch["image"].to(device)).float(), dim=-1).cpu().numpy()  # [b, D]
+                    emb = np.zeros((len(r), z.shape[1]), dtype=np.float16) if emb is None else emb
+                    emb[batch["index"].numpy()] = z
+                    ok[batch["index"].numpy()] = True
+                bar.update(len(batch.get("index", [])) + batch["n_bad"])
+            tmp = part(r).with_suffix(".tmp.npz")
+            np.savez(tmp, emb=emb if emb is not None else np.zeros((len(r), 0), dtype=np.float16), ok=ok)
+            os.replace(tmp, part(r))  # a finished chunk: a rerun skips it
+        bar.close()
+        barrier()
+        if is_main_process():
+            parts = [np.load(part(r)) for r in shard_chunks_all(len(images), chunk)]
+            dims = {p["emb"].shape[1] for p in parts if p["ok"].any()}
+            if not dims:
+                raise SystemExit(f"error: none of the {len(images)} images could be read")
+            partial = cache_file.with_suffix(".partial.npy")
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(images), dims.pop()))
+            for r, p in zip(shard_chunks_all(len(images), chunk), parts):
+                if p["ok"].any():
+                    out[r.start:r.stop] = p["emb"]
+            out.flush()
+            del out
+            np.save(mask_file, np.concatenate([p["ok"] for p in parts]))
+            os.replace(partial, cache_file)
+            for r in shard_chunks_all(len(images), chunk):
+                part(r).unlink()
+        barrier()
     return np.load(cache_file, mmap_mode="r"), np.load(mask_file)
+
+
+def shard_chunks_all(n: int, chunk: int) -> list:
+    """Every chunk of range(n), in order (what shard_chunks hands out over all processes)."""
+    return [range(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
 
 def build_index(emb: np.ndarray, verbose: bool = True):
@@ -1475,9 +1513,9 @@ def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Op
     return rows
 
 
-def setup(args, method: str):
+def setup(args, method: str, run_dir: bool = True):
     """The start of every method's main: seed, device, task, CLIP, transforms, zero-shot classifier,
-    run directory. Returns a namespace with all of them."""
+    run directory (none with run_dir=False: a step that trains nothing). Returns a namespace."""
     device = get_device(args.device)
     seed_everything(args.seed, device)
     args.workers = min(args.workers, os.cpu_count() or 1)
@@ -1488,6 +1526,6 @@ def setup(args, method: str):
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
     head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
     model = ClipClassifier(clip, head, tokenizer).to(device)
-    run = make_run(args, method)
+    run = make_run(args, method) if run_dir else None
     return argparse.Namespace(device=device, clip=clip, tokenizer=tokenizer, task=task, train_tf=train_tf,
                               eval_tf=eval_tf, model=model, run=run, method=method)

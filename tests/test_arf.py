@@ -7,6 +7,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 import arf
 import common
 from common import FileImages, load_classifier, zeroshot_head
-from conftest import REPO, make_pool, write_images
+from conftest import REPO, make_pool, run_script, write_images
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 
@@ -157,3 +158,88 @@ def test_resume_continues_the_anchor_stream(tmp_path, tiny_model, folder_data, m
     a = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed" / "final.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+PREPARE = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import arf, common
+common.EMBED_CHUNK = arf.CAPTION_CHUNK = 8  # several chunks on a tiny dataset
+arf.main(json.loads(sys.argv[1]))
+"""
+
+
+def prepare_argv(folder_data, tiny_model, blip2_dir, pool, cache):
+    return ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--captioner", "blip2",
+            "--captioner-model", blip2_dir, "--caption-batch-size", "4", "--pool", str(pool), "--retrieve-k", "2",
+            "--eval-batch-size", "4", "--workers", "0", "--cache", str(cache), "--prepare"]
+
+
+def test_prepare_on_two_processes_writes_the_caches_of_one(tmp_path, tiny_model, folder_data, blip2_dir):
+    pool = make_pool(tmp_path / "pool", sorted((Path(folder_data) / "train" / "cat").iterdir())[:3])
+    (tmp_path / "prepare.py").write_text(PREPARE)
+    caches = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                   "--master_port", "29551"])):
+        argv = prepare_argv(folder_data, tiny_model, blip2_dir, pool, tmp_path / name)
+        out = run_script([*launcher, str(tmp_path / "prepare.py"), json.dumps(argv), str(REPO)], cwd=tmp_path,
+                         env_extra={"OMP_NUM_THREADS": "1"}).stdout
+        caches[name] = {p.name: p for p in (tmp_path / name).iterdir()}
+        # 44 training images in chunks of 8: one process captions all; two take chunks 0, 2, 4 and 1, 3, 5
+        shares = sorted(int(line.split()[1]) for line in out.splitlines() if line.startswith("captioning "))
+        assert shares == ([44] if name == "one" else [20, 24]), out[-2000:]
+    assert set(caches["one"]) == set(caches["two"]) and not [n for n in caches["one"] if "chunk" in n or "tmp" in n]
+    for name, path in caches["one"].items():
+        other = caches["two"][name]
+        if name.endswith(".tsv"):  # captions: the same line per image, in whatever order the processes wrote
+            assert sorted(path.read_text().splitlines()) == sorted(other.read_text().splitlines()), name
+            assert len(path.read_text().splitlines()) == 44  # every training image (48 minus 4 held out)
+        else:  # pool / training-image embeddings, their masks, the retrieved rows
+            assert np.array_equal(np.load(path), np.load(other)), name
+    assert any(n.startswith("retrieved-") for n in caches["one"])
+
+
+def test_prepare_killed_midway_resumes_at_the_first_unfinished_chunk(tmp_path, tiny_model, folder_data, blip2_dir,
+                                                                     monkeypatch):
+    from transformers import Blip2ForConditionalGeneration
+
+    pool = make_pool(tmp_path / "pool", sorted((Path(folder_data) / "train" / "cat").iterdir())[:3])
+    monkeypatch.setattr(common, "EMBED_CHUNK", 8)
+    argv = prepare_argv(folder_data, tiny_model, blip2_dir, pool, tmp_path / "cache")
+    generate, calls = Blip2ForConditionalGeneration.generate, []
+
+    def killed_after_5_batches(self, pixel_values, **kw):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(len(pixel_values))
+        return generate(self, pixel_values=pixel_values, **kw)
+
+    monkeypatch.setattr(Blip2ForConditionalGeneration, "generate", killed_after_5_batches)
+    with pytest.raises(KeyboardInterrupt):
+        arf.main(argv)
+    assert calls == [4] * 5
+    calls.clear()
+    real_savez, saved = np.savez, []
+
+    def savez_killed_at_the_third_chunk(file, **arrays):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(Path(file).name)
+        return real_savez(file, **arrays)
+
+    monkeypatch.setattr(Blip2ForConditionalGeneration, "generate", lambda self, pixel_values, **kw: (
+        calls.append(len(pixel_values)) or generate(self, pixel_values=pixel_values, **kw)))
+    monkeypatch.setattr(np, "savez", savez_killed_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        arf.main(argv)
+    assert calls == [4] * 6  # the 44 - 5 x 4 = 24 captions still missing; the first 20 were not redone
+    pool_chunks = sorted((tmp_path / "cache").glob("pool-*.chunk*.npz"))
+    assert [p.name.split(".")[-2] for p in pool_chunks] == ["chunk000000", "chunk000001"]  # 35 pool images: 2 of 5 done
+    calls.clear()
+    saved.clear()
+    monkeypatch.setattr(np, "savez", lambda file, **arrays: saved.append(Path(file).name) or real_savez(file, **arrays))
+    arf.main(argv)
+    assert calls == []  # every caption cached
+    chunks = [n.split(".")[-3] for n in saved if n.startswith("pool-")]
+    assert chunks == ["chunk000002", "chunk000003", "chunk000004"]  # the finished chunks were not recomputed
+    assert not list((tmp_path / "cache").glob("*chunk*"))  # joined into the caches, then removed
