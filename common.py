@@ -38,6 +38,8 @@ import math
 import os
 import random
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1333,6 +1335,58 @@ def rebuild_head_from_text(model: ClipClassifier, task: Task):
     model.head.data = zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates, model.head.device)
 
 
+LOST = "lost a process"  # marks the SystemExit of a run whose process group lost a member
+
+
+def watch_peers(run: Path, rank: int, world: int):
+    """Under torchrun: every process's (host, pid), and a SIGTERM handler. When one process dies, the
+    others' next collective fails (gloo sees the closed connection) or the launcher stops them with
+    SIGTERM; either way each survivor stops within seconds with lost_process_message instead of a raw
+    traceback or a hang. None for one process."""
+    if world == 1:
+        return None
+    peers = [None] * world
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(LOST)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return peers
+
+
+def lost_ranks(rank: int, peers: list) -> list:
+    """The other ranks on this host whose process no longer exists."""
+    def gone(host, pid):
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    return [r for r, peer in enumerate(peers) if r != rank and gone(*peer)]
+
+
+def is_collective_failure(e: Exception) -> bool:
+    """A process-group error (what gloo / NCCL raise when a peer's connection closes or times out)."""
+    return any(w in str(e) for w in ("Connection closed", "Connection reset", "Broken pipe", "connection", "Gloo",
+                                     "NCCL", "timed out", "ProcessGroup"))
+
+
+def lost_process_message(run: Path, rank: int, peers: list) -> str:
+    """Which ranks are gone, where the newest checkpoint is, and how to go on."""
+    time.sleep(1)  # a peer that just failed may still be exiting
+    lost = lost_ranks(rank, peers)
+    who = ", ".join(f"rank {r}" for r in lost) or "a process on another host (or its launcher)"
+    ckpts = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    return (f"error: rank {rank} {LOST} of this run: {who} ended. Last checkpoint: {ckpts[-1] if ckpts else 'none'}. "
+            "Rerun the same command with --resume to continue from it.")
+
+
 def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, head_from_text: bool = False,
           streams: Optional[dict] = None) -> nn.Module:
     """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch, step)`
@@ -1454,42 +1508,54 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
         return scalars(loss, terms)  # every pass computes the same full-batch loss
 
     model.train()
-    for step in bar:
-        micro = []
-        for _ in range(accum):
-            batch = next(batch_iter)
-            for name, it in extra.items():
-                batch[name] = next(it)
-                bad_images += batch[name].pop("n_bad")
-                batch[name] = to_device(batch[name])
-            bad_images += batch.pop("n_bad")
-            micro.append(to_device(batch))
-        terms_sum = (backward_global_batch if isinstance(loss_fn, ContrastiveLoss) else backward_mean)(micro, step)
-        if args.clip_grad > 0:
-            terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if scale_trains:
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if ema is not None:
-            ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
-        record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms_sum}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # every process: sharded
-            if head_from_text:
-                rebuild_head_from_text(model, task)
-            scored = ema if ema is not None else model
-            record["heldout_acc"] = evaluate_split(scored, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
-            if is_main_process():
-                bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
-            model.train()
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
-            save_checkpoint(step + 1)
+    peers = watch_peers(run, rank, world)  # under torchrun: a lost process stops this one with a message
+    try:
+        for step in bar:
+            micro = []
+            for _ in range(accum):
+                batch = next(batch_iter)
+                for name, it in extra.items():
+                    batch[name] = next(it)
+                    bad_images += batch[name].pop("n_bad")
+                    batch[name] = to_device(batch[name])
+                bad_images += batch.pop("n_bad")
+                micro.append(to_device(batch))
+            terms_sum = (backward_global_batch if isinstance(loss_fn, ContrastiveLoss) else backward_mean)(micro, step)
+            if args.clip_grad > 0:
+                terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if scale_trains:
+                with torch.no_grad():
+                    model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if ema is not None:
+                ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
+            record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms_sum}
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # every process: sharded
+                if head_from_text:
+                    rebuild_head_from_text(model, task)
+                scored = ema if ema is not None else model
+                record["heldout_acc"] = evaluate_split(scored, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
+                if is_main_process():
+                    bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
+                model.train()
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+                save_checkpoint(step + 1)
+    except (RuntimeError, SystemExit) as e:  # a collective whose peer died, or the launcher's SIGTERM
+        if peers is None or isinstance(e, NonFiniteLoss) or not (str(e) == LOST or lost_ranks(rank, peers)
+                                                                 or is_collective_failure(e)):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM may follow: let the message out first
+        raise SystemExit(lost_process_message(run, rank, peers)) from None
+    finally:
+        if peers is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     if bad_images and is_main_process():
         print(f"warning: skipped {bad_images} unreadable training images (see above for the folder)")
     if log:

@@ -150,3 +150,45 @@ def test_many_processes_appending_results_never_tear_a_line(tmp_path):
     assert {(r["writer"], r["i"]) for r in rows} == {(w, i) for w in range(8) for i in range(200)}
     # each append's 3 lines stay together: no writer's line lands inside another's append
     assert all(rows[k]["writer"] == rows[k + 1]["writer"] == rows[k + 2]["writer"] for k in range(0, len(rows), 3))
+
+
+DIES = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import baselines, common
+real_train = common.train
+
+
+def train(env, loss_fn, args, **kw):
+    def dying(model, batch, step):
+        if step == 5 and common.dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # rank 1 is lost mid-run, after the step-4 checkpoint
+        return loss_fn(model, batch, step)
+    return real_train(env, dying, args, **kw)
+
+
+baselines.train = train
+baselines.main(sys.argv[2:])
+"""
+
+
+def test_a_lost_process_stops_the_other_with_a_message_and_resume_matches(tmp_path, folder_data, tiny_model):
+    from conftest import close, run_script
+
+    ft = ["--method", "ft", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "8",
+          "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "2", "--workers", "0"]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script([*torchrun, str(REPO / "baselines.py"), *ft, "--out", str(tmp_path / "straight")], cwd=tmp_path, env_extra=env)
+    (tmp_path / "dies.py").write_text(DIES)
+    start = time.time()
+    proc = run_script([*torchrun, str(tmp_path / "dies.py"), str(REPO), *ft, "--out", str(tmp_path / "cut")], cwd=tmp_path,
+                      env_extra=env, check=False)
+    took, out = time.time() - start, proc.stdout + proc.stderr
+    assert proc.returncode != 0 and took < 60, (took, out[-3000:])
+    assert "error: rank 0 lost a process of this run: rank 1 ended" in out, out[-3000:]
+    assert f"Last checkpoint: {tmp_path / 'cut' / 'ckpt' / 'step_4.pt'}" in out and "--resume" in out
+    run_script([*torchrun, str(REPO / "baselines.py"), *ft, "--out", str(tmp_path / "cut"), "--resume"], cwd=tmp_path,
+               env_extra=env)
+    a, b = (torch.load(tmp_path / d / "final.pt", weights_only=False)["model"] for d in ("straight", "cut"))
+    assert not close(a, b)

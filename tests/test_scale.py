@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, make_pool, run_script
+from conftest import REPO, close, make_pool, run_script
 
 DRIVER = """
 import json, runpy, sys
@@ -24,21 +24,6 @@ for script, argv in json.loads(sys.argv[1]):
 METHODS = ["lp", "ft", "lpft", "scratch", "ema", "l2sp", "kd", "featkd", "flyp", "lipsum_ft", "car_ft", "arf"]
 CONFIGS = {"one": [], "accum2": ["--grad-accum", "2"], "torchrun2": None}
 TWO_NODES = ("ft", "flyp")  # also run as torchrun --nnodes 2 --nproc-per-node 1 on localhost
-
-
-def close(a: dict, b: dict, atol=1e-5) -> list:
-    """Names of the tensors that differ by more than atol. The attention key bias has an exactly-zero
-    gradient (softmax is shift-invariant), so Adam divides float round-off by its own magnitude there:
-    its key third is left out, every parameter that learns must match."""
-    bad = []
-    for k in a:
-        x, y = a[k], b[k]
-        if k.endswith("attn.in_proj_bias"):
-            w = x.shape[0] // 3
-            x, y = torch.cat([x[:w], x[2 * w:]]), torch.cat([y[:w], y[2 * w:]])
-        if not torch.allclose(x, y, atol=atol, rtol=0):
-            bad.append(f"{k} ({(x - y).abs().max().item():.2e})")
-    return bad
 
 
 @pytest.fixture(scope="module")
