@@ -16,7 +16,8 @@ batch of --ret-batch-size pairs per step (half the batch: keeps ARF's step withi
 ViT-B/16); duplicate class prompts (and identical captions) in a batch are positives of each other,
 not false negatives (targets uniform over the duplicates: common.clip_contrastive_loss's "positive"
 rule); each InfoNCE is over the global batch, every process's micro-batches (common.ContrastiveLoss:
-gathered with gradient, open_clip's feature cache under --grad-accum); the logit scale
+gathered with gradient; under --grad-accum open_clip's feature cache, exact at the cost of one extra
+no-grad forward of every micro-batch); the logit scale
 trains and is clamped at 100 like open_clip's (common.train); the head is rebuilt from the fine-tuned
 text tower for every evaluation. The retrieved batch of step t
 is micro-batch t of its own data stream (common.train's `streams`, a StepBatchSampler stream over the

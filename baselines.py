@@ -38,7 +38,9 @@ Choices where the papers are silent:
     with no duplicates the loss is exactly CLIP's. FLYP's code keeps them as negatives (set
     FLYP_DUPLICATES to "negative"). Prompt: FLYP's "a photo of a {}." for training; evaluation uses the
     head rebuilt from the fine-tuned text tower with the task's full template set. The logit scale is
-    clamped to ≤ 100 after each step (common.train, as in open_clip's training).
+    clamped to ≤ 100 after each step (common.train, as in open_clip's training). The loss is over the
+    global batch under torchrun and --grad-accum (common.ContrastiveLoss: features gathered with
+    gradient; open_clip's feature cache, one extra no-grad forward per micro-batch when accumulating).
   * KD: τ² keeps λ's meaning across τ (Hinton); the teacher is θ0's image tower + W + θ0's scale.
     FeatKD: f unnormalised (incl. projection), squared distance summed over D, mean over the batch.
     L2SP: AdamW's weight decay of the FT recipe stays on. Teachers/anchors are frozen copies of θ0 and

@@ -348,8 +348,6 @@ def special_token_ids(tokenizer) -> tuple[int, int, int]:
     return tokenizer.sot_token_id, tokenizer.eot_token_id, vocab_size
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # CLIP's contrastive loss (FLYP and ARF train with it)
 # ----------------------------------------------------------------------------------------------
@@ -474,8 +472,6 @@ class FileImages:
 
     def subset(self, idx):
         return FileImages([self.paths[i] for i in idx], self.labels[np.asarray(idx)])
-
-
 
 
 def image_keys(images) -> list:
@@ -743,6 +739,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 yield [(self._perm(p // self.n)[p % self.n], (self.seed * 2_654_435_761 + p) % 2**63) for p in range(first, first + micro)]
 
 
+def shuffled_batches(images, transform, batch_size: int, seed: int, workers: int = 0):
+    """Endless full batches of `images` (unreadable ones skipped), reshuffled every pass from `seed`."""
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), shuffle=True,
+                                         batch_size=min(batch_size, len(images)), num_workers=workers,
+                                         collate_fn=collate_skipping_bad, drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    while True:
+        yield from loader
 
 
 # ----------------------------------------------------------------------------------------------
@@ -884,7 +888,6 @@ def search(index, queries: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarra
     """Indices [Q, k] of the k nearest rows per query (-1 where fewer exist)."""
     return np.concatenate([index.search(np.ascontiguousarray(queries[i:i + chunk], dtype=np.float32), k)[1]
                            for i in range(0, len(queries), chunk)])
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1096,7 +1099,6 @@ def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
     return model.to(device).eval(), meta, pp
 
 
-
 def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None):
     """A run directory (or its final.pt / a step checkpoint) -> namespace(dir, args, meta, model, task,
     seed, data_root, eval_tf, method). `tasks` caches loaded tasks across calls."""
@@ -1121,6 +1123,19 @@ def run_theta0(run, device) -> ClipClassifier:
     clip, tokenizer, _ = load_clip(run.meta["model"], run.meta["pretrained"], device)
     head = zeroshot_head(clip, tokenizer, run.task.classnames, run.task.templates, device)
     return ClipClassifier(clip, head, tokenizer).to(device).eval()
+
+
+def run_endpoints(run, device) -> tuple:
+    """(θ0, θ_ft) state dicts of a loaded run, what weight-space methods combine; θ0 is rebuilt as
+    `setup` built it. If the model name or weights file changed since the run was trained (say, a
+    rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match: said."""
+    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
+    state0 = run_theta0(run, device).state_dict()
+    if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
+        print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
+              f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
+              "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
+    return state0, state1
 
 
 def save_run(out: Path, state: dict, run, method: str, extra: dict):
@@ -1173,29 +1188,6 @@ def check_same_init(runs: list):
                 ref = clip
         print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
               "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
-
-
-def shuffled_batches(images, transform, batch_size: int, seed: int, workers: int = 0):
-    """Endless full batches of `images` (unreadable ones skipped), reshuffled every pass from `seed`."""
-    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), shuffle=True,
-                                         batch_size=min(batch_size, len(images)), num_workers=workers,
-                                         collate_fn=collate_skipping_bad, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    while True:
-        yield from loader
-
-
-def run_endpoints(run, device) -> tuple:
-    """(θ0, θ_ft) state dicts of a loaded run, what weight-space methods combine; θ0 is rebuilt as
-    `setup` built it. If the model name or weights file changed since the run was trained (say, a
-    rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match: said."""
-    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
-    state0 = run_theta0(run, device).state_dict()
-    if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
-        print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
-              f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
-              "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
-    return state0, state1
 
 
 def run_log_args(run, seed=None):
