@@ -160,10 +160,14 @@ def check_args(args):
         problems.append(f"--batch-size must be positive (got {args.batch_size})")
     if args.lr < 0:
         problems.append(f"--lr must be >= 0 (got {args.lr})")
-    if args.steps < 0:
-        problems.append(f"--steps must be >= 0 (got {args.steps})")
+    if args.steps <= 0 and getattr(args, "method", None) != "zeroshot":
+        problems.append(f"--steps must be positive (got {args.steps}); the untrained model is "
+                        "`python baselines.py --method zeroshot` or `python evaluate.py eval`")
     if args.grad_accum <= 0:
         problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
+    elif args.batch_size > 0 and args.batch_size % args.grad_accum:
+        problems.append(f"--batch-size {args.batch_size} does not split into --grad-accum {args.grad_accum} equal "
+                        "micro-batches (under torchrun: into grad_accum x processes)")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -524,10 +528,20 @@ def missing_root(data: str, root: str, what: str):
     raise SystemExit(f"error: {what} not found for --data {data} (--data-root {root!r}). Expected layout:\n{LAYOUTS[data]}")
 
 
+def subfolders(folder: Path) -> list:
+    """The sub-folders of a dataset folder, sorted; hidden ones (.ipynb_checkpoints, .DS_Store folders,
+    ...) are left out, with one warning naming them."""
+    subs = sorted(p for p in folder.iterdir() if p.is_dir())
+    hidden = [p.name for p in subs if p.name.startswith(".")]
+    if hidden:
+        print(f"warning: ignoring hidden folder(s) {', '.join(hidden)} in {folder}")
+    return [p for p in subs if not p.name.startswith(".")]
+
+
 def scan_class_folders(folder: Path, class_index: dict) -> tuple[list, list]:
     """(paths, labels) for folder/<class>/<image>; folder names are mapped through class_index."""
     paths, labels = [], []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in subfolders(folder):
         if sub.name not in class_index:
             raise SystemExit(f"error: class folder {sub} is not in the training classes {sorted(class_index)[:10]}...")
         files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_EXTS)
@@ -579,7 +593,7 @@ def load_imagenet(root: str, seed: int) -> Task:
     base = Path(root)
     if not root or not (base / "train").is_dir() or not (base / "val").is_dir():
         missing_root("imagenet", root, "train/ and val/")
-    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    wnids = [p.name for p in subfolders(base / "train")]
     if len(wnids) != len(IMAGENET_CLASSNAMES):
         raise SystemExit(f"error: {base/'train'} has {len(wnids)} class folders; ImageNet needs {len(IMAGENET_CLASSNAMES)} wnids")
     index = {w: i for i, w in enumerate(wnids)}
@@ -589,7 +603,12 @@ def load_imagenet(root: str, seed: int) -> Task:
     v2 = base / "imagenetv2"
     if v2.is_dir():  # folders are class indices: map by integer, never by string order
         paths, labels = [], []
-        for sub in sorted((p for p in v2.iterdir() if p.is_dir()), key=lambda p: int(p.name)):
+        subs = subfolders(v2)
+        other = [p.name for p in subs if not p.name.isdigit() or int(p.name) >= len(names)]
+        if other:
+            print(f"warning: ignoring {len(other)} folder(s) of {v2} that are not class indices 0-{len(names) - 1}: "
+                  f"{', '.join(other[:5])}")
+        for sub in sorted((p for p in subs if p.name not in other), key=lambda p: int(p.name)):
             files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_EXTS)
             paths += [str(f) for f in files]
             labels += [int(sub.name)] * len(files)
@@ -653,7 +672,7 @@ def load_folder(root: str, seed: int) -> Task:
     base = Path(root)
     if not root or not (base / "train").is_dir():
         missing_root("folder", root, "train/")
-    folders = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    folders = [p.name for p in subfolders(base / "train")]
     index = {c: i for i, c in enumerate(folders)}
     classnames = [c.replace("_", " ") for c in folders]
     templates = list(SIMPLE_IMAGENET_TEMPLATES)
@@ -661,7 +680,7 @@ def load_folder(root: str, seed: int) -> Task:
     if len(train) == 0:
         raise SystemExit(f"error: no images under {base/'train'}. Expected layout:\n{LAYOUTS['folder']}")
     tests = []
-    for sub in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "train"):
+    for sub in (p for p in subfolders(base) if p.name != "train"):
         kind = "id" if sub.name in ("test", "val") else "ood"
         tests.append(Split(sub.name, kind, FileImages(*scan_class_folders(sub, index)), classnames, templates))
     if not tests:
@@ -1055,6 +1074,9 @@ def make_run(args, method: str) -> Path:
     if is_main_process():
         if (run / "args.json").exists() and not args.resume:
             raise SystemExit(f"error: {run} already holds a run. Pass --resume to continue it, or --out NEW_DIR.")
+        if args.resume and (run / "final.pt").exists():
+            raise SystemExit(f"error: {run} is finished (final.pt; its rows are in {run / 'results.jsonl'}): nothing to "
+                             "resume. Evaluate it with `python evaluate.py eval --ckpt RUN`, or train anew with --out NEW_DIR.")
         (run / "ckpt").mkdir(parents=True, exist_ok=True)
         (run / "args.json").write_text(json.dumps({"method": method, **dataclasses.asdict(args)}, indent=2))
     barrier()
@@ -1403,6 +1425,10 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
     rank, world = init_distributed(device)
     from tqdm import tqdm
 
+    for what, bs in [("--batch-size", args.batch_size)] + [(f"the {n} stream's batch", b) for n, (_, b) in (streams or {}).items()]:
+        if bs % (args.grad_accum * world):
+            raise SystemExit(f"error: {what} {bs} does not split into --grad-accum {args.grad_accum} x {world} processes "
+                             "equal micro-batches")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
@@ -1422,6 +1448,10 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
             set_rng_state(ckpt["rng"])
             start = ckpt["step"]
             print(f"resuming from {path} (step {start}/{args.steps})")
+            if is_main_process() and (run / "log.jsonl").exists():  # the steps after the checkpoint are redone: drop their lines
+                kept = [x for x in (run / "log.jsonl").read_text().splitlines(keepends=True)
+                        if x.strip().startswith("{") and x.endswith("\n") and json.loads(x)["step"] <= start]
+                (run / "log.jsonl").write_text("".join(kept))
         else:
             print(f"no readable checkpoint in {run/'ckpt'}; starting from step 0")
 
@@ -1538,6 +1568,10 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
                 log.flush()
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
                 save_checkpoint(step + 1)
+    except KeyboardInterrupt:
+        ckpts = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        raise SystemExit(f"interrupted. Last checkpoint: {ckpts[-1] if ckpts else 'none (nothing to resume)'}; "
+                         f"continue with the same command and --resume (run folder {run}).") from None
     except (RuntimeError, SystemExit) as e:  # a collective whose peer died, or the launcher's SIGTERM
         if peers is None or isinstance(e, NonFiniteLoss) or not (str(e) == LOST or lost_ranks(rank, peers)
                                                                  or is_collective_failure(e)):
@@ -1582,7 +1616,14 @@ def setup(args, method: str, run_dir: bool = True):
     task = load_task(args.data, args.data_root, args.seed)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
-    head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
+    try:
+        head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
+    except ValueError as e:  # the word-level miniclip tokenizer knows miniworld's words only
+        if resolve_model(args.model, args.pretrained) != "miniclip":
+            raise
+        raise SystemExit(f"error: --model miniclip only knows the miniworld's words, and the class names or templates of "
+                         f"--data {args.data} use others ({e}). Pass a real CLIP: --model ViT-B-16 --pretrained openai, "
+                         "or any open_clip model and tag (python -c \"import open_clip; print(open_clip.list_pretrained())\").") from None
     model = ClipClassifier(clip, head, tokenizer).to(device)
     run = make_run(args, method) if run_dir else None
     return argparse.Namespace(device=device, clip=clip, tokenizer=tokenizer, task=task, train_tf=train_tf,

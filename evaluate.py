@@ -21,13 +21,27 @@ from common import (TrainArgs, check_data, evaluate_task, get_device, load_run, 
                     run_log_args, setup)
 
 
+NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
+
+
 def read_results(path) -> list:
-    """Newest row per (run, tag, split)."""
-    latest = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    """Newest row per (run, tag, split). A line that is not a JSON row with NEEDED fields is skipped,
+    named (file and line) and counted."""
+    latest, bad = {}, []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            latest[(row["run"], row.get("tag", ""), row["split"])] = row
+            if not isinstance(row, dict) or any(k not in row for k in NEEDED):
+                raise ValueError
+        except ValueError:
+            bad.append(n)
+            continue
+        latest[(row["run"], row.get("tag", ""), row["split"])] = row
+    if bad:
+        print(f"warning: skipped {len(bad)} malformed line(s) of {path} (not a results row with {', '.join(NEEDED)}): "
+              f"line {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}")
     return list(latest.values())
 
 
@@ -72,21 +86,34 @@ def fmt(values: list, decimals: int) -> str:
     return f"{mean:.{decimals}f} ± {float(np.std(values, ddof=1)):.{decimals}f}"
 
 
+def row_name(method: str, tag: str, data: str, model: str, mixed: bool) -> str:
+    """A table row's (or plot point's) name; the data and model are named when a table holds several."""
+    name = f"{method} ({tag})" if tag else method
+    return f"{name} [{data}, {Path(model).stem}]" if mixed else name
+
+
 def markdown_table(rows: list) -> str:
     columns, table = summarise(rows)
     columns = [c for c in columns if any(table[g].get(c) for g in table)]
+    mixed = len({(data, model) for _, _, data, model in table}) > 1
     lines = ["| method | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for (method, tag, data, model), cols in table.items():
-        name = f"{method} ({tag})" if tag else method
+        name = row_name(method, tag, data, model, mixed)
         seeds = max(len(v) for v in cols.values())
         cells = [fmt(cols.get(c, []), 4 if c.startswith(("ECE", "NLL")) else 1) for c in columns]
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list, out: str):
+def plot(rows: list, out: str) -> list:
     """ID vs OOD mean of every (method, tag) row, with seed error bars; WiSE-FT rows ("wise a=α", written
-    by merge.py) joined into one curve per method."""
+    by merge.py) joined into one curve per method. One figure per (data, model): `out` itself when the
+    rows hold one, OUT-<data>-<model>.png for each when they hold several. Returns the files written."""
+    groups = sorted({(r["data"], Path(r["model"]).stem) for r in rows})
+    if len(groups) > 1:
+        stem = Path(out)
+        return [plot([r for r in rows if (r["data"], Path(r["model"]).stem) == g],
+                     str(stem.with_name(f"{stem.stem}-{g[0]}-{g[1]}{stem.suffix}")))[0] for g in groups]
     columns, table = summarise(rows)
     id_col = columns[0]
     points, curves = [], defaultdict(list)
@@ -100,6 +127,7 @@ def plot(rows: list, out: str):
         err = lambda v: np.std(v, ddof=1) if len(v) > 1 else 0  # noqa: E731
         points.append((f"{method} ({tag})" if tag else method, x, y, err(cols[id_col]), err(cols["OOD mean"])))
     plot_id_vs_ood(points, curves, out, id_label=f"ID ({id_col})")
+    return [out]
 
 
 def evaluate_command(a):

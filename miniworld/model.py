@@ -1,5 +1,6 @@
 """The tiny CLIP (open_clip's own CLIP class, config `miniclip`): create, preprocess, pretrain, save and load it."""
 import json
+import logging
 import math
 import os
 import time
@@ -50,7 +51,13 @@ def create_miniclip(cfg: dict = None):
     if path not in _REGISTERED:
         open_clip.add_model_config(path)
         _REGISTERED.add(path)
-    return open_clip.create_model(path.stem), cfg
+    logger = logging.getLogger()  # open_clip warns "No pretrained weights loaded": false here, the caller loads them
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(path.stem), cfg
+    finally:
+        logger.setLevel(level)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -167,8 +174,12 @@ def load_miniclip(device="cpu", path=None):
         raise SystemExit(f"miniworld: no checkpoint at {path} (the path given to load_miniclip). Pass an "
                          f"existing file, or omit the path to load {CHECKPOINT} (`python -m miniworld pretrain` "
                          f"builds that one).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    tok = WordTokenizer(context_length=ckpt["config"]["text_cfg"]["context_length"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        tok = WordTokenizer(context_length=ckpt["config"]["text_cfg"]["context_length"])
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same actionable message
+        raise SystemExit(f"error: {path} is not a miniclip checkpoint ({type(e).__name__}: {e}); --model miniclip takes "
+                         "a file written by `python -m miniworld pretrain`, or nothing") from None
     if ckpt["vocab"] != tok.vocab or ckpt["preprocess"] != PREPROCESS:
         raise ValueError(f"{path} was trained with another vocabulary/preprocessing than this miniworld; "
                          "rebuild it with `python -m miniworld pretrain`")

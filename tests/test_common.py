@@ -1,6 +1,7 @@
 """common.py: metrics against hand computations, zero-shot heads, dataset layouts, the training loop
 (resume, DDP equivalence, the logit-scale clamp), the one FT recipe, actionable errors on bad input,
 CLIP's contrastive loss, retrieval pools and faiss, and run loading."""
+import json
 import math
 from pathlib import Path
 
@@ -97,9 +98,14 @@ def make_imagenet_tree(root: Path, r_wnids: list):
     return wnids
 
 
-def test_imagenet_layout_v2_by_integer_and_r_subset(tmp_path):
-    wnids = make_imagenet_tree(tmp_path, r_wnids=["n00000007", "n00000100", "n00000999"])
+def test_imagenet_layout_v2_by_integer_and_r_subset(tmp_path, capsys):
+    make_imagenet_tree(tmp_path, r_wnids=["n00000007", "n00000100", "n00000999"])
+    (tmp_path / "imagenetv2" / ".ipynb_checkpoints").mkdir()  # stray folders a notebook or a copy leaves
+    (tmp_path / "imagenetv2" / "notes").mkdir()
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
     task = common.load_task("imagenet", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "ignoring hidden folder(s) .ipynb_checkpoints" in out and "not class indices 0-999: notes" in out
     assert len(task.classnames) == 1000 and len(task.train.images) + len(task.heldout.images) == 1000
     splits = {s.name: s for s in task.tests}
     assert splits["val"].kind == "id"
@@ -257,6 +263,7 @@ def test_nan_loss_stops_with_step_and_terms(tmp_path, folder_data, tiny_model):
     (["--lr", "-1"], "--lr must be >= 0"),
 ])
 def test_bad_arguments_give_one_clear_message(tmp_path, extra, message):
+    """(the grad-accum, steps and miniclip-vocabulary cases are below, each with its own command)"""
     proc = run_script([str(REPO / "baselines.py"), "--method", "ft", *extra], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
@@ -428,3 +435,56 @@ def test_effective_robustness_margin():
 def test_parse_alphas():
     assert common.parse_alphas("0:1:0.1") == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     assert common.parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]
+
+
+# ------------------------------------------------------------------------ a first hour without surprises
+def first_hour(tmp_path, *argv):
+    proc = run_script([str(REPO / "baselines.py"), *argv], cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out[-3000:]
+    return proc.returncode, out
+
+
+def test_miniclip_on_real_class_names_says_what_to_pass(tmp_path, folder_data):
+    code, out = first_hour(tmp_path, "--method", "ft", "--data", "folder", "--data-root", folder_data, "--out", "r")
+    assert code != 0 and "--model miniclip only knows the miniworld's words" in out and "--model ViT-B-16 --pretrained openai" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grad-accum", "3"], "--batch-size 8 does not split into --grad-accum 3 equal micro-batches"),
+    (["--steps", "0"], "the untrained model is `python baselines.py --method zeroshot`"),
+])
+def test_bad_step_arguments_stop_before_anything_is_written(tmp_path, folder_data, tiny_model, argv, message):
+    code, out = first_hour(tmp_path, "--method", "ft", "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+                           "--batch-size", "8", "--out", "r", *argv)
+    assert code != 0 and message in out and not (tmp_path / "r").exists()
+
+
+def test_a_weights_file_that_is_not_a_miniclip_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, out = first_hour(tmp_path, "--method", "zeroshot", "--pretrained", str(tmp_path / "junk.pt"), "--out", "r")
+    assert code != 0 and "is not a miniclip checkpoint" in out
+
+
+def test_miniclip_loads_without_the_random_weights_false_alarm(capsys, caplog):
+    common.load_clip("miniclip")
+    assert "No pretrained weights loaded" not in capsys.readouterr().err + caplog.text
+
+
+def test_resume_of_a_finished_run_says_it_is_finished_and_a_resumed_log_has_each_step_once(tmp_path, folder_data, tiny_model):
+    args = micro_args(folder_data, tiny_model, tmp_path / "a", steps=4, ckpt_every=2)
+
+    def interrupted(model, batch, step):
+        if step == 3:  # Ctrl-C during step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return ft_loss(model, batch, step)
+
+    with pytest.raises(SystemExit, match=r"interrupted. Last checkpoint: .*step_2\.pt; continue with the same command and --resume"):
+        train_run(args, interrupted)
+    assert [json.loads(x)["step"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    train_run(micro_args(folder_data, tiny_model, tmp_path / "a", steps=4, ckpt_every=2, resume=True))
+    assert [json.loads(x)["step"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    done = micro_args(folder_data, tiny_model, tmp_path / "a", steps=4, resume=True)
+    common.finish(common.setup(done, "ft"), done)  # final.pt and the results rows: the run is finished
+    with pytest.raises(SystemExit, match="is finished"):
+        common.setup(micro_args(folder_data, tiny_model, tmp_path / "a", steps=4, resume=True), "ft")

@@ -43,3 +43,20 @@ def test_zero_shot_eval_equals_the_zeroshot_baseline(tmp_path, folder_data, tiny
     rows = {d: {r["split"]: r["acc"] for r in map(json.loads, (tmp_path / d / "results.jsonl").read_text().splitlines())}
             for d in ("a", "b")}
     assert rows["a"] == rows["b"] and set(rows["a"]) == {"test", "sketch"}
+
+
+def test_table_and_plot_keep_data_and_model_apart_and_skip_garbage_lines(tmp_path):
+    rows = [{"run": f"runs/ft-{data}", "method": "ft", "tag": "", "data": data, "model": model, "split": split,
+             "kind": kind, "acc": acc, "ece": 0.1, "nll": 1.0, "seed": 0}
+            for data, model, acc in (("folder", "ViT-B-16", 0.5), ("miniworld", "miniclip", 0.9))
+            for split, kind in (("id", "id"), ("sketch", "ood"))]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(1, "this is not json")
+    lines.insert(3, json.dumps({"run": "r", "method": "ft"}))  # a row without split
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    out = run_script([str(REPO / "evaluate.py"), "table", str(tmp_path / "results.jsonl")], cwd=tmp_path).stdout
+    assert "skipped 2 malformed line(s)" in out and "line 2, 4" in out
+    assert "| ft [folder, ViT-B-16] | 1 | 50.0 | 50.0 |" in out and "| ft [miniworld, miniclip] | 1 | 90.0 | 90.0 |" in out
+    out = run_script([str(REPO / "evaluate.py"), "plot", str(tmp_path / "results.jsonl"), "--out", "p.png"], cwd=tmp_path).stdout
+    for name in ("p-folder-ViT-B-16.png", "p-miniworld-miniclip.png"):  # one figure per (data, model)
+        assert (tmp_path / name).stat().st_size > 1000 and f"wrote {name}" in out
