@@ -1068,8 +1068,9 @@ def append_lines(path: Path, text: str):
         os.close(fd)  # closing releases the lock
 
 
-def make_run(args, method: str) -> Path:
-    """Creates the run directory, refusing to overwrite a finished or started run unless --resume."""
+def check_run(args, method: str) -> Path:
+    """The run directory's path, refusing (before anything slow) to overwrite a started run unless
+    --resume, or to resume a finished one. Nothing is created: start_run does that."""
     run = Path(args.out or f"runs/{method}-{args.data}-{Path(args.model).stem}-s{args.seed}")
     if is_main_process():
         if (run / "args.json").exists() and not args.resume:
@@ -1077,10 +1078,20 @@ def make_run(args, method: str) -> Path:
         if args.resume and (run / "final.pt").exists():
             raise SystemExit(f"error: {run} is finished (final.pt; its rows are in {run / 'results.jsonl'}): nothing to "
                              "resume. Evaluate it with `python evaluate.py eval --ckpt RUN`, or train anew with --out NEW_DIR.")
-        (run / "ckpt").mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps({"method": method, **dataclasses.asdict(args)}, indent=2))
-    barrier()
     return run
+
+
+def start_run(env, args):
+    """Creates the run directory and its args.json, once the run can start (training begins, or a
+    zero-shot model is evaluated): a start that fails earlier leaves nothing behind to refuse a rerun."""
+    if getattr(env, "started", False):
+        return
+    if is_main_process():
+        (env.run / "ckpt").mkdir(parents=True, exist_ok=True)
+        (env.run / "args.json").write_text(json.dumps({"method": env.method, **dataclasses.asdict(args)}, indent=2))
+        print(f"run folder: {env.run}")
+    barrier()
+    env.started = True
 
 
 def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = ""):
@@ -1429,6 +1440,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
         if bs % (args.grad_accum * world):
             raise SystemExit(f"error: {what} {bs} does not split into --grad-accum {args.grad_accum} x {world} processes "
                              "equal micro-batches")
+    start_run(env, args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
@@ -1595,6 +1607,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
 def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Optional[int] = None) -> list:
     """The end of every method's main: final.pt, evaluation on every test split, results.jsonl."""
     model = model or env.model
+    start_run(env, args)
     if is_main_process():
         atomic_save({"model": model.state_dict(), "meta": checkpoint_meta(args, env.method, env.task)}, env.run / "final.pt")
         print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
@@ -1602,6 +1615,7 @@ def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Op
     if not is_main_process():
         return []
     log_results(env.run, env.method, args, rows, args.steps if step is None else step, tag)
+    print(f"{env.method}: final.pt and results.jsonl in {env.run}")
     return rows
 
 
@@ -1613,6 +1627,7 @@ def setup(args, method: str, run_dir: bool = True):
     args.workers = min(args.workers, os.cpu_count() or 1)
     init_distributed(device)
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
+    run = check_run(args, method) if run_dir else None  # and a run folder that is taken
     task = load_task(args.data, args.data_root, args.seed)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
@@ -1625,6 +1640,5 @@ def setup(args, method: str, run_dir: bool = True):
                          f"--data {args.data} use others ({e}). Pass a real CLIP: --model ViT-B-16 --pretrained openai, "
                          "or any open_clip model and tag (python -c \"import open_clip; print(open_clip.list_pretrained())\").") from None
     model = ClipClassifier(clip, head, tokenizer).to(device)
-    run = make_run(args, method) if run_dir else None
     return argparse.Namespace(device=device, clip=clip, tokenizer=tokenizer, task=task, train_tf=train_tf,
                               eval_tf=eval_tf, model=model, run=run, method=method)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common import (TrainArgs, check_data, evaluate_task, get_device, load_run, log_results, plot_id_vs_ood,
-                    run_log_args, setup)
+                    run_log_args, setup, start_run)
 
 
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
@@ -137,6 +137,7 @@ def evaluate_command(a):
                          out=a.out, eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0)
         env = setup(args, "zeroshot")
         rows = evaluate_task(env.model, env.task, env.eval_tf, env.device, a.eval_batch_size, a.workers)
+        start_run(env, args)
         log_results(env.run, "zeroshot", args, rows, step=0)
         return rows
     device = get_device(a.device)

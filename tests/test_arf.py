@@ -243,3 +243,16 @@ def test_prepare_killed_midway_resumes_at_the_first_unfinished_chunk(tmp_path, t
     chunks = [n.split(".")[-3] for n in saved if n.startswith("pool-")]
     assert chunks == ["chunk000002", "chunk000003", "chunk000004"]  # the finished chunks were not recomputed
     assert not list((tmp_path / "cache").glob("*chunk*"))  # joined into the caches, then removed
+
+
+def test_a_start_that_fails_leaves_no_run_behind(tmp_path, tiny_model, folder_data):
+    root = Path(folder_data)
+    (root / "caps.tsv").write_text("".join(f"{p.relative_to(root)}\ta {p.parent.name}\n" for p in sorted((root / "train").glob("*/*.jpg"))))
+    argv = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "2", "--batch-size", "8",
+            "--eval-every", "0", "--captioner", "dataset", "--captions", str(root / "caps.tsv"), "--retrieve-k", "2",
+            "--cache", str(tmp_path / "cache"), "--workers", "0", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="--ret needs --pool"):
+        arf.main(argv)
+    assert not (tmp_path / "run").exists()  # so the corrected rerun is not refused as "already holds a run"
+    pool = make_pool(tmp_path / "pool", sorted((root / "train" / "owl").iterdir())[:3])
+    assert {r["split"] for r in arf.main(argv + ["--pool", str(pool)])} == {"test", "sketch"}

@@ -238,8 +238,9 @@ def test_presets_hold_only_departures_from_the_ft_recipe():
     assert (lp.lr, lp.weight_decay, lp.steps) == (1e-3, 0.0, 300)  # LP: 10x FT's lr, FT's steps
 
 
-def test_rerun_into_existing_run_refuses(tmp_path, folder_data, tiny_model):
+def test_rerun_into_existing_run_refuses(tmp_path, folder_data, tiny_model, monkeypatch):
     train_run(micro_args(folder_data, tiny_model, tmp_path / "a", steps=1))
+    monkeypatch.setattr(common, "load_task", lambda *a: pytest.fail("the refusal must come before the data loads"))
     with pytest.raises(SystemExit, match="--resume"):
         train_run(micro_args(folder_data, tiny_model, tmp_path / "a", steps=1))
 
