@@ -51,6 +51,7 @@ W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the 
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
 CAPTION_MAX_TOKENS = 30  # BLIP-2 generation length
 CAPTION_CHUNK = 1024  # training images per captioning share: chunk c goes to process c mod world
+CAPTIONER_CHECK_TIMEOUT = 10  # seconds to wait for the hub when the captioner is not on disk
 
 
 @dataclass
@@ -133,6 +134,8 @@ def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None
 
 def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
+    if args.cap and args.captioner == "blip2":
+        check_captioner(args.captioner_model)  # before anything slow: offline, the hub would be retried for minutes
     tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
     if not args.out:
         args.out = f"runs/arf{'-' + tag.replace(',', '-') if tag else ''}-{args.data}-{Path(args.model).stem}-s{args.seed}"
@@ -157,6 +160,29 @@ def cache_root(args) -> Path:
     root = Path(args.cache) if args.cache else cache_dir("arf")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def check_captioner(name: str):
+    """Stops at once, with what to pass instead, unless BLIP-2 `name` is a local folder, is in the local
+    Hugging Face cache, or the hub answers (HF_HUB_OFFLINE=1: never asked)."""
+    if os.path.isdir(name):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    reason = "HF_HUB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+        try:
+            from huggingface_hub import HfApi
+
+            HfApi().model_info(name, timeout=CAPTIONER_CHECK_TIMEOUT)
+            return
+        except Exception as e:  # noqa: BLE001 -- no network, no such model, no access: the same advice
+            reason = f"the hub did not answer ({type(e).__name__})"
+    raise SystemExit(f"error: the BLIP-2 captioner {name!r} is not a local folder, not in the Hugging Face cache, and "
+                     f"{reason}. Pass --captioner-model DIR (a BLIP-2 saved with save_pretrained), or captions of your "
+                     "own with --captioner dataset --captions FILE (lines 'image path<TAB>caption'), or --no-cap.")
 
 
 def read_caption_file(path, relative: bool = False) -> dict:

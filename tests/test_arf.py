@@ -4,6 +4,7 @@ skipped, and an end-to-end run on generated folder data."""
 import json
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -256,3 +257,15 @@ def test_a_start_that_fails_leaves_no_run_behind(tmp_path, tiny_model, folder_da
     assert not (tmp_path / "run").exists()  # so the corrected rerun is not refused as "already holds a run"
     pool = make_pool(tmp_path / "pool", sorted((root / "train" / "owl").iterdir())[:3])
     assert {r["split"] for r in arf.main(argv + ["--pool", str(pool)])} == {"test", "sketch"}
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_an_unreachable_captioner_stops_at_once_with_what_to_pass(tmp_path, folder_data, tiny_model, offline):
+    start = time.time()
+    proc = run_script([str(REPO / "arf.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+                       "--captioner", "blip2", "--captioner-model", "Salesforce/blip2-opt-2.7b", "--out", "r"],
+                      cwd=tmp_path, env_extra={"HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path / "hf")}, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out and time.time() - start < 60, out[-2000:]
+    assert "is not a local folder, not in the Hugging Face cache" in out and "--captions FILE" in out and "--no-cap" in out
+    assert not (tmp_path / "r").exists()
