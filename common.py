@@ -538,15 +538,22 @@ def subfolders(folder: Path) -> list:
     return [p for p in subs if not p.name.startswith(".")]
 
 
-def scan_class_folders(folder: Path, class_index: dict) -> tuple[list, list]:
-    """(paths, labels) for folder/<class>/<image>; folder names are mapped through class_index."""
+def image_files(folder: Path) -> list:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+
+
+def scan_class_folders(folder: Path, class_index: dict, dropped=()) -> tuple[list, list]:
+    """(paths, labels) for folder/<class>/<image>; folder names are mapped through class_index (the
+    folders of `dropped` classes are passed over)."""
     paths, labels = [], []
     for sub in subfolders(folder):
+        if sub.name in dropped:
+            continue
         if sub.name not in class_index:
             raise SystemExit(f"error: class folder {sub} is not in the training classes {sorted(class_index)[:10]}...")
-        files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        files = image_files(sub)
         if not files:
-            print(f"warning: empty class folder {sub} (skipped)")
+            print(f"warning: empty class folder {sub}: no images of class {sub.name!r} in {folder.name}")
         paths += [str(f) for f in files]
         labels += [class_index[sub.name]] * len(files)
     return paths, labels
@@ -673,16 +680,20 @@ def load_folder(root: str, seed: int) -> Task:
     if not root or not (base / "train").is_dir():
         missing_root("folder", root, "train/")
     folders = [p.name for p in subfolders(base / "train")]
+    empty = [c for c in folders if not image_files(base / "train" / c)]
+    if empty:  # a class with no training image cannot be learned: it leaves the label space, and says so
+        print(f"warning: dropping {len(empty)} class(es) with no training images from the label space: {', '.join(empty)}")
+        folders = [c for c in folders if c not in empty]
     index = {c: i for i, c in enumerate(folders)}
     classnames = [c.replace("_", " ") for c in folders]
     templates = list(SIMPLE_IMAGENET_TEMPLATES)
-    train, heldout = heldout_split(FileImages(*scan_class_folders(base / "train", index)), seed, 10_000)
+    train, heldout = heldout_split(FileImages(*scan_class_folders(base / "train", index, empty)), seed, 10_000)
     if len(train) == 0:
         raise SystemExit(f"error: no images under {base/'train'}. Expected layout:\n{LAYOUTS['folder']}")
     tests = []
     for sub in (p for p in subfolders(base) if p.name != "train"):
         kind = "id" if sub.name in ("test", "val") else "ood"
-        tests.append(Split(sub.name, kind, FileImages(*scan_class_folders(sub, index)), classnames, templates))
+        tests.append(Split(sub.name, kind, FileImages(*scan_class_folders(sub, index, empty)), classnames, templates))
     if not tests:
         missing_root("folder", root, "a test folder beside train/")
     tests.sort(key=lambda s: s.kind != "id")
@@ -712,7 +723,7 @@ class TransformedImages(torch.utils.data.Dataset):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         img = self.images.load(index)
         if img is None:
-            return None
+            return {"unreadable": index}
         if sample_seed is None:
             x = self.transform(img)
         else:
@@ -725,11 +736,29 @@ class TransformedImages(torch.utils.data.Dataset):
 
 
 def collate_skipping_bad(samples):
-    """Default collation of the readable samples; `n_bad` counts the unreadable ones."""
-    good = [s for s in samples if s is not None]
+    """Default collation of the readable samples; `n_bad` counts the unreadable ones, and `bad` (only
+    when there are some) lists their indices so they can be named."""
+    good = [s for s in samples if "unreadable" not in s]
     batch = torch.utils.data.default_collate(good) if good else {}
-    batch["n_bad"] = len(samples) - len(good)
+    bad = [s["unreadable"] for s in samples if "unreadable" in s]
+    batch["n_bad"] = len(bad)
+    if bad:
+        batch["bad"] = bad
     return batch
+
+
+def pop_unreadable(batch: dict) -> list:
+    """Takes the unreadable-image bookkeeping out of a collated batch: the indices of its unreadable images."""
+    batch.pop("n_bad", None)
+    return batch.pop("bad", [])
+
+
+def name_unreadable(images, indices, what: str) -> str:
+    """One warning for the unreadable images of a split, each named (up to 10) and counted once."""
+    indices = sorted(set(indices))
+    names = [images.paths[i] for i in indices] if isinstance(images, FileImages) else [f"#{i}" for i in indices]
+    return (f"warning: skipped {len(indices)} unreadable {what} image(s), each every time it was drawn: "
+            + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -1489,7 +1518,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
     extra = {name: stream(images, bs, args.seed + 1 + i, False) for i, (name, (images, bs)) in enumerate((streams or {}).items())}
     log = open(run / "log.jsonl", "a") if is_main_process() else None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not is_main_process(), dynamic_ncols=True)
-    bad_images = 0
+    bad_images = {}  # "training" / stream name -> indices of unreadable images drawn
     stepper = LossOf(model, loss_fn)
     if world > 1:  # gradients averaged in buckets during backward; the parameters are broadcast from rank 0
         stepper = nn.parallel.DistributedDataParallel(stepper, broadcast_buffers=False, gradient_as_bucket_view=True)
@@ -1550,9 +1579,9 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
                 batch = next(batch_iter)
                 for name, it in extra.items():
                     batch[name] = next(it)
-                    bad_images += batch[name].pop("n_bad")
+                    bad_images.setdefault(name, []).extend(pop_unreadable(batch[name]))
                     batch[name] = to_device(batch[name])
-                bad_images += batch.pop("n_bad")
+                bad_images.setdefault("training", []).extend(pop_unreadable(batch))
                 micro.append(to_device(batch))
             terms_sum = (backward_global_batch if isinstance(loss_fn, ContrastiveLoss) else backward_mean)(micro, step)
             if args.clip_grad > 0:
@@ -1594,8 +1623,9 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
         if peers is not None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    if bad_images and is_main_process():
-        print(f"warning: skipped {bad_images} unreadable training images (see above for the folder)")
+    for what, indices in bad_images.items():
+        if indices and is_main_process():
+            print(name_unreadable(task.train.images if what == "training" else streams[what][0], indices, what))
     if log:
         log.close()
     if head_from_text:

@@ -69,7 +69,7 @@ def worker(a):
     data = common.TransformedImages(env.task.train.images, env.train_tf)
     micro = a.batch_size // world
     batch = common.collate_skipping_bad([data[(i, i)] for i in range(rank * micro, (rank + 1) * micro)])
-    batch.pop("n_bad")
+    common.pop_unreadable(batch)
     built = {}
     for path in ("flat", "ddp"):
         model = copy.deepcopy(env.model)

@@ -127,7 +127,7 @@ def build(method: str, base, env, args, batch):
         ret_images, ret_captions = arf.retrieve_anchors(aargs, env)
         data = common.TransformedImages(ret_images, env.train_tf)
         ret = common.collate_skipping_bad([data[(i, i)] for i in range(min(len(data), args.batch_size // 2))])
-        ret.pop("n_bad")
+        common.pop_unreadable(ret)
         batch = {**batch, "retrieved": {k: v.to(env.device) for k, v in ret.items()}}
         common.set_trainable(model, image=True, text=True, head=False, scale=True)
         loss_fn = arf.make_loss_fn(model, env.task.classnames, captions, ret_captions)
@@ -217,7 +217,7 @@ def main(argv=None):
     device = env.device
     data = common.TransformedImages(env.task.train.images, env.train_tf)
     batch = common.collate_skipping_bad([data[(i, i)] for i in range(a.batch_size)])  # one fixed augmented batch
-    batch.pop("n_bad")
+    common.pop_unreadable(batch)
     batch = {k: v.to(device) for k, v in batch.items()}
 
     built, floors, times, memory = {}, {}, {m: [] for m in methods}, {}

@@ -320,9 +320,10 @@ def test_empty_class_folder_is_reported_not_fatal(tmp_path, capsys):
         write_images(tmp_path / "train" / name, 3, seed=1)
         write_images(tmp_path / "test" / name, 2, seed=2)
     (tmp_path / "train" / "c").mkdir()
+    (tmp_path / "test" / "c").mkdir()
     task = common.load_task("folder", str(tmp_path))
-    assert "empty class folder" in capsys.readouterr().out
-    assert task.classnames == ["a", "b", "c"]
+    assert "dropping 1 class(es) with no training images from the label space: c" in capsys.readouterr().out
+    assert task.classnames == ["a", "b"]  # issue #20: an empty class leaves the label space (it used to stay in it)
 
 
 # ------------------------------------------------------------------------ retrieval pools and faiss
@@ -489,3 +490,20 @@ def test_resume_of_a_finished_run_says_it_is_finished_and_a_resumed_log_has_each
     common.finish(common.setup(done, "ft"), done)  # final.pt and the results rows: the run is finished
     with pytest.raises(SystemExit, match="is finished"):
         common.setup(micro_args(folder_data, tiny_model, tmp_path / "a", steps=4, resume=True), "ft")
+
+
+def test_unreadable_training_images_are_named_once_and_empty_classes_leave_the_label_space(tmp_path, tiny_model, capsys):
+    root = tmp_path / "data"
+    for split, n in (("train", 6), ("test", 2)):
+        for k, name in enumerate(["cat", "dog"]):
+            write_images(root / split / name, n, seed=k)
+    (root / "train" / "owl").mkdir()  # a class folder with no images
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    args = micro_args(str(root), tiny_model, tmp_path / "run", steps=6, batch_size=4, ckpt_every=0)
+    env = common.setup(args, "ft")
+    assert env.task.classnames == ["cat", "dog"]
+    common.set_trainable(env.model)
+    common.train(env, ft_loss, args)
+    out = capsys.readouterr().out
+    assert "dropping 1 class(es) with no training images from the label space: owl" in out
+    assert f"skipped 1 unreadable training image(s), each every time it was drawn: {root / 'train' / 'cat' / 'broken.jpg'}" in out
