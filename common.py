@@ -1135,9 +1135,16 @@ def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = 
         append_lines(path, lines)
 
 
-def checkpoint_meta(args, method: str, task: Task) -> dict:
+def checkpoint_meta(args, method: str, task: Task, head_from_text: bool = False) -> dict:
     return {"method": method, "model": args.model, "pretrained": args.pretrained, "data": args.data,
-            "classnames": task.classnames}
+            "classnames": task.classnames, "head_from_text": head_from_text}
+
+
+def head_is_from_text(meta: dict) -> bool:
+    """Whether a checkpoint classifies with the head of its own text tower (FLYP, ARF): then any new
+    weights made from it (WiSE-FT, TPGM, soups) must rebuild the head from their text tower too.
+    Checkpoints written before the flag existed are known by their method."""
+    return meta.get("head_from_text", meta["method"].split("+")[0] in ("flyp", "arf"))
 
 
 def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
@@ -1198,6 +1205,16 @@ def run_endpoints(run, device) -> tuple:
               f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
               "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
     return state0, state1
+
+
+def load_run_weights(run, state: dict) -> dict:
+    """Loads weights made from a run (a merge) into run.model; a run that classifies with its text tower's head (FLYP,
+    ARF) gets the head rebuilt from the merged text tower, not the merged head tensor. Returns the
+    state as evaluated (and saved)."""
+    run.model.load_state_dict(state)
+    if head_is_from_text(run.meta):
+        rebuild_head_from_text(run.model, run.task)
+    return {k: v.clone() for k, v in run.model.state_dict().items()}
 
 
 def save_run(out: Path, state: dict, run, method: str, extra: dict):
@@ -1470,6 +1487,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
             raise SystemExit(f"error: {what} {bs} does not split into --grad-accum {args.grad_accum} x {world} processes "
                              "equal micro-batches")
     start_run(env, args)
+    env.head_from_text = head_from_text  # recorded in final.pt: merges rebuild such a head too
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
@@ -1639,7 +1657,8 @@ def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Op
     model = model or env.model
     start_run(env, args)
     if is_main_process():
-        atomic_save({"model": model.state_dict(), "meta": checkpoint_meta(args, env.method, env.task)}, env.run / "final.pt")
+        meta = checkpoint_meta(args, env.method, env.task, getattr(env, "head_from_text", False))
+        atomic_save({"model": model.state_dict(), "meta": meta}, env.run / "final.pt")
         print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
     rows = evaluate_task(model, env.task, env.eval_tf, env.device, args.eval_batch_size, args.workers)  # sharded
     if not is_main_process():

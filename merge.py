@@ -24,6 +24,9 @@ Choices where the papers are silent (METHODS.md asks to state them):
     α = 0 reproduces a zero-shot run bit for bit; α = 0 / 1 and saturated radii select the endpoint
     tensors themselves instead of computing them, so the endpoints are exact.
   * Non-float tensors (BatchNorm counters) take the value of the nearer endpoint.
+  * Runs that classify with their text tower's head (FLYP, ARF) are evaluated on every split with the
+    head rebuilt from the merged text tower, not the merged head tensor (common.load_run_weights);
+    TPGM fits its radii with the projected head tensor (no text forward per step), then evaluates so.
   * TPGM uses the L2 norm per tensor, radii start at ‖Δ‖/2 (the official code's init), are kept in
     [0, ‖Δ‖] by projection after each Adam step, and see held-out images through the eval transform.
   * TPGM-C's penalty is the mean projection ratio γ_l/‖Δ_l‖ over tensors, so μ does not depend on the
@@ -47,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (autocast, check_compatible, check_same_init, classification_metrics, effective_robustness_margin,
-                    evaluate_split, evaluate_task, get_device, load_run, log_results, parse_alphas, plot_id_vs_ood,
-                    run_endpoints, run_log_args, save_run, shuffled_batches, split_logits, summary)
+                    evaluate_split, evaluate_task, get_device, load_run, load_run_weights, log_results, parse_alphas,
+                    plot_id_vs_ood, run_endpoints, run_log_args, save_run, shuffled_batches, split_logits, summary)
 
 WISE_ALPHAS = "0:1:0.1"  # the paper's sweep; α = 0.5 is its default operating point
 TPGM_LR = 1e-2  # Adam on the radii (Tian et al.)
@@ -142,7 +145,7 @@ def cmd_wise(a, device):
         state0, state1 = run_endpoints(run, device)
         print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
         for alpha in alphas:
-            run.model.load_state_dict(wise(state0, state1, alpha))
+            load_run_weights(run, wise(state0, state1, alpha))
             rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
             log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}")
             curves.setdefault(run.method, {}).setdefault(alpha, []).append(summary(rows))
@@ -220,8 +223,7 @@ def cmd_tpgm(a, device):
     ratios = np.array([radii[k] / dist[k] for k in names])  # per tensor in OUT/radii.json
     print(f"learned radii ({tag}): γ/‖Δ‖ mean {ratios.mean():.3f}, min {ratios.min():.3f}, max {ratios.max():.3f}")
     heldout_ft = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
-    state = tpgm_project(state0, state1, radii)
-    model.load_state_dict(state)
+    state = load_run_weights(run, tpgm_project(state0, state1, radii))
     heldout_p = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
     print(f"held-out acc: θ_ft {100 * heldout_ft:.2f} -> projected {100 * heldout_p:.2f}")
     out = Path(a.out or run.dir / tag.replace(" ", "-").replace("=", ""))
@@ -266,7 +268,7 @@ def cmd_soup(a, device):
         r.model = None  # the states are all we need; free the modules
 
     def heldout_acc(state):
-        model.load_state_dict(state)
+        load_run_weights(runs[0], state)
         return evaluate_split(model, task.heldout, task, tf, device, a.eval_batch_size, a.workers)["acc"]
 
     if a.kind == "uniform":
@@ -276,8 +278,7 @@ def cmd_soup(a, device):
         for r, s in zip(runs, scores):
             print(f"  held-out {100 * s:6.2f}  {r.dir}")
         chosen = report_greedy("soup", runs, scores, lambda idx: heldout_acc(uniform_soup([states[i] for i in idx])))
-    state = uniform_soup([states[i] for i in chosen])
-    model.load_state_dict(state)
+    state = load_run_weights(runs[0], uniform_soup([states[i] for i in chosen]))
     out, method, members = combined_run(a, runs, chosen, "soup")
     save_run(out, state, runs[0], f"{method}+soup-{a.kind}", {"merge": f"soup {a.kind}", "members": members})
     rows = evaluate_task(model, task, tf, device, a.eval_batch_size, a.workers)

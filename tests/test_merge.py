@@ -112,7 +112,9 @@ def module_runs(tmp_path_factory, tiny_model):
     baselines.main(["--method", "zeroshot", *micro, "--out", str(runs / "zs-s0")])
     baselines.main(["--method", "ft", *micro, "--steps", "4", "--lr", "1e-3", "--out", str(runs / "ft-a-s0")])
     baselines.main(["--method", "ft", *micro, "--steps", "3", "--lr", "3e-4", "--out", str(runs / "ft-b-s0")])
-    return {"zs": str(runs / "zs-s0"), "a": str(runs / "ft-a-s0"), "b": str(runs / "ft-b-s0"), "common": micro}
+    baselines.main(["--method", "flyp", *micro, "--steps", "3", "--lr", "1e-3", "--out", str(runs / "flyp-s0")])
+    return {"zs": str(runs / "zs-s0"), "a": str(runs / "ft-a-s0"), "b": str(runs / "ft-b-s0"), "flyp": str(runs / "flyp-s0"),
+            "common": micro}
 
 
 @pytest.fixture
@@ -220,3 +222,23 @@ def test_cli_smoke(runs):
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "| ft | 1 | 1 |" in out.stdout and Path("curve.png").is_file()
+
+
+def test_wise_on_flyp_rebuilds_the_head_from_the_interpolated_text_tower(runs):
+    merge.main(["wise", "--ckpt", runs["flyp"], "--alphas", "0,0.5,1", "--plot", "curve.png"])
+    run = common.load_run(runs["flyp"], "cpu")
+    assert common.head_is_from_text(run.meta)
+    state0, state1 = common.run_endpoints(run, "cpu")
+    run.model.load_state_dict(merge.wise(state0, state1, 0.5))
+    merged_head = run.model.head.detach().clone()
+    run.model.head.data = common.zeroshot_head(run.model.clip, run.model.tokenizer, run.task.classnames, run.task.templates)
+    direct = {r["split"]: r for r in common.evaluate_task(run.model, run.task, run.eval_tf, torch.device("cpu"))}
+    got = results(runs["flyp"], "wise a=0.5")
+    for split, row in direct.items():  # every split, ID and OOD too: the rebuilt head, to round-off
+        assert all(abs(got[split][m] - row[m]) <= 1e-6 for m in ("acc", "ece", "nll")), split
+    rows_cos = torch.nn.functional.cosine_similarity(merged_head, run.model.head.detach(), dim=-1)
+    assert rows_cos.min() < 1 - 1e-6  # the linearly merged head is not what the merged text tower builds
+    zs, flyp = (results(runs[k], "") for k in ("zs", "flyp"))
+    a0, a1 = results(runs["flyp"], "wise a=0"), results(runs["flyp"], "wise a=1")
+    for split in zs:  # the endpoints are still exact: α = 0 is the zero-shot run, α = 1 the FLYP run
+        assert all(a0[split][m] == zs[split][m] and a1[split][m] == flyp[split][m] for m in ("acc", "ece", "nll")), split
