@@ -1007,8 +1007,12 @@ def split_logits(model: ClipClassifier, split: Split, task: Task, transform, dev
     head = split_head(model, split, task).to(device)  # [K, D]
     if split.class_subset is not None:
         head = head[split.class_subset]
-    logits, labels, bad = predict(lambda x: cosine_logits(model.image_features(x), head, model.scale), split.images,
-                                  transform, device, batch_size, workers, shard=True)
+    def forward(x):  # the encoder under autocast (bf16 on CUDA); the logits, and all metrics after them, in float32
+        features = model.clip.encode_image(x)  # [B, D]
+        with torch.autocast(x.device.type, enabled=False):
+            return cosine_logits(F.normalize(features.float(), dim=-1), head.float(), model.scale.float())  # [B, K]
+
+    logits, labels, bad = predict(forward, split.images, transform, device, batch_size, workers, shard=True)
     if split.class_subset is not None:
         remap = torch.full((len(split.classnames),), -1, dtype=torch.long)
         remap[torch.tensor(split.class_subset)] = torch.arange(len(split.class_subset))

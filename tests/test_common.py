@@ -507,3 +507,22 @@ def test_unreadable_training_images_are_named_once_and_empty_classes_leave_the_l
     out = capsys.readouterr().out
     assert "dropping 1 class(es) with no training images from the label space: owl" in out
     assert f"skipped 1 unreadable training image(s), each every time it was drawn: {root / 'train' / 'cat' / 'broken.jpg'}" in out
+
+
+def test_bf16_autocast_evaluation_agrees_with_float32_and_scores_in_float32(tmp_path, folder_data, monkeypatch):
+    """The encoders may run under bf16 autocast; the logits, softmax, ECE and NLL are float32 (at s = 100
+    bf16's spacing near |z| = 16-32 is 0.125 logit units). A random-weight ViT-B-32, CPU autocast."""
+    torch.manual_seed(0)
+    clip, tokenizer, pp = common.load_clip("ViT-B-32")
+    task = common.load_task("folder", folder_data)
+    model = common.ClipClassifier(clip, common.zeroshot_head(clip, tokenizer, task.classnames, task.templates), tokenizer)
+    tf = common.image_transforms(pp, 1.0)[1]
+    cpu = torch.device("cpu")
+    full = {s.name: common.split_logits(model, s, task, tf, cpu) for s in task.tests}
+    monkeypatch.setattr(common, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    half = {s.name: common.split_logits(model, s, task, tf, cpu) for s in task.tests}
+    for name in full:
+        assert half[name][0].dtype == torch.float32
+        acc = [common.classification_metrics(*r[:2])["acc"] for r in (full[name], half[name])]
+        assert abs(acc[0] - acc[1]) <= 0.001, (name, acc)
+        assert 0 < (half[name][0] - full[name][0]).abs().max() < 1.0  # bf16 encoders did run, and stay close
