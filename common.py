@@ -80,6 +80,7 @@ class TrainArgs:
     workers: int = 0  # DataLoader worker processes (0 = load in the main process)
     eval_every: int = 100  # steps between held-out evaluations (0 = only at the end)
     ckpt_every: int = 100  # steps between resumable checkpoints (0 = only final.pt)
+    select: str = "final"  # final | heldout: evaluate the last weights, or the held-out-best evaluated step's (never a test split)
     eval_batch_size: int = 512  # batch size for evaluation
     out: str = ""  # run directory (default runs/<method>-<data>-<model>-s<seed>)
     resume: bool = False  # continue from the newest readable checkpoint in --out
@@ -163,6 +164,8 @@ def check_args(args):
     if args.steps <= 0 and getattr(args, "method", None) != "zeroshot":
         problems.append(f"--steps must be positive (got {args.steps}); the untrained model is "
                         "`python baselines.py --method zeroshot` or `python evaluate.py eval`")
+    if args.select not in ("final", "heldout") or (args.select == "heldout" and args.eval_every <= 0):
+        problems.append(f"--select {args.select!r}: choose final, or heldout with --eval-every > 0 (the steps it compares)")
     if args.grad_accum <= 0:
         problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
     elif args.batch_size > 0 and args.batch_size % args.grad_accum:
@@ -1592,6 +1595,11 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
                 loss.backward()
         return scalars(loss, terms)  # every pass computes the same full-batch loss
 
+    select = args.select == "heldout"  # keep the weights of the best held-out step
+    best_file = run / "ckpt" / "best.pt"
+    best = {"acc": -1.0, "step": None}
+    if select and start and best_file.is_file():  # a resumed run knows its best step so far
+        best.update({k: v for k, v in torch.load(best_file, map_location="cpu", weights_only=False).items() if k != "model"})
     model.train()
     peers = watch_peers(run, rank, world)  # under torchrun: a lost process stops this one with a message
     try:
@@ -1618,13 +1626,19 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
                 ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
             record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms_sum}
-            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # every process: sharded
+            due = args.eval_every and (step + 1) % args.eval_every == 0
+            if due and (step + 1 < args.steps or select):  # every process: sharded; --select scores the last step too
                 if head_from_text:
                     rebuild_head_from_text(model, task)
                 scored = ema if ema is not None else model
                 record["heldout_acc"] = evaluate_split(scored, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
                 if is_main_process():
                     bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
+                if select and record["heldout_acc"] > best["acc"]:  # strictly better: the earliest of equals wins
+                    best.update(acc=record["heldout_acc"], step=step + 1)
+                    if is_main_process():
+                        atomic_save({**best, "model": scored.state_dict()}, best_file)
+                    barrier()
                 model.train()
             if log:
                 log.write(json.dumps(record) + "\n")
@@ -1650,10 +1664,16 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
             print(name_unreadable(task.train.images if what == "training" else streams[what][0], indices, what))
     if log:
         log.close()
-    if head_from_text:
+    result = ema if ema is not None else model
+    if select:  # the weights to evaluate are the best held-out step's; the rows will say which
+        result.load_state_dict(torch.load(best_file, map_location="cpu", weights_only=False)["model"])
+        env.selected_step = best["step"]
+        if is_main_process():
+            print(f"--select heldout: step {best['step']} (held-out acc {100 * best['acc']:.2f}) is evaluated")
+    elif head_from_text:
         rebuild_head_from_text(model, task)
     model.eval()
-    return ema.eval() if ema is not None else model
+    return result.eval()
 
 
 def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Optional[int] = None) -> list:
@@ -1667,7 +1687,10 @@ def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Op
     rows = evaluate_task(model, env.task, env.eval_tf, env.device, args.eval_batch_size, args.workers)  # sharded
     if not is_main_process():
         return []
-    log_results(env.run, env.method, args, rows, args.steps if step is None else step, tag)
+    selected = getattr(env, "selected_step", None)
+    if selected is not None:  # --select heldout: the rows are the chosen step's
+        rows = [{**r, "selected_step": selected, "select": "heldout"} for r in rows]
+    log_results(env.run, env.method, args, rows, selected or (args.steps if step is None else step), tag)
     print(f"{env.method}: final.pt and results.jsonl in {env.run}")
     return rows
 

@@ -526,3 +526,25 @@ def test_bf16_autocast_evaluation_agrees_with_float32_and_scores_in_float32(tmp_
         acc = [common.classification_metrics(*r[:2])["acc"] for r in (full[name], half[name])]
         assert abs(acc[0] - acc[1]) <= 0.001, (name, acc)
         assert 0 < (half[name][0] - full[name][0]).abs().max() < 1.0  # bf16 encoders did run, and stay close
+
+
+def test_select_heldout_evaluates_the_best_held_out_step_and_says_which(tmp_path, tiny_model):
+    from conftest import COLOURS
+
+    root, out = tmp_path / "data", tmp_path / "run"
+    for split, n in (("train", 40), ("test", 4)):  # 160 training images: a held-out slice of 16
+        for k, name in enumerate(["cat", "dog", "fox", "owl"]):
+            write_images(root / split / name, n, seed=k + 10 * (split == "test"), colour=COLOURS[k])
+    run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", str(root), "--model",
+                tiny_model, "--steps", "6", "--batch-size", "8", "--lr", "3e-2", "--warmup", "0", "--eval-every", "1",
+                "--workers", "0", "--select", "heldout", "--out", str(out)], cwd=tmp_path)
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    accs = [r["heldout_acc"] for r in log]
+    assert len(accs) == 6 and len(set(accs)) > 1  # every step scored on the held-out slice, the last one too
+    chosen = log[accs.index(max(accs))]["step"]  # the earliest step with the best held-out accuracy
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["selected_step"], r["step"], r["select"]) for r in rows} == {(chosen, chosen, "heldout")}
+    run = common.load_run(out, torch.device("cpu"))  # final.pt holds the chosen step's weights
+    assert common.evaluate_split(run.model, run.task.heldout, run.task, run.eval_tf, torch.device("cpu"))["acc"] == max(accs)
+    proc = run_script([str(REPO / "baselines.py"), "--select", "heldout", "--eval-every", "0"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "choose final, or heldout with --eval-every > 0" in proc.stderr
