@@ -88,8 +88,8 @@ import json, sys, torch
 import common
 common.init_distributed(torch.device("cpu"))
 run = common.load_run(sys.argv[1], torch.device("cpu"))
-scored, features = [0], run.model.image_features
-run.model.image_features = lambda x: scored.__setitem__(0, scored[0] + len(x)) or features(x)  # images this process scored
+scored, encode = [0], run.model.clip.encode_image
+run.model.clip.encode_image = lambda x: scored.__setitem__(0, scored[0] + len(x)) or encode(x)  # images this process scored
 rows = common.evaluate_task(run.model, run.task, run.eval_tf, torch.device("cpu"), batch_size=5)
 open(f"{sys.argv[2]}.{common.dist.get_rank() if common.dist.is_initialized() else 0}", "w").write(str(scored[0]))
 if common.is_main_process():
