@@ -851,7 +851,7 @@ def shard_chunks(n: int, chunk: int) -> list:
     """This process's chunks of range(n): chunk c (rows c·chunk ...) belongs to process c mod world, so
     every process gets an equal share and the chunks are the same whatever the number of processes."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return [range(s, min(n, s + chunk)) for s in range(rank * chunk, n, world * chunk)]
+    return shard_chunks_all(n, chunk)[rank::world]
 
 
 @torch.inference_mode()
@@ -1385,9 +1385,14 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_checkpoints(run: Path) -> list:
+    """The run's resumable checkpoints ckpt/step_N.pt, oldest first."""
+    return sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
 def newest_checkpoint(run: Path):
     """The newest checkpoint that loads; torn or corrupt files are reported and passed over."""
-    for path in sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True):
+    for path in reversed(step_checkpoints(run)):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001
@@ -1460,7 +1465,7 @@ def lost_process_message(run: Path, rank: int, peers: list) -> str:
     time.sleep(1)  # a peer that just failed may still be exiting
     lost = lost_ranks(rank, peers)
     who = ", ".join(f"rank {r}" for r in lost) or "a process on another host (or its launcher)"
-    ckpts = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    ckpts = step_checkpoints(run)
     return (f"error: rank {rank} {LOST} of this run: {who} ended. Last checkpoint: {ckpts[-1] if ckpts else 'none'}. "
             "Rerun the same command with --resume to continue from it.")
 
@@ -1527,7 +1532,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(), "step": step}
         atomic_save(state, run / "ckpt" / f"step_{step}.pt")
-        for old in sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
+        for old in step_checkpoints(run)[:-2]:
             old.unlink()  # keep the two newest: one may be mid-write when a job is killed
 
     def stream(images, global_batch, seed, pin):
@@ -1554,7 +1559,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
 
     def check_finite(loss, terms, step):
         if not torch.isfinite(loss):
-            last = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+            last = step_checkpoints(run)
             raise NonFiniteLoss(
                 f"loss is {loss.item()} at step {step} (terms: { {k: float(v) for k, v in terms.items()} }). "
                 f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
@@ -1646,7 +1651,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
                 save_checkpoint(step + 1)
     except KeyboardInterrupt:
-        ckpts = sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        ckpts = step_checkpoints(run)
         raise SystemExit(f"interrupted. Last checkpoint: {ckpts[-1] if ckpts else 'none (nothing to resume)'}; "
                          f"continue with the same command and --resume (run folder {run}).") from None
     except (RuntimeError, SystemExit) as e:  # a collective whose peer died, or the launcher's SIGTERM
