@@ -36,8 +36,12 @@ Choices where the papers are silent:
   * FLYP false negatives: a batch holds several images of one class, so prompt j ≠ i can equal image i's
     own prompt. We mask those pairs out of both softmaxes (common.clip_contrastive_loss's "masked" rule);
     with no duplicates the loss is exactly CLIP's. FLYP's code keeps them as negatives (set
-    FLYP_DUPLICATES to "negative"). Prompt: FLYP's "a photo of a {}." for training; evaluation uses the
-    head rebuilt from the fine-tuned text tower with the task's full template set. The logit scale is
+    FLYP_DUPLICATES to "negative"). Prompts: FLYP's data has one row per (image, template) over all of
+    the dataset's templates, so an epoch pairs each image with a random template; here image i at step
+    t gets template `flyp_template_ids(seed, t, i)` of the task's set (a pure function: the same in every
+    process, micro-batch and resumed run). `--flyp-prompt single` is the ablation with one prompt,
+    FLYP_TEMPLATE, for every image. Evaluation uses the head rebuilt from the fine-tuned text tower with
+    the task's full template set. The logit scale is
     clamped to ≤ 100 after each step (common.train, as in open_clip's training). The loss is over the
     global batch under torchrun and --grad-accum (common.ContrastiveLoss: features gathered with
     gradient; open_clip's feature cache, one extra no-grad forward per micro-batch when accumulating).
@@ -58,14 +62,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, clip_contrastive_loss, cosine_logits, encode_text, finish,
-                    frozen_copy, parse_args, set_trainable, setup, train)
+from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, clip_contrastive_loss, cosine_logits,
+                    encode_text, finish, frozen_copy, parse_args, set_trainable, setup, train)
 
 EMA_WINDOW = 0.2  # EMA averaging window 1/(1 − m) as a fraction of the run
-FLYP_TEMPLATE = "a photo of a {}."  # FLYP's training prompt
+FLYP_TEMPLATE = "a photo of a {}."  # the one training prompt of --flyp-prompt single
 FLYP_DUPLICATES = "masked"  # same-class prompts in a batch: "masked" from the negatives | "negative" (FLYP's code)
 LP_LR_FACTOR = 10.0  # LP's lr relative to FT's (a linear head tolerates, and needs, larger steps)
 
@@ -79,6 +84,7 @@ class Args(TrainArgs):
     featkd_lambda: float = 1.0  # featkd: λ, weight of ‖f_θ(x) − f_θ0(x)‖²
     ema_decay: float = -1.0  # ema: m in θ_ema ← m·θ_ema + (1−m)·θ; -1 = 1 − 1/(EMA_WINDOW·steps)
     lp_run: str = ""  # lpft: the LP run whose head starts FT (default runs/lp-<data>-<model>-s<seed>)
+    flyp_prompt: str = "random"  # flyp: random (a random template of the task's per image per step, FLYP's data) | single (FLYP_TEMPLATE)
 
 
 # Every method trains with FT's recipe (common.FT_RECIPES) except where its paper departs from it, per
@@ -218,21 +224,32 @@ def featkd(model, args, task) -> Recipe:
     return Recipe(loss_fn, tag=f"lambda={args.featkd_lambda:g}")
 
 
+def flyp_template_ids(seed: int, step: int, index: torch.Tensor, n_templates: int) -> torch.Tensor:
+    """The template of each training image (`index` into the training split, [B]) at this step: a pure
+    function of (seed, step, image), so every process and micro-batch agrees, and a resumed run too."""
+    return torch.tensor([np.random.default_rng((seed, step, i)).integers(n_templates) for i in index.tolist()])  # [B]
+
+
 def flyp(model, args, task) -> Recipe:
-    """FLYP: no CE head; CLIP's contrastive loss between each image and its class prompt, both towers
-    and s train, and the head is rebuilt from the fine-tuned text tower for evaluation."""
+    """FLYP: no CE head; CLIP's contrastive loss between each image and a prompt of its class (a random
+    template per image per step, or FLYP_TEMPLATE), both towers and s train, and the head is rebuilt
+    from the fine-tuned text tower for evaluation."""
+    if args.flyp_prompt not in ("random", "single"):
+        raise SystemExit(f"error: --flyp-prompt {args.flyp_prompt!r}: choose random or single")
     set_trainable(model, image=True, text=True, head=False, scale=True)
-    prompts = model.tokenizer([FLYP_TEMPLATE.format(c) for c in task.classnames]).to(model.head.device)  # [K, L]
+    templates = as_template_fns(task.templates if args.flyp_prompt == "random" else [FLYP_TEMPLATE])  # str.format or open_clip's lambdas
 
     def embed(m, batch, step):  # a micro-batch's rows; the loss is over the global batch (common.ContrastiveLoss)
-        classes, inverse = batch["label"].unique(return_inverse=True)  # encode each class prompt once
-        text = encode_text(m.clip, prompts[classes])[inverse]  # [B, D]
+        template = flyp_template_ids(args.seed, step, batch["index"], len(templates))  # [B]
+        pairs, inverse = torch.stack([batch["label"].cpu(), template], 1).unique(dim=0, return_inverse=True)
+        prompts = [templates[t](task.classnames[c]) for c, t in pairs.tolist()]  # each (class, template) once
+        text = encode_text(m.clip, m.tokenizer(prompts).to(batch["image"].device))[inverse.to(batch["image"].device)]  # [B, D]
         return {"image": m.image_features(batch["image"]), "text": text, "label": batch["label"]}
 
     def loss(rows, scale):
         return flyp_loss(rows["image"], rows["text"], rows["label"], scale)
 
-    return Recipe(ContrastiveLoss(embed, loss), head_from_text=True)
+    return Recipe(ContrastiveLoss(embed, loss), tag="" if args.flyp_prompt == "random" else "prompt=single", head_from_text=True)
 
 
 METHODS = {"zeroshot": None, "lp": lp, "ft": ft, "lpft": lpft, "scratch": scratch, "ema": ema, "l2sp": l2sp,

@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
 MINIWORLD_POOL_SIZE = 50_000  # image-text pairs in the generated miniworld retrieval pool (ARF's anchors)
+FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ class TrainArgs:
     out: str = ""  # run directory (default runs/<method>-<data>-<model>-s<seed>)
     resume: bool = False  # continue from the newest readable checkpoint in --out
     device: str = ""  # cuda | cpu (default: cuda when available)
+    threads: int = 0  # torch CPU threads (0 = $OMP_NUM_THREADS if set, else the cores free at start / processes per node)
 
 
 # The one fine-tuning recipe per --data that every method starts from (METHODS.md): AdamW, 10% warm-up
@@ -180,6 +182,50 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------
 def get_device(name: str = "") -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> float:
+    """How many of this process's cores are idle now: the idle share of each over a short sample of
+    /proc/stat (Linux); elsewhere, all of them."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+    def idle_and_total() -> dict:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines()[1:]:
+            name, *ticks = line.split()
+            if name.startswith("cpu") and int(name[3:]) in cpus:
+                ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+                out[name] = (ticks[3] + ticks[4], sum(ticks))
+        return out
+
+    try:
+        before = idle_and_total()
+        time.sleep(sample_s)
+        after = idle_and_total()
+    except (OSError, ValueError):
+        return float(len(cpus))
+    return sum((after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after) or float(len(cpus))
+
+
+def set_threads(requested: int = 0) -> int:
+    """torch's intra-op threads: --threads, else $OMP_NUM_THREADS, else the cores free at start shared
+    by the processes of this node. More threads than free cores spin against each other (FT on 2 cores
+    beside one busy process: 11m29s with 2 threads, 1m32s with 1). Printed, since it changes speed (and
+    float round-off, so bit-exact comparisons need the same count)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if requested > 0:
+        threads, why = requested, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads, why = int(os.environ["OMP_NUM_THREADS"]), "$OMP_NUM_THREADS"
+    else:
+        free = free_cores()
+        threads = max(1, int(round(free)) // per_node)
+        why = f"{free:.1f} of {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores free" + (
+            f", {per_node} processes on this node" if per_node > 1 else "") + "; --threads N to choose"
+    torch.set_num_threads(threads)
+    if is_main_process():
+        print(f"CPU threads: {threads} ({why})")
+    return threads
 
 
 @functools.lru_cache(maxsize=None)  # checked once per (model, pretrained), however many callers ask
@@ -1707,6 +1753,7 @@ def setup(args, method: str, run_dir: bool = True):
     seed_everything(args.seed, device)
     args.workers = min(args.workers, os.cpu_count() or 1)
     init_distributed(device)
+    set_threads(args.threads)
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     run = check_run(args, method) if run_dir else None  # and a run folder that is taken
     task = load_task(args.data, args.data_root, args.seed)

@@ -1,7 +1,7 @@
 """Reproduce the papers' tables and figures on miniworld with one command.
 
 Runs every method with every seed (and the ablations of ARF's anchors and Lipsum-FT's Table 3), then
-WiSE-FT on FT and on Lipsum-FT, TPGM on FT, a greedy soup of the FT seeds, and the energy gap of every
+WiSE-FT on FT, Lipsum-FT, FLYP and ARF, TPGM on FT, FLYP and ARF, a greedy soup of the FT seeds, and the energy gap of every
 fine-tuned run, and writes RESULTS.md (Table-1-shaped table, mean ± std over seeds; the papers'
 ImageNet numbers beside ours as a shape comparison; the ordering claims checked) with two figures: ID
 vs OOD with the WiSE-FT curves (Lipsum-FT paper Figure 5 shape) and energy gap vs relative OOD accuracy
@@ -55,7 +55,8 @@ ABLATIONS = {"arf-no-ret": ("arf", "no-ret"), "arf-no-cap": ("arf", "no-cap"), "
              "lipsum-kld": ("lipsum_ft", "lam=1 kld"), "lipsum-fixed": ("lipsum_ft", "lam=1 fixed"),
              "lipsum-fixed-kld": ("lipsum_ft", "lam=1 kld fixed")}
 ABLATION_WORDS = {"no-cap", "no-ret", "kld", "fixed"}  # a tag holding one of these is an ablation's
-WISE_ON = ("ft", "lipsum_ft")  # WiSE-FT curves drawn on top of these
+WISE_ON = ("ft", "lipsum_ft", "flyp", "arf")  # WiSE-FT curves drawn on top of these (FLYP, ARF: heads rebuilt from the merged text tower)
+TPGM_ON = ("ft", "flyp", "arf")  # TPGM projections of these
 MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
 TABLE_ALPHA = "0.5"  # the WiSE-FT operating point shown in the table
 
@@ -320,6 +321,7 @@ def main(argv=None):
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
     log = open(runs / "reproduce.log", "a")
+    torch_threads = max(1, (os.cpu_count() or 1) // a.workers)  # fixed per worker, not measured: bit-exact reruns
     jobs = []
     for seed in seeds:
         for name, module, method_argv in METHODS:
@@ -328,15 +330,17 @@ def main(argv=None):
             out = runs / f"{name}-s{seed}"
             more = {"lpft": ["--lp-run", str(runs / f"lp-s{seed}")]}.get(name, a.arf_args.split() if module == "arf" else [])
             needs = (f"lp-s{seed}",) if name == "lpft" and "lp" in chosen else ()
-            jobs.append((f"{name}-s{seed}", train_job(module, [*method_argv, *more, "--seed", str(seed), *extra], out), needs))
+            argv = [*method_argv, *more, "--seed", str(seed), "--threads", str(torch_threads), *extra]
+            jobs.append((f"{name}-s{seed}", train_job(module, argv, out), needs))
         for name in WISE_ON:
             if name in chosen:
                 jobs.append((f"wise-{name}-s{seed}", lambda n=name, s=seed: merge.main(
                     ["wise", "--ckpt", str(runs / f"{n}-s{s}"), "--alphas", a.wise_alphas, "--plot", str(runs / f"{n}-s{s}" / "wise_curve.png")]),
                     (f"{name}-s{seed}",)))
-        if "ft" in chosen:
-            jobs.append((f"tpgm-ft-s{seed}", lambda s=seed: merge.main(["tpgm", "--ckpt", str(runs / f"ft-s{s}"), "--steps", str(a.tpgm_steps)]),
-                         (f"ft-s{seed}",)))
+        for name in TPGM_ON:
+            if name in chosen:
+                jobs.append((f"tpgm-{name}-s{seed}", lambda n=name, s=seed: merge.main(
+                    ["tpgm", "--ckpt", str(runs / f"{n}-s{s}"), "--steps", str(a.tpgm_steps)]), (f"{name}-s{seed}",)))
         for name, _, _ in METHODS:
             if name in chosen and name != "zeroshot":
                 jobs.append((f"gap-{name}-s{seed}", lambda n=name, s=seed: importlib.import_module("lipsum_ft").main(
@@ -352,7 +356,6 @@ def main(argv=None):
                 f.unlink()
         me = [sys.executable, str(Path(__file__).resolve()), *cli, "--worker"]
         workers = [subprocess.Popen(me) for _ in range(a.workers - 1)]
-    torch_threads = max(1, (os.cpu_count() or 1) // a.workers)
     import torch
 
     torch.set_num_threads(torch_threads)

@@ -3,6 +3,10 @@
 CLIP's contrastive loss, retrieval pools and faiss, and run loading."""
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -548,3 +552,25 @@ def test_select_heldout_evaluates_the_best_held_out_step_and_says_which(tmp_path
     assert common.evaluate_split(run.model, run.task.heldout, run.task, run.eval_tf, torch.device("cpu"))["acc"] == max(accs)
     proc = run_script([str(REPO / "baselines.py"), "--select", "heldout", "--eval-every", "0"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "choose final, or heldout with --eval-every > 0" in proc.stderr
+
+
+def test_threads_follow_the_free_cores_and_the_flag(tmp_path, folder_data, tiny_model, monkeypatch):
+    """One busy process on the cores: fewer are counted free (and so fewer threads picked); --threads and
+    $OMP_NUM_THREADS win; a method file prints what it chose."""
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert common.free_cores(0.5) <= cores - 0.6
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert 1 <= common.set_threads(0) <= max(1, cores - 1)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert common.set_threads(3) == 3 and torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert common.set_threads(0) == 2
+    torch.set_num_threads(before)
+    out = run_script(["baselines.py", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "1",
+                      "--batch-size", "4", "--threads", "1", "--out", str(tmp_path / "run")], cwd=REPO).stdout
+    assert "CPU threads: 1 (--threads)" in out

@@ -39,6 +39,8 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
         assert f"| {label}" in report, label
     assert "| ft (wise a=0.5) | 2 |" in report and "| lipsum_ft (wise a=0.5) | 2 |" in report
     assert "| ft (tpgm) | 2 |" in report and "soup" in report
+    for method in ("flyp", "arf"):  # merges of the methods that classify with their text tower
+        assert f"| {method} (wise a=0.5) | 2 |" in report and f"| {method} (tpgm) | 2 |" in report, method
     robust = report[report.index("## Effective robustness"):report.index("## Shape comparison")]
     for label in labels:  # every method paired with FT of the same seed, over both seeds
         assert f"| {label} | 2 |" in robust or f"| {label} (" in robust, label
