@@ -40,6 +40,7 @@ METHODS = [
     ("kd", "baselines", ["--method", "kd"]),
     ("featkd", "baselines", ["--method", "featkd"]),
     ("flyp", "baselines", ["--method", "flyp"]),
+    ("flyp-single", "baselines", ["--method", "flyp", "--flyp-prompt", "single"]),  # FLYP with one prompt, not a random template
     ("car_ft", "car_ft", []),
     ("lipsum_ft", "lipsum_ft", []),
     ("arf", "arf", []),
@@ -51,10 +52,10 @@ METHODS = [
     ("lipsum-fixed-kld", "lipsum_ft", ["--text-guidance", "fixed", "--reg-loss", "kld"]),  # both (CAR-FT-like)
 ]
 # run name -> (method, tag) of its table row: the method files tag a run with what it switched off or swapped
-ABLATIONS = {"arf-no-ret": ("arf", "no-ret"), "arf-no-cap": ("arf", "no-cap"), "arf-no-anchors": ("arf", "no-cap,no-ret"),
+ABLATIONS = {"flyp-single": ("flyp", "prompt=single"), "arf-no-ret": ("arf", "no-ret"), "arf-no-cap": ("arf", "no-cap"), "arf-no-anchors": ("arf", "no-cap,no-ret"),
              "lipsum-kld": ("lipsum_ft", "lam=1 kld"), "lipsum-fixed": ("lipsum_ft", "lam=1 fixed"),
              "lipsum-fixed-kld": ("lipsum_ft", "lam=1 kld fixed")}
-ABLATION_WORDS = {"no-cap", "no-ret", "kld", "fixed"}  # a tag holding one of these is an ablation's
+ABLATION_WORDS = {"prompt=single", "no-cap", "no-ret", "kld", "fixed"}  # a tag holding one of these is an ablation's
 WISE_ON = ("ft", "lipsum_ft", "flyp", "arf")  # WiSE-FT curves drawn on top of these (FLYP, ARF: heads rebuilt from the merged text tower)
 TPGM_ON = ("ft", "flyp", "arf")  # TPGM projections of these
 MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
