@@ -67,6 +67,7 @@ FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the
 class TrainArgs:
     data: str = "miniworld"  # miniworld | imagenet | domainnet | folder
     data_root: str = ""  # dataset folder (not needed for miniworld); see README for layouts
+    zeroshot_data: str = ""  # DIR[,DIR...]: extra classification folders scored zero-shot, with heads from the current text tower
     model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
     pretrained: str = ""  # open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a weights file
     steps: int = 300  # optimiser steps
@@ -567,6 +568,11 @@ DIR/imagenet-a/nXXXXXXXX/*.jpg     (200 wnids)
 DIR/imagenet-sketch/nXXXXXXXX/*.JPEG""",
     "domainnet": """DIR/{real,painting,clipart,infograph,sketch}/<class>/*.jpg
 DIR/{domain}_train.txt, DIR/{domain}_test.txt   (official split files: '<domain>/<class>/<file> <label>' per line)""",
+    "zeroshot": """DIR/<class>/*.jpg                  (one folder per class; the split is named after DIR)
+DIR/classnames.txt                 (optional: a class name per line, for the class folders in sorted order;
+                                    default: the folder names, '_' read as a space)
+DIR/templates.txt                  (optional: a prompt per line, {} for the class name; default: open_clip's
+                                    SIMPLE_IMAGENET_TEMPLATES)""",
     "folder": """DIR/train/<class>/*.jpg            (training images, one folder per class)
 DIR/<test split>/<class>/*.jpg     (one or more test folders with the same class folder names;
                                     'test' or 'val' is in-distribution, every other folder is OOD)""",
@@ -753,9 +759,55 @@ def load_folder(root: str, seed: int) -> Task:
 DATASETS = {"miniworld": load_miniworld, "imagenet": load_imagenet, "domainnet": load_domainnet, "folder": load_folder}
 
 
-def load_task(data: str, root: str = "", seed: int = 0) -> Task:
+def read_lines(path: Path) -> list:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_zeroshot_folder(folder: str) -> Split:
+    """A classification dataset scored zero-shot (ARF's cross-dataset transfer: fine-tune on one dataset,
+    evaluate on others): LAYOUTS["zeroshot"]. Its head is built from the model's current text tower."""
+    from open_clip import SIMPLE_IMAGENET_TEMPLATES
+
+    base = Path(folder)
+    if not base.is_dir():
+        raise SystemExit(f"error: --zeroshot-data {folder!r} is not a folder. Expected layout:\n{LAYOUTS['zeroshot']}")
+    folders = [p.name for p in subfolders(base)]
+    empty = [c for c in folders if not image_files(base / c)]
+    if empty:
+        print(f"warning: dropping {len(empty)} class(es) with no images from zero-shot split {base.name}: {', '.join(empty)}")
+        folders = [c for c in folders if c not in empty]
+    if not folders:
+        raise SystemExit(f"error: no images under {base}. Expected layout:\n{LAYOUTS['zeroshot']}")
+    classnames = [c.replace("_", " ") for c in folders]
+    if (base / "classnames.txt").is_file():
+        every = [p.name for p in subfolders(base)]  # the file names every class folder, empty ones too
+        names = read_lines(base / "classnames.txt")
+        if len(names) != len(every):
+            raise SystemExit(f"error: {base / 'classnames.txt'} has {len(names)} names for {len(every)} class folders "
+                             "(one name per class folder, in sorted folder order)")
+        classnames = [n for n, c in zip(names, every) if c not in empty]
+    templates = list(SIMPLE_IMAGENET_TEMPLATES)
+    if (base / "templates.txt").is_file():
+        templates = read_lines(base / "templates.txt")
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad or not templates:
+            raise SystemExit(f"error: {base / 'templates.txt'}: every line needs one {{}} for the class name "
+                             f"(e.g. 'a photo of a {{}}.'); not {bad[:3] or 'an empty file'}")
+    images = FileImages(*scan_class_folders(base, {c: i for i, c in enumerate(folders)}, empty))
+    return Split(base.name, "zeroshot", images, classnames, templates)
+
+
+def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "") -> Task:
+    """--data's task, plus a zero-shot split per folder of --zeroshot-data."""
     check_data(data)
-    return DATASETS[data](root, seed)
+    task = DATASETS[data](root, seed)
+    for folder in (f for f in zeroshot_data.split(",") if f.strip()):
+        split = load_zeroshot_folder(folder.strip())
+        if split.name in {s.name for s in task.tests}:
+            raise SystemExit(f"error: --zeroshot-data {folder!r}: a split named {split.name!r} exists already; "
+                             "rename the folder")
+        task.tests.append(split)
+    return task
 
 
 class TransformedImages(torch.utils.data.Dataset):
@@ -1221,15 +1273,17 @@ def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
     return model.to(device).eval(), meta, pp
 
 
-def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None):
+def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, zeroshot_data: Optional[str] = None):
     """A run directory (or its final.pt / a step checkpoint) -> namespace(dir, args, meta, model, task,
-    seed, data_root, eval_tf, method). `tasks` caches loaded tasks across calls."""
+    seed, data_root, eval_tf, method). `tasks` caches loaded tasks across calls; the zero-shot folders
+    are the run's own (args.json) unless `zeroshot_data` names others."""
     ckpt = Path(path)
     run = ckpt.parent if ckpt.is_file() else ckpt
     if not (run / "args.json").is_file():
         raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
     args = json.loads((run / "args.json").read_text())
-    key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0))
+    key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0),
+           args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data)
     tasks = {} if tasks is None else tasks
     if key not in tasks:
         tasks[key] = load_task(*key)
@@ -1756,16 +1810,19 @@ def setup(args, method: str, run_dir: bool = True):
     set_threads(args.threads)
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     run = check_run(args, method) if run_dir else None  # and a run folder that is taken
-    task = load_task(args.data, args.data_root, args.seed)
+    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
     try:
         head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
+        for split in task.tests:  # the test splits' own prompts must tokenize too, before training, not after
+            if split.templates != task.templates or split.classnames != task.classnames:
+                tokenizer([t(c) for t in as_template_fns(split.templates) for c in split.classnames])
     except ValueError as e:  # the word-level miniclip tokenizer knows miniworld's words only
         if resolve_model(args.model, args.pretrained) != "miniclip":
             raise
         raise SystemExit(f"error: --model miniclip only knows the miniworld's words, and the class names or templates of "
-                         f"--data {args.data} use others ({e}). Pass a real CLIP: --model ViT-B-16 --pretrained openai, "
+                         f"--data {args.data}{' or --zeroshot-data' if args.zeroshot_data else ''} use others ({e}). Pass a real CLIP: --model ViT-B-16 --pretrained openai, "
                          "or any open_clip model and tag (python -c \"import open_clip; print(open_clip.list_pretrained())\").") from None
     model = ClipClassifier(clip, head, tokenizer).to(device)
     return argparse.Namespace(device=device, clip=clip, tokenizer=tokenizer, task=task, train_tf=train_tf,

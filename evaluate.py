@@ -3,6 +3,7 @@ then markdown tables and ID-vs-OOD plots from results.jsonl.
 
   python evaluate.py eval --ckpt runs/ft-miniworld-miniclip-s0        # a fine-tuned checkpoint
   python evaluate.py eval --model ViT-B-16 --pretrained openai --data imagenet --data-root DIR   # zero-shot
+  python evaluate.py eval --ckpt RUN --zeroshot-data DIR1,DIR2        # + cross-dataset zero-shot transfer
   python evaluate.py table runs/results.jsonl                          # markdown, mean ± std over seeds
   python evaluate.py plot runs/results.jsonl --out id_vs_ood.png
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common import (TrainArgs, check_data, evaluate_task, get_device, load_run, log_results, plot_id_vs_ood,
-                    run_log_args, setup, start_run)
+                    run_log_args, set_threads, setup, start_run)
 
 
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
@@ -134,14 +135,16 @@ def evaluate_command(a):
     if not a.ckpt:  # the zero-shot model: same path as `baselines.py --method zeroshot`
         check_data(a.data)
         args = TrainArgs(data=a.data, data_root=a.data_root, model=a.model, pretrained=a.pretrained, device=a.device,
-                         out=a.out, eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0)
+                         out=a.out, eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0,
+                         zeroshot_data=a.zeroshot_data, threads=a.threads)
         env = setup(args, "zeroshot")
         rows = evaluate_task(env.model, env.task, env.eval_tf, env.device, a.eval_batch_size, a.workers)
         start_run(env, args)
         log_results(env.run, "zeroshot", args, rows, step=0)
         return rows
     device = get_device(a.device)
-    run = load_run(a.ckpt, device, a.data_root)
+    set_threads(a.threads)
+    run = load_run(a.ckpt, device, a.data_root, zeroshot_data=a.zeroshot_data or None)
     rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
     log_results(run.dir, run.method, run_log_args(run), rows, step=run.args.get("steps", 0))
     return rows
@@ -155,11 +158,14 @@ def main(argv=None):
     for name, help_ in (("data", "dataset (zero-shot evaluation; a run knows its own)"), ("data_root", "dataset folder "
                         "(for a run: only if it moved)"), ("model", "open_clip architecture or miniclip (zero-shot)"),
                         ("pretrained", "open_clip tag or weights file (zero-shot)"), ("device", "cuda | cpu"),
-                        ("out", "run directory of the zero-shot evaluation")):
+                        ("out", "run directory of the zero-shot evaluation"), ("zeroshot_data", "DIR[,DIR...]: "
+                        "classification folders scored zero-shot with heads from the model's text tower (default: a "
+                        "run's own --zeroshot-data)")):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
     p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
     p.add_argument("--workers", type=int, default=TrainArgs.workers, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the zero-shot model (a random-weight --model)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
     for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("results", help="a results.jsonl (runs append to <runs root>/results.jsonl)")

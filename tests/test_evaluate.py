@@ -60,3 +60,84 @@ def test_table_and_plot_keep_data_and_model_apart_and_skip_garbage_lines(tmp_pat
     out = run_script([str(REPO / "evaluate.py"), "plot", str(tmp_path / "results.jsonl"), "--out", "p.png"], cwd=tmp_path).stdout
     for name in ("p-folder-ViT-B-16.png", "p-miniworld-miniclip.png"):  # one figure per (data, model)
         assert (tmp_path / name).stat().st_size > 1000 and f"wrote {name}" in out
+
+
+def make_zeroshot_folder(root, names=True, templates=True):
+    """A second dataset, never trained on: 3 classes of generated PNGs (one folder empty, so dropped),
+    with its own classnames.txt and templates.txt."""
+    from conftest import write_images
+
+    for k, folder in enumerate(["c0", "c1", "c2"]):
+        write_images(root / folder, 3, seed=50 + k, fmt="PNG", colour=[(0, 200, 200), (200, 0, 200), (90, 90, 90)][k])
+    (root / "c3").mkdir()
+    if names:
+        (root / "classnames.txt").write_text("teal bird\nmagenta fish\ngrey horse\nempty one\n")
+    if templates:
+        (root / "templates.txt").write_text("a photo of a {}.\nan image of the {}.\n")
+    return root
+
+
+def test_zeroshot_data_rows_use_the_runs_own_text_tower(tmp_path, folder_data, tiny_model):
+    """--zeroshot-data on a method file and on `evaluate.py eval`: kind="zeroshot" rows of a dataset the
+    run never saw, scored with a head from the run's *current* text tower: FT's text tower is θ0's, so its
+    head is θ0's; FLYP's text tower trained, so its head (and its rows) differ from θ0's head."""
+    import torch
+    import torch.nn.functional as F
+
+    import common
+
+    zs = make_zeroshot_folder(tmp_path / "pets")
+    micro = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "3", "--batch-size", "8",
+             "--lr", "1e-3", "--eval-every", "0", "--zeroshot-data", str(zs)]
+    rows, models = {}, {}
+    for method in ("ft", "flyp"):
+        out = tmp_path / "runs" / method
+        proc = run_script([str(REPO / "baselines.py"), "--method", method, *micro, "--out", str(out)], cwd=tmp_path)
+        assert "Traceback" not in proc.stdout + proc.stderr and "dropping 1 class(es) with no images" in proc.stdout
+        rows[method] = next(json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"pets"' in line)
+        assert rows[method]["kind"] == "zeroshot" and rows[method]["n"] == 9
+        run = common.load_run(out, "cpu")
+        split = next(s for s in run.task.tests if s.name == "pets")
+        assert split.classnames == ["teal bird", "magenta fish", "grey horse"] and split.templates[1] == "an image of the {}."
+        theta0 = common.run_theta0(run, "cpu")
+        head_now = common.zeroshot_head(run.model.clip, run.model.tokenizer, split.classnames, split.templates)  # [3, D]
+        head0 = common.zeroshot_head(theta0.clip, theta0.tokenizer, split.classnames, split.templates)
+        feats, labels, _ = common.predict(lambda x: F.normalize(run.model.clip.encode_image(x), dim=-1), split.images,
+                                          run.eval_tf, torch.device("cpu"))
+        for head, name in ((head_now, "own"), (head0, "theta0")):
+            logits = common.cosine_logits(feats, head, run.model.scale.detach())  # [9, 3]
+            models[(method, name)] = common.classification_metrics(logits, labels)
+        assert rows[method]["nll"] == pytest.approx(models[(method, "own")]["nll"], abs=1e-5)
+        again = run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", str(out)], cwd=tmp_path).stdout
+        assert f"pets             zeroshot  acc {100 * rows[method]['acc']:6.2f}" in again
+        last = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"pets"' in line][-1]
+        assert last["nll"] == pytest.approx(rows[method]["nll"], abs=1e-6)
+        if method == "ft":  # frozen text tower: the head of the current tower is θ0's
+            assert torch.allclose(head_now, head0, atol=1e-6)
+        else:
+            assert not torch.allclose(head_now, head0, atol=1e-3)
+            assert abs(models[(method, "own")]["nll"] - models[(method, "theta0")]["nll"]) > 1e-4
+    # evaluate.py eval --zeroshot-data on a run trained without it, and on the zero-shot model
+    other = make_zeroshot_folder(tmp_path / "plain", names=False, templates=False)  # folder names, simple templates
+    out = run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", str(tmp_path / "runs" / "ft"), "--zeroshot-data",
+                      f"{other}"], cwd=tmp_path).stdout
+    assert "plain            zeroshot" in out and "pets" not in out
+    out = run_script([str(REPO / "evaluate.py"), "eval", "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+                      "--zeroshot-data", f"{zs},{other}", "--out", str(tmp_path / "runs" / "zs")], cwd=tmp_path).stdout
+    assert "pets             zeroshot" in out and "plain            zeroshot" in out
+    table = run_script([str(REPO / "evaluate.py"), "table", str(tmp_path / "runs" / "results.jsonl")], cwd=tmp_path).stdout
+    assert "ZS mean" in table and "pets" in table
+
+
+@pytest.mark.parametrize("setup_folder, message", [
+    (lambda d: d.mkdir(), "no images under"),
+    (lambda d: (make_zeroshot_folder(d), (d / "templates.txt").write_text("a photo\n")), "needs one {} for the class name"),
+    (lambda d: (make_zeroshot_folder(d), (d / "classnames.txt").write_text("one\ntwo\n")), "2 names for 4 class folders"),
+    (lambda d: None, "is not a folder")])
+def test_bad_zeroshot_folder_gives_one_message(tmp_path, folder_data, tiny_model, setup_folder, message):
+    folder = tmp_path / "zs"
+    setup_folder(folder)
+    proc = run_script([str(REPO / "baselines.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+                       "--zeroshot-data", str(folder), "--out", str(tmp_path / "run")], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
