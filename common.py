@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
 MINIWORLD_POOL_SIZE = 50_000  # image-text pairs in the generated miniworld retrieval pool (ARF's anchors)
+OBJECTNET_BORDER = 2  # px cut from each edge of an ObjectNet image: its 1-px red frame (the reference evaluation cuts 2)
 FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads)
 
 
@@ -513,19 +514,24 @@ def load_rgb(path: str):
 
 
 class FileImages:
-    """Images on disk given as (path, label) pairs; unreadable files are skipped and counted."""
+    """Images on disk given as (path, label) pairs; unreadable files are skipped and counted. `border`
+    pixels are cut from every edge on load (ObjectNet's frame)."""
 
-    def __init__(self, paths: list, labels):
-        self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
+    def __init__(self, paths: list, labels, border: int = 0):
+        self.paths, self.labels, self.border = list(paths), np.asarray(labels, dtype=np.int64), border
 
     def __len__(self):
         return len(self.labels)
 
     def load(self, i: int):
-        return load_rgb(self.paths[i])
+        img = load_rgb(self.paths[i])
+        if img is None or not self.border:
+            return img
+        b = self.border
+        return img.crop((b, b, img.width - b, img.height - b))
 
     def subset(self, idx):
-        return FileImages([self.paths[i] for i in idx], self.labels[np.asarray(idx)])
+        return FileImages([self.paths[i] for i in idx], self.labels[np.asarray(idx)], self.border)
 
 
 def image_keys(images) -> list:
@@ -542,7 +548,8 @@ class Split:
     images: object  # ArrayImages | FileImages
     classnames: list  # the label space `images.labels` index into
     templates: list  # prompt templates for this split's text head
-    class_subset: Optional[list] = None  # only these classes are scored (ImageNet-R/A: 200 of 1000)
+    class_groups: Optional[list] = None  # scored classes as groups of label-space rows, logit = the group's max;
+    # labels index the groups (ImageNet-R/A: 200 groups of one class; ObjectNet: 113 of one or more)
 
 
 @dataclass
@@ -565,7 +572,9 @@ optional OOD sets, scored when present:
 DIR/imagenetv2/0 ... 999/*.jpeg    (ImageNet-V2 matched-frequency, folders named by class index)
 DIR/imagenet-r/nXXXXXXXX/*.jpg     (200 wnids)
 DIR/imagenet-a/nXXXXXXXX/*.jpg     (200 wnids)
-DIR/imagenet-sketch/nXXXXXXXX/*.JPEG""",
+DIR/imagenet-sketch/nXXXXXXXX/*.JPEG
+DIR/objectnet-1.0/images/<folder>/*.png, DIR/objectnet-1.0/mappings/*   (ObjectNet 1.0 unzipped as shipped;
+                                    its 113 ImageNet-overlapping classes are scored)""",
     "domainnet": """DIR/{real,painting,clipart,infograph,sketch}/<class>/*.jpg
 DIR/{domain}_train.txt, DIR/{domain}_test.txt   (official split files: '<domain>/<class>/<file> <label>' per line)""",
     "zeroshot": """DIR/<class>/*.jpg                  (one folder per class; the split is named after DIR)
@@ -649,16 +658,66 @@ def miniworld_pool() -> str:
     return str(miniworld.write_pool(out, MINIWORLD_POOL_SIZE))
 
 
+def imagenet_wnids() -> list:
+    """The 1000 ILSVRC-2012 wnids in class-index order (the order of open_clip's IMAGENET_CLASSNAMES).
+    open_clip ships no wnid list; timm, its own dependency, does."""
+    from timm.data import ImageNetInfo
+
+    return ImageNetInfo().label_names()
+
+
+def subset_groups(images: FileImages, n_classes: int) -> tuple:
+    """(images relabelled into the classes present, their groups) for a split that holds a subset of the
+    label space (ImageNet-R/A: 200 of 1000); (images, None) when every class is present."""
+    present = sorted(set(images.labels.tolist()))
+    if len(present) == n_classes:
+        return images, None
+    remap = {c: k for k, c in enumerate(present)}
+    return FileImages(images.paths, [remap[c] for c in images.labels.tolist()], images.border), [[c] for c in present]
+
+
+def load_objectnet(folder: Path, classnames: list, templates: list) -> Split:
+    """ObjectNet 1.0 (LAYOUTS["imagenet"]): its 113 classes that overlap ImageNet through the mapping files
+    shipped with it, each scored as the max logit over its ImageNet classes (the reference evaluation's
+    projection), argmax over those 113; images of the other classes are left out; the red frame is cut."""
+    maps = folder / "mappings"
+    try:
+        folder_of = {label: f for f, label in json.loads((maps / "folder_to_objectnet_label.json").read_text()).items()}
+        to_imagenet = json.loads((maps / "objectnet_to_imagenet_1k.json").read_text())
+        label_2012 = {line.strip(): i for i, line in enumerate((maps / "imagenet_to_label_2012_v2").read_text().splitlines())}
+        index_of_2012 = {int(v): int(k) for k, v in json.loads((maps / "pytorch_to_imagenet_2012_id.json").read_text()).items()}
+        groups = {folder_of[o]: sorted(index_of_2012[label_2012[n]] for n in names.split("; ")) for o, names in to_imagenet.items()}
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: ObjectNet's mapping files in {maps} are missing or do not agree ({type(e).__name__}: {e}). "
+                         f"Expected layout:\n{LAYOUTS['imagenet']}") from None
+    names = sorted(groups)  # the overlapping classes by folder name, as the reference orders them
+    paths, labels = [], []
+    for k, name in enumerate(names):
+        files = image_files(folder / "images" / name) if (folder / "images" / name).is_dir() else []
+        paths += [str(f) for f in files]
+        labels += [k] * len(files)
+    others = len(subfolders(folder / "images")) - sum((folder / "images" / n).is_dir() for n in names)
+    print(f"ObjectNet: scoring {len(paths)} images of the {len(names)} classes that overlap ImageNet "
+          f"(skipping {others} class folders outside the mapping)")
+    images = FileImages(paths, labels, border=OBJECTNET_BORDER)
+    return Split("objectnet", "ood", images, classnames, templates, class_groups=[groups[n] for n in names])
+
+
 def load_imagenet(root: str, seed: int) -> Task:
     from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
     base = Path(root)
     if not root or not (base / "train").is_dir() or not (base / "val").is_dir():
         missing_root("imagenet", root, "train/ and val/")
-    wnids = [p.name for p in subfolders(base / "train")]
-    if len(wnids) != len(IMAGENET_CLASSNAMES):
-        raise SystemExit(f"error: {base/'train'} has {len(wnids)} class folders; ImageNet needs {len(IMAGENET_CLASSNAMES)} wnids")
-    index = {w: i for i, w in enumerate(wnids)}
+    wnids, known = [p.name for p in subfolders(base / "train")], imagenet_wnids()
+    unknown, missing = sorted(set(wnids) - set(known)), sorted(set(known) - set(wnids))
+    if unknown or missing:  # class names are given by wnid: folders with other names would get wrong ones
+        raise SystemExit(f"error: {base/'train'} has {len(wnids)} class folders; ImageNet-1k needs its {len(known)} wnids. "
+                         + (f"{len(unknown)} folder(s) are not ImageNet-1k wnids: {', '.join(unknown[:5])}"
+                            f"{' ...' if len(unknown) > 5 else ''}. " if unknown else "")
+                         + (f"{len(missing)} wnid(s) have no folder: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}."
+                            if missing else ""))
+    index = {w: i for i, w in enumerate(known)}
     names, templates = list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES)
     train, heldout = heldout_split(FileImages(*scan_class_folders(base / "train", index)), seed, 10_000)
     tests = [Split("val", "id", FileImages(*scan_class_folders(base / "val", index)), names, templates)]
@@ -677,10 +736,10 @@ def load_imagenet(root: str, seed: int) -> Task:
         tests.append(Split("imagenet-v2", "ood", FileImages(paths, labels), names, templates))
     for name in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
         if (base / name).is_dir():
-            images = FileImages(*scan_class_folders(base / name, index))
-            present = sorted(set(images.labels.tolist()))
-            subset = present if len(present) < len(names) else None
-            tests.append(Split(name, "ood", images, names, templates, subset))
+            images, groups = subset_groups(FileImages(*scan_class_folders(base / name, index)), len(names))
+            tests.append(Split(name, "ood", images, names, templates, groups))
+    if (base / "objectnet-1.0").is_dir():
+        tests.append(load_objectnet(base / "objectnet-1.0", names, templates))
     return Task("imagenet", names, templates, Split("train", "train", train, names, templates),
                 Split("heldout", "heldout", heldout, names, templates), tests)
 
@@ -1102,23 +1161,25 @@ def split_head(model: ClipClassifier, split: Split, task: Task) -> torch.Tensor:
 
 @torch.no_grad()
 def split_logits(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> tuple:
-    """(logits [N, K], labels [N], n_bad) of one split; with a class subset (ImageNet-R/A) only those
-    classes are scored and the labels are renumbered into the subset."""
+    """(logits [N, K], labels [N], n_bad) of one split; with class groups (ImageNet-R/A, ObjectNet) the
+    logits are the groups' [N, G] and the labels index the groups."""
     model.eval()
     head = split_head(model, split, task).to(device)  # [K, D]
-    if split.class_subset is not None:
-        head = head[split.class_subset]
+    if split.class_groups is not None:
+        members = torch.tensor([c for g in split.class_groups for c in g], device=device)  # [M]
+        group_of = torch.tensor([k for k, g in enumerate(split.class_groups) for _ in g], device=device)  # [M]
+        head = head[members]  # [M, D]
+
     def forward(x):  # the encoder under autocast (bf16 on CUDA); the logits, and all metrics after them, in float32
         features = model.clip.encode_image(x)  # [B, D]
         with torch.autocast(x.device.type, enabled=False):
-            return cosine_logits(F.normalize(features.float(), dim=-1), head.float(), model.scale.float())  # [B, K]
+            logits = cosine_logits(F.normalize(features.float(), dim=-1), head.float(), model.scale.float())  # [B, M]
+            if split.class_groups is None:
+                return logits
+            grouped = logits.new_full((len(x), len(split.class_groups)), -math.inf)  # [B, G]: a group's logit is its max
+            return grouped.scatter_reduce(1, group_of.expand(len(x), -1), logits, "amax")
 
-    logits, labels, bad = predict(forward, split.images, transform, device, batch_size, workers, shard=True)
-    if split.class_subset is not None:
-        remap = torch.full((len(split.classnames),), -1, dtype=torch.long)
-        remap[torch.tensor(split.class_subset)] = torch.arange(len(split.class_subset))
-        labels = remap[labels]
-    return logits, labels, bad
+    return predict(forward, split.images, transform, device, batch_size, workers, shard=True)
 
 
 def evaluate_split(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> dict:

@@ -88,9 +88,7 @@ def test_encode_text_cut_padding_equals_full_context(tiny_model, custom_text):
 
 # ------------------------------------------------------------------------------------- datasets
 def make_imagenet_tree(root: Path, r_wnids: list):
-    from open_clip import IMAGENET_CLASSNAMES
-
-    wnids = [f"n{i:08d}" for i in range(len(IMAGENET_CLASSNAMES))]
+    wnids = common.imagenet_wnids()
     for w in wnids:
         write_images(root / "train" / w, 1, seed=int(w[1:]), size=(8, 8))
     for w in wnids[:5]:
@@ -103,7 +101,8 @@ def make_imagenet_tree(root: Path, r_wnids: list):
 
 
 def test_imagenet_layout_v2_by_integer_and_r_subset(tmp_path, capsys):
-    make_imagenet_tree(tmp_path, r_wnids=["n00000007", "n00000100", "n00000999"])
+    wnids = common.imagenet_wnids()
+    make_imagenet_tree(tmp_path, r_wnids=[wnids[7], wnids[100], wnids[999]])
     (tmp_path / "imagenetv2" / ".ipynb_checkpoints").mkdir()  # stray folders a notebook or a copy leaves
     (tmp_path / "imagenetv2" / "notes").mkdir()
     (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
@@ -116,7 +115,65 @@ def test_imagenet_layout_v2_by_integer_and_r_subset(tmp_path, capsys):
     v2 = splits["imagenet-v2"]
     assert sorted(set(v2.images.labels.tolist())) == [2, 10]  # folder "10" is class 10, not class 2
     assert all(f"/{lab}/" in p for p, lab in zip(v2.images.paths, v2.images.labels))
-    assert splits["imagenet-r"].class_subset == [7, 100, 999]
+    r = splits["imagenet-r"]  # 3 of the 1000 classes: scored as 3 groups, labels renumbered into them
+    assert r.class_groups == [[7], [100], [999]] and sorted(set(r.images.labels.tolist())) == [0, 1, 2]
+    assert all(f"/{wnids[[7, 100, 999][lab]]}/" in p for p, lab in zip(r.images.paths, r.images.labels))
+    assert "objectnet" not in splits  # optional: scored only when its folder exists
+
+
+def test_imagenet_train_folders_must_be_imagenet_wnids(tmp_path):
+    make_imagenet_tree(tmp_path, r_wnids=[])
+    wnids = common.imagenet_wnids()
+    (tmp_path / "train" / wnids[3]).rename(tmp_path / "train" / "n99999999")  # one fake name among 1000 folders
+    with pytest.raises(SystemExit, match=rf"1 folder\(s\) are not ImageNet-1k wnids: n99999999. 1 wnid\(s\) have no folder: {wnids[3]}"):
+        common.load_task("imagenet", str(tmp_path))
+
+
+def make_objectnet(root: Path, border_colour=(255, 0, 0), inside=(0, 0, 255)):
+    """ObjectNet 1.0's layout: images/<folder>/*.png with a 1-px red frame, and its mapping files. The
+    pytorch-to-2012 index map is a permutation (p -> 7p + 3 mod 1000), so a loader that skips it fails."""
+    maps = root / "mappings"
+    maps.mkdir(parents=True)
+    (maps / "imagenet_to_label_2012_v2").write_text("".join(f"label {i}\n" for i in range(1000)))
+    (maps / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps({str(p): (7 * p + 3) % 1000 for p in range(1000)}))
+    (maps / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
+        {"Alarm clock": "label 5", "Banana": "label 20; label 21", "Chair": "label 999"}))
+    folders = {"alarm_clock": "Alarm clock", "banana": "Banana", "chair": "Chair", "zebra_toy": "Zebra toy"}
+    (maps / "folder_to_objectnet_label.json").write_text(json.dumps(folders))
+    rng = np.random.default_rng(0)
+    for k, (folder, n) in enumerate(zip(folders, (2, 3, 2, 2))):
+        (root / "images" / folder).mkdir(parents=True)
+        for i in range(n):
+            arr = np.zeros((12, 12, 3), dtype=np.uint8) + np.array(border_colour, dtype=np.uint8)
+            arr[1:-1, 1:-1] = (0.5 * rng.integers(0, 255, (10, 10, 3)) + 0.5 * np.array(inside)).astype(np.uint8)
+            Image.fromarray(arr).save(root / "images" / folder / f"{i}.png")
+    pytorch_of = {(7 * p + 3) % 1000: p for p in range(1000)}
+    return [[pytorch_of[5]], sorted([pytorch_of[20], pytorch_of[21]]), [pytorch_of[999]]]
+
+
+def test_objectnet_frame_cut_and_scored_on_the_mapped_classes(tmp_path, tiny_model):
+    make_imagenet_tree(tmp_path, r_wnids=[])
+    groups = make_objectnet(tmp_path / "objectnet-1.0")
+    task = common.load_task("imagenet", str(tmp_path))
+    split = next(s for s in task.tests if s.name == "objectnet")
+    assert split.kind == "ood" and split.class_groups == groups and len(split.images) == 7  # zebra_toy is not mapped
+    assert split.images.labels.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    img = np.asarray(split.images.load(0))
+    assert img.shape == (8, 8, 3) and not ((img[..., 0] > 200) & (img[..., 1] < 50)).any()  # no red left
+    clip, tok, pp = common.load_clip(tiny_model)
+    torch.manual_seed(0)
+    model = common.ClipClassifier(clip, F.normalize(torch.randn(1000, 32), dim=-1), tok)
+    eval_tf = common.image_transforms(pp, 1.0)[1]
+    m = common.evaluate_split(model, split, task, eval_tf, torch.device("cpu"))
+    logits, y, _ = common.predict(model, split.images, eval_tf, torch.device("cpu"))  # [7, 1000], frame cut
+    projected = torch.stack([logits[:, g].max(1).values for g in groups], 1)  # [7, 3]: the reference's projection
+    assert m["n"] == 7 and m["acc"] == pytest.approx((projected.argmax(1) == y).float().mean().item())
+    assert m["nll"] == pytest.approx(F.cross_entropy(projected, y).item(), abs=1e-5)
+    uncut = common.FileImages(split.images.paths, split.images.labels)  # scoring with the frame gives other logits
+    assert not torch.allclose(common.predict(model, uncut, eval_tf, torch.device("cpu"))[0], logits, atol=1e-4)
+    (tmp_path / "objectnet-1.0" / "mappings" / "objectnet_to_imagenet_1k.json").write_text('{"Banana": "no such label"}')
+    with pytest.raises(SystemExit, match="mapping files .* do not agree"):
+        common.load_task("imagenet", str(tmp_path))
 
 
 def test_subset_scoring_equals_argmax_over_subset_classes(tmp_path, tiny_model):
@@ -130,15 +187,16 @@ def test_subset_scoring_equals_argmax_over_subset_classes(tmp_path, tiny_model):
         write_images(tmp_path / str(k), 4, seed=k)
         paths += [str(p) for p in sorted((tmp_path / str(k)).iterdir())]
         labels += [k] * 4
-    images = common.FileImages(paths, labels)
+    images, groups = common.subset_groups(common.FileImages(paths, labels), 10)
     classnames = [f"c{i}" for i in range(10)]
-    split = common.Split("r", "ood", images, classnames, ["{}"], class_subset=subset)
+    split = common.Split("r", "ood", images, classnames, ["{}"], class_groups=groups)
     task = common.Task("t", classnames, ["{}"], split, split, [split])
     eval_tf = common.image_transforms(pp, 1.0)[1]
     m = common.evaluate_split(model, split, task, eval_tf, torch.device("cpu"))
     logits, y, _ = common.predict(model, images, eval_tf, torch.device("cpu"))
     pred = torch.tensor(subset)[logits[:, subset].argmax(-1)]
-    assert m["acc"] == pytest.approx((pred == y).float().mean().item())
+    assert torch.equal(torch.tensor(subset)[y], torch.tensor(labels))  # labels index the groups
+    assert m["acc"] == pytest.approx((pred == torch.tensor(labels)).float().mean().item())
     assert m["n"] == 12
 
 
