@@ -88,7 +88,7 @@ class TrainArgs:
     out: str = ""  # run directory (default runs/<method>-<data>-<model>-s<seed>)
     resume: bool = False  # continue from the newest readable checkpoint in --out
     device: str = ""  # cuda | cpu (default: cuda when available)
-    threads: int = 0  # torch CPU threads (0 = $OMP_NUM_THREADS if set, else the cores free at start / processes per node)
+    threads: int = 0  # torch CPU threads (0 = a resumed run's own, else $OMP_NUM_THREADS, else the free cores / processes per node)
 
 
 # The one fine-tuning recipe per --data that every method starts from (METHODS.md): AdamW, 10% warm-up
@@ -206,17 +206,22 @@ def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> float:
         after = idle_and_total()
     except (OSError, ValueError):
         return float(len(cpus))
-    return sum((after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after) or float(len(cpus))
+    if not after:  # no per-core lines (an unusual /proc): assume all are free
+        return float(len(cpus))
+    return sum((after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after)
 
 
-def set_threads(requested: int = 0) -> int:
-    """torch's intra-op threads: --threads, else $OMP_NUM_THREADS, else the cores free at start shared
-    by the processes of this node. More threads than free cores spin against each other (FT on 2 cores
-    beside one busy process: 11m29s with 2 threads, 1m32s with 1). Printed, since it changes speed (and
-    float round-off, so bit-exact comparisons need the same count)."""
+def set_threads(requested: int = 0, resumed: int = 0) -> int:
+    """torch's intra-op threads: --threads, else those of the run being resumed (`resumed`, from its
+    args.json), else $OMP_NUM_THREADS, else the cores free at start shared by the processes of this node.
+    More threads than free cores spin against each other (FT on 2 cores beside one busy process: 11m29s
+    with 2 threads, 1m32s with 1). Printed, since it changes speed, and float round-off: a resumed run
+    keeps its count so that it ends with the weights of an uninterrupted one."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if requested > 0:
         threads, why = requested, "--threads"
+    elif resumed > 0:
+        threads, why = resumed, "the resumed run's own, from its args.json; --threads N to change"
     elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         threads, why = int(os.environ["OMP_NUM_THREADS"]), "$OMP_NUM_THREADS"
     else:
@@ -1868,9 +1873,10 @@ def setup(args, method: str, run_dir: bool = True):
     seed_everything(args.seed, device)
     args.workers = min(args.workers, os.cpu_count() or 1)
     init_distributed(device)
-    set_threads(args.threads)
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     run = check_run(args, method) if run_dir else None  # and a run folder that is taken
+    resumed = json.loads((run / "args.json").read_text()).get("threads", 0) if args.resume and run and (run / "args.json").is_file() else 0
+    args.threads = set_threads(args.threads, resumed)  # args.json records the count used
     task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)

@@ -14,6 +14,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Tests compare separate trainings bit for bit, so every run in them (in-process or subprocess) uses
+# torch's default thread count, not the cores that happen to be free (common.set_threads).
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 TINY_CONFIG = {
     "embed_dim": 32,

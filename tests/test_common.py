@@ -632,3 +632,8 @@ def test_threads_follow_the_free_cores_and_the_flag(tmp_path, folder_data, tiny_
     out = run_script(["baselines.py", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "1",
                       "--batch-size", "4", "--threads", "1", "--out", str(tmp_path / "run")], cwd=REPO).stdout
     assert "CPU threads: 1 (--threads)" in out
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["threads"] == 1  # the count used, recorded
+    (tmp_path / "run" / "final.pt").unlink()  # as if killed after its checkpoint: a resume keeps the run's count
+    out = run_script(["baselines.py", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "1",
+                      "--batch-size", "4", "--out", str(tmp_path / "run"), "--resume"], cwd=REPO, env_extra={"OMP_NUM_THREADS": "2"}).stdout
+    assert "CPU threads: 1 (the resumed run's own" in out
