@@ -3,6 +3,8 @@ they measure are machine-dependent, so these check the plumbing and the table's 
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -63,3 +65,29 @@ def test_fixes_micro_old_and_new_paths_agree(tiny_model, capsys):
     for row in rows:
         assert float(row[3]) > 0 and float(row[4]) > 0
         assert float(row[6].split()[0]) < 1e-4  # a speed fix must not change what is computed
+
+
+def test_diagnostics_closed_forms_and_runs(tmp_path, folder_data, tiny_model, capsys):
+    """Participation ratio and k90 of known spectra; on runs, FT against itself is 1 and LP (a frozen image
+    tower) moves no feature."""
+    import torch
+
+    import baselines
+    import diagnostics
+
+    eye = torch.eye(8)
+    for k in (1, 4, 8):  # rows spread evenly over k orthogonal directions: PR = k, and k90 = ceil(0.9 k)
+        values, _ = diagnostics.spectrum(eye[:k].repeat(5, 1))
+        assert diagnostics.participation(values) == (pytest.approx(k), -(-9 * k // 10))
+    values, _ = diagnostics.spectrum(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 1.0, 0]]))
+    assert diagnostics.participation(values)[0] == pytest.approx(1 / (0.25 ** 2 + 0.75 ** 2))  # (Σλ)²/Σλ², λ = (¾, ¼)
+    micro = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "2", "--batch-size", "8",
+             "--lr", "1e-3", "--eval-every", "0"]
+    for method in ("ft", "lp"):
+        baselines.main(["--method", method, *micro, "--out", str(tmp_path / "runs" / f"{method}-s0")])
+    space, change = diagnostics.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "diag.md")])
+    assert set(change) == {"ft", "lp"} and change["lp"][0][0] == 0.0 and change["ft"][0][0] > 0
+    assert 0 < change["ft"][0][1] < 1 and 1 <= space["random"][0] <= space["dim"]
+    table = (tmp_path / "diag.md").read_text()
+    assert "| ft | 1 |" in table and table.split("| ft | 1 |")[1].split("\n")[0].strip().endswith("| 1 |")
+    assert "| lp | 1 | 0 |" in table and "participation ratio" in table
