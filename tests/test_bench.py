@@ -91,3 +91,20 @@ def test_diagnostics_closed_forms_and_runs(tmp_path, folder_data, tiny_model, ca
     table = (tmp_path / "diag.md").read_text()
     assert "| ft | 1 |" in table and table.split("| ft | 1 |")[1].split("\n")[0].strip().endswith("| 1 |")
     assert "| lp | 1 | 0 |" in table and "participation ratio" in table
+
+
+def test_world_probe_micro_renders_a_variant_and_trains_on_it(tmp_path, monkeypatch, capsys):
+    import miniworld
+    import world_probe
+
+    monkeypatch.setattr(miniworld.task, "TASK_SIZES", dict(train=64, heldout=16, id=24, ood=12, zeroshot=12))
+    monkeypatch.setattr(miniworld, "load_task", miniworld.load_task)  # the probe swaps it per variant; put it back after
+    monkeypatch.setattr(world_probe, "METHODS", world_probe.METHODS[:2])  # zero-shot and FT
+    world_probe.main(["--variants", "pattern", "--runs", str(tmp_path / "runs"), "--threads", "1",
+                      "--extra", "--steps 2 --batch-size 8 --eval-every 0 --ckpt-every 0"])
+    out = capsys.readouterr().out
+    assert "## pattern: 20 classes, e.g. ['solid red triangle'" in out
+    assert "zeroshot" in out and "ft " in out and "the bulge" in out
+    task = world_probe.variant_task("pattern")
+    train = task["splits"]["train"]
+    assert len(train["labels"]) == 64 and train["images"].shape == (64, 32, 32, 3) and len(train["captions"]) == 64

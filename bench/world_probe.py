@@ -1,0 +1,122 @@
+"""Probe downstream-task variants of miniworld with the committed mini CLIP (issue #18's search for the
+papers' regime): zero-shot, FT, Lipsum-FT and FT's WiSE-FT curve on a task whose classes, cue and sizes
+differ from miniworld.task's, without pretraining anything.
+
+  python bench/world_probe.py --variants nocue,pattern --seeds 0
+  python bench/world_probe.py --variants nocue --extra "--steps 50"     # a quick look
+
+Each variant is rendered like miniworld.task (same styles as OOD splits, same zero-shot splits), handed to
+the method files through miniworld.load_task, and trained with each method file's miniworld preset into
+RUNS/<variant>/<method>-s<seed>. Prints one line per (variant, method): ID, OOD mean, zero-shot-transfer
+mean (mean over seeds), and the best α < 1 of WiSE-FT on FT with its ID minus FT's (the bulge).
+Nothing here is used by the method files; it is a scaffold for redesigning the world.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import miniworld  # noqa: E402
+from miniworld import task as mw_task  # noqa: E402
+
+SHAPES5 = ["triangle", "diamond", "ring", "hexagon", "bar"]
+# name: (classes as (shape, colour, pattern or None), fraction of train/heldout/id images on their class's
+# home background). A None pattern is left random, as in miniworld.task.
+VARIANTS = {
+    "today": ([(s, c, None) for s in SHAPES5 for c in mw_task.TASK_COLOURS], mw_task.CUE_STRENGTH),  # homes by label, not home_background
+    "nocue": ([(s, c, None) for s in SHAPES5 for c in mw_task.TASK_COLOURS], 0.0),
+    "pattern": ([(s, "red", p) for s in SHAPES5 for p in miniworld.PATTERNS], 0.0),  # 20 classes: shape x fill pattern
+    "shape-pattern-colour": ([(s, c, p) for s in SHAPES5[:4] for c in ("red", "blue") for p in miniworld.PATTERNS[:3]], 0.0),
+    "wide": ([(s, c, None) for s in SHAPES5 + ["square", "star", "heart"] for c in mw_task.TASK_COLOURS], 0.0),  # 32 classes
+}
+METHODS = [("zeroshot", "baselines", ["--method", "zeroshot"]), ("ft", "baselines", ["--method", "ft"]),
+           ("lipsum_ft", "lipsum_ft", []), ("kd", "baselines", ["--method", "kd"])]
+WISE_ALPHAS = "0.5,0.7,0.8,0.9,1"
+
+
+def class_name(shape, colour, pattern) -> str:
+    return " ".join(w for w in (pattern, colour, shape) if w)
+
+
+def make_split(classes, n, stream, style, cue, kind):
+    idx = np.arange(n)
+    labels = idx % len(classes)
+    fixed = dict(style=miniworld.STYLES.index(style),
+                 shape=np.array([miniworld.SHAPES.index(classes[k][0]) for k in labels]),
+                 colour=np.array([list(miniworld.COLOURS).index(classes[k][1]) for k in labels]))
+    if any(c[2] for c in classes):
+        fixed["pattern"] = np.array([miniworld.PATTERNS.index(classes[k][2]) for k in labels])
+    if cue > 0:  # a home background per class, like miniworld.task.home_background but for any class list
+        u = miniworld._uniform(stream, idx, "cue")
+        home = labels % len(miniworld.BACKGROUNDS)
+        other = (home + 1 + (miniworld._uniform(stream, idx, "other") * 7).astype(np.int64)) % len(miniworld.BACKGROUNDS)
+        fixed["bg"] = np.where(u < cue, home, other)
+    images, attrs = miniworld.render_many(stream, idx, **fixed)
+    split = dict(images=images, labels=labels.astype(np.int64), kind=kind)
+    if kind == "train":
+        split["captions"] = miniworld.captions(attrs, stream, idx)
+    return split
+
+
+def variant_task(name: str) -> dict:
+    classes, cue = VARIANTS[name]
+    sizes = mw_task.TASK_SIZES
+    splits = {}
+    for k, (split, kind, style, c) in enumerate([("train", "train", "photo", cue), ("heldout", "heldout", "photo", cue),
+                                                  ("id", "id", "photo", cue), ("sketch", "ood", "sketch", 0),
+                                                  ("cartoon", "ood", "cartoon", 0), ("painting", "ood", "painting", 0),
+                                                  ("pixel", "ood", "pixel", 0)]):
+        splits[split] = make_split(classes, sizes[kind if kind != "id" else "id"], 5000 + 100 * k, style, c, kind)
+    base = miniworld.load_task()  # the zero-shot transfer splits stay today's, so variants compare on them
+    for split in ("zs_classes", "zs_pattern"):
+        splits[split] = base["splits"][split]
+    return dict(classnames=[class_name(*c) for c in classes], templates=list(mw_task.TASK_TEMPLATES), splits=splits)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default="nocue,pattern", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--runs", default="runs/world_probe")
+    p.add_argument("--extra", default="", help="extra arguments for every training run")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    import importlib
+
+    import evaluate
+    import merge
+
+    for variant in a.variants.split(","):
+        task = variant_task(variant)
+        miniworld.load_task = lambda seed=0, task=task: task  # what common.load_miniworld asks for
+        out = Path(a.runs) / variant
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            for name, module, argv in METHODS:
+                run = out / f"{name}-s{seed}"
+                if not (run / "final.pt").exists():
+                    importlib.import_module(module).main([*argv, "--seed", str(seed), "--out", str(run), "--threads",
+                                                          str(a.threads), *a.extra.split()])
+            if not any('"tag": "wise' in line for line in (out / f"ft-s{seed}" / "results.jsonl").read_text().splitlines()):
+                merge.main(["wise", "--ckpt", str(out / f"ft-s{seed}"), "--alphas", WISE_ALPHAS])
+        rows = evaluate.read_results(out / "results.jsonl")
+        columns, table = evaluate.summarise(rows)
+        print(f"\n## {variant}: {len(task['classnames'])} classes, e.g. {task['classnames'][:3]}")
+        wise = {}
+        for (method, tag, _, _), cols in table.items():
+            mean = lambda c: float(np.mean(cols[c])) if cols.get(c) else float("nan")  # noqa: E731
+            print(f"{method:<10} {tag:<12} ID {mean('id'):5.1f}  OOD {mean('OOD mean'):5.1f}  ZS {mean('ZS mean'):5.1f}")
+            if method == "ft" and tag.startswith("wise a="):
+                wise[float(tag.split("=")[1])] = mean("id")
+        below = {al: v for al, v in wise.items() if al < 1}
+        if below and 1.0 in wise:
+            best = max(below, key=below.get)
+            print(f"FT's WiSE curve: best α < 1 on ID is {best:g}, ID {below[best] - wise[1.0]:+.2f} vs FT (the bulge)")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
