@@ -1,11 +1,12 @@
 """Reproduce the papers' tables and figures on miniworld with one command.
 
-Runs every method with every seed (and the ablations of ARF's anchors and Lipsum-FT's Table 3), then
-WiSE-FT on FT, Lipsum-FT, FLYP and ARF, TPGM on FT, FLYP and ARF, a greedy soup of the FT seeds, and the energy gap of every
-fine-tuned run, and writes RESULTS.md (Table-1-shaped table, mean ± std over seeds; the papers'
-ImageNet numbers beside ours as a shape comparison; the ordering claims checked) with two figures: ID
-vs OOD with the WiSE-FT curves (Lipsum-FT paper Figure 5 shape) and energy gap vs relative OOD accuracy
-(its Figure 4 shape).
+Runs every method with every seed (and the ablations of ARF's anchors, FLYP's single prompt and
+Lipsum-FT's Table 3), then WiSE-FT on FT, Lipsum-FT, FLYP and ARF, TPGM on FT, FLYP and ARF, a greedy
+soup of the FT seeds, the energy gap of every fine-tuned run and the text-space diagnostics
+(bench/diagnostics.py), and writes RESULTS.md (Table-1-shaped table, mean ± std over seeds; the
+papers' ImageNet numbers beside ours as a shape comparison; the ordering claims checked) with two
+figures: ID vs OOD with the WiSE-FT curves (Lipsum-FT paper Figure 5 shape) and energy gap vs relative
+OOD accuracy (its Figure 4 shape).
 
   python bench/reproduce.py                         # 3 seeds, the presets of each method file
   python bench/reproduce.py --seeds 0 --steps 20    # a quick look
@@ -27,6 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 # (row, file, arguments): every method of the papers' tables.
 METHODS = [
@@ -252,6 +254,12 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
               "| method | seeds | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | energy gap (OOD) |",
               "|---|---|---|---|---|---|---|", *paired_rows(paired_with_ft(rows, list(latest.values()))), ""]
 
+    if (runs / "diagnostics.md").exists():
+        lines += ["## Text-space diagnostics (`bench/diagnostics.py`)", "",
+                  "How much of θ0's text space random texts probe, and where each method moved the image features: "
+                  "Δ = n(f_θ(x)) − n(f_θ0(x)) on the ID and OOD test images, its share along the top random-text "
+                  "directions (the rest is invisible to Lipsum-FT's regulariser), and its size relative to FT's.", "",
+                  (runs / "diagnostics.md").read_text(), ""]
     lines += ["## Shape comparison with the papers (ImageNet, ViT-B/16)", "",
               "Points relative to zero-shot (Δ) and to FT (vs FT). Paper OOD = mean of ImageNet-V2/R/A/Sketch; ours =",
               "mean of the miniworld domain shifts.", "",
@@ -350,6 +358,9 @@ def main(argv=None):
         jobs.append(("soup-ft", lambda: merge.main(["soup", "--kind", "greedy", "--out", str(runs / "soup-greedy-ft"),
                                                     "--ckpt", *[str(runs / f"ft-s{s}") for s in seeds]]),
                      tuple(f"ft-s{s}" for s in seeds)))
+    trained = tuple(f"{name}-s{seed}" for seed in seeds for name, _, _ in METHODS if name in chosen and name != "zeroshot")
+    jobs.append(("diagnostics", lambda: importlib.import_module("diagnostics").main(
+        ["--runs", str(runs), "--out", str(runs / "diagnostics.md")]), trained))
     workers = []
     if not a.worker:  # the coordinator: forget claims and failures of earlier (killed) runs, start helpers
         for folder in (".claim", ".failed"):

@@ -48,6 +48,7 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
         gap = next(line for line in robust.splitlines() if line.startswith(f"| {label} |")).split("|")[7].strip()
         assert gap != "–", label
     assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself (ΔID, ΔOOD)
+    assert "## Text-space diagnostics" in report and "| ft | 2 |" in report.split("## Text-space diagnostics")[1]
     assert "Pearson r" in report and (tmp_path / "docs" / "reproduce_energy_gap.png").exists()
     assert (tmp_path / "docs" / "reproduce_id_vs_ood.png").exists()
     ft_test = [json.loads(line)["acc"] for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()
