@@ -121,7 +121,12 @@ def main(argv=None):
         name = d.name.rsplit("-s", 1)[0]
         change[name][run.seed] = feature_change(run, theta0[run.seed], space["top"].to(device), device)
         print(f"{d.name}: E|Δ|² {change[name][run.seed][0]:.4g}, along top-{TOP_K} {100 * change[name][run.seed][1]:.1f}%")
-    fmt = lambda v: f"{np.mean(v):.3g} ± {np.std(v):.2g}" if len(v) > 1 else f"{np.mean(v):.3g}"  # noqa: E731
+    def fmt(values) -> str:  # mean ± std over seeds, '–' where undefined (LP moves no feature: no share)
+        values = [v for v in values if not np.isnan(v)]
+        if not values:
+            return "–"
+        return f"{np.mean(values):.3g} ± {np.std(values):.1g}" if len(values) > 1 else f"{np.mean(values):.3g}"
+
     pr, k90 = space["random"]
     lines = [f"Text space of θ0 ({space['dim']} dims): {lipsum_ft.ENERGY_GAP_TEXTS:,} random texts have participation ratio "
              f"{pr:.1f} (k90 = {k90} directions)" + (f"; the training captions {space['captions'][0]:.1f} (k90 = "

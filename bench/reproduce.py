@@ -258,7 +258,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         lines += ["## Text-space diagnostics (`bench/diagnostics.py`)", "",
                   "How much of θ0's text space random texts probe, and where each method moved the image features: "
                   "Δ = n(f_θ(x)) − n(f_θ0(x)) on the ID and OOD test images, its share along the top random-text "
-                  "directions (the rest is invisible to Lipsum-FT's regulariser), and its size relative to FT's.", "",
+                  "directions (the rest lies where random texts barely read), and its size relative to FT's.", "",
                   (runs / "diagnostics.md").read_text(), ""]
     lines += ["## Shape comparison with the papers (ImageNet, ViT-B/16)", "",
               "Points relative to zero-shot (Δ) and to FT (vs FT). Paper OOD = mean of ImageNet-V2/R/A/Sketch; ours =",
