@@ -637,3 +637,9 @@ def test_threads_follow_the_free_cores_and_the_flag(tmp_path, folder_data, tiny_
     out = run_script(["baselines.py", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "1",
                       "--batch-size", "4", "--out", str(tmp_path / "run"), "--resume"], cwd=REPO, env_extra={"OMP_NUM_THREADS": "2"}).stdout
     assert "CPU threads: 1 (the resumed run's own" in out
+
+
+@pytest.mark.parametrize("script", ["baselines.py", "lipsum_ft.py", "car_ft.py", "arf.py"])
+def test_every_method_file_offers_zeroshot_data_and_threads(script):
+    out = run_script([script, "--help"], cwd=REPO).stdout
+    assert "--zeroshot-data" in out and "--threads" in out and "--select" in out
