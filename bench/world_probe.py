@@ -4,6 +4,7 @@ differ from miniworld.task's, without pretraining anything.
 
   python bench/world_probe.py --variants nocue,pattern --seeds 0
   python bench/world_probe.py --variants nocue --extra "--steps 50"     # a quick look
+  python bench/world_probe.py --variants nocue --extra "--pretrained OTHER_MINICLIP.pt" --diagnostics
 
 Each variant is rendered like miniworld.task (same styles as OOD splits, same zero-shot splits), handed to
 the method files through miniworld.load_task, and trained with each method file's miniworld preset into
@@ -19,6 +20,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import miniworld  # noqa: E402
 from miniworld import task as mw_task  # noqa: E402
@@ -84,6 +86,7 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/world_probe")
     p.add_argument("--extra", default="", help="extra arguments for every training run")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--diagnostics", action="store_true", help="also bench/diagnostics.py on each variant's runs")
     a = p.parse_args(argv)
     import importlib
 
@@ -115,6 +118,8 @@ def main(argv=None):
         if below and 1.0 in wise:
             best = max(below, key=below.get)
             print(f"FT's WiSE curve: best α < 1 on ID is {best:g}, ID {below[best] - wise[1.0]:+.2f} vs FT (the bulge)")
+        if a.diagnostics:  # while miniworld.load_task is this variant's, so the runs load with their own classes
+            importlib.import_module("diagnostics").main(["--runs", str(out), "--out", str(out / "diagnostics.md")])
     return 0
 
 

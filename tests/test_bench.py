@@ -101,8 +101,9 @@ def test_world_probe_micro_renders_a_variant_and_trains_on_it(tmp_path, monkeypa
     monkeypatch.setattr(miniworld, "load_task", miniworld.load_task)  # the probe swaps it per variant; put it back after
     monkeypatch.setattr(world_probe, "METHODS", world_probe.METHODS[:2])  # zero-shot and FT
     world_probe.main(["--variants", "pattern", "--runs", str(tmp_path / "runs"), "--threads", "1",
-                      "--extra", "--steps 2 --batch-size 8 --eval-every 0 --ckpt-every 0"])
+                      "--extra", "--steps 2 --batch-size 8 --eval-every 0 --ckpt-every 0", "--diagnostics"])
     out = capsys.readouterr().out
+    assert "| ft | 1 |" in (tmp_path / "runs" / "pattern" / "diagnostics.md").read_text()  # loaded with its 20 classes
     assert "## pattern: 20 classes, e.g. ['solid red triangle'" in out
     assert "zeroshot" in out and "ft " in out and "the bulge" in out
     task = world_probe.variant_task("pattern")
