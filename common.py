@@ -26,6 +26,7 @@ Conventions (METHODS.md):
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import csv
@@ -1491,7 +1492,19 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        atexit.register(close_distributed)
     return dist.get_rank(), dist.get_world_size()
+
+
+PEERS_LOST = []  # set once a run has lost a process: its process group must not be torn down politely
+
+
+def close_distributed():
+    """At exit: destroy the process group, so no backend thread outlives the interpreter (a gloo process
+    that skipped this sometimes aborted at exit: "terminate called without an active exception"). Not
+    after a lost process, where the group is broken and an NCCL teardown could wait on the dead peer."""
+    if dist.is_initialized() and not PEERS_LOST:
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
@@ -1825,6 +1838,7 @@ def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, he
                                                                  or is_collective_failure(e)):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM may follow: let the message out first
+        PEERS_LOST.append(rank)
         raise SystemExit(lost_process_message(run, rank, peers)) from None
     finally:
         if peers is not None:
