@@ -238,12 +238,17 @@ def flyp(model, args, task) -> Recipe:
         raise SystemExit(f"error: --flyp-prompt {args.flyp_prompt!r}: choose random or single")
     set_trainable(model, image=True, text=True, head=False, scale=True)
     templates = as_template_fns(task.templates if args.flyp_prompt == "random" else [FLYP_TEMPLATE])  # str.format or open_clip's lambdas
+    tokens = {}  # (class, template) -> token ids [L]: each prompt is tokenized once per run, not once per step
 
     def embed(m, batch, step):  # a micro-batch's rows; the loss is over the global batch (common.ContrastiveLoss)
         template = flyp_template_ids(args.seed, step, batch["index"], len(templates))  # [B]
         pairs, inverse = torch.stack([batch["label"].cpu(), template], 1).unique(dim=0, return_inverse=True)
-        prompts = [templates[t](task.classnames[c]) for c, t in pairs.tolist()]  # each (class, template) once
-        text = encode_text(m.clip, m.tokenizer(prompts).to(batch["image"].device))[inverse.to(batch["image"].device)]  # [B, D]
+        pairs = [tuple(p) for p in pairs.tolist()]  # each (class, template) of the batch once
+        new = [p for p in pairs if p not in tokens]
+        if new:
+            tokens.update(zip(new, m.tokenizer([templates[t](task.classnames[c]) for c, t in new])))
+        device = batch["image"].device
+        text = encode_text(m.clip, torch.stack([tokens[p] for p in pairs]).to(device))[inverse.to(device)]  # [B, D]
         return {"image": m.image_features(batch["image"]), "text": text, "label": batch["label"]}
 
     def loss(rows, scale):

@@ -187,10 +187,15 @@ def get_device(name: str = "") -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def process_cpus() -> set:
+    """The cores this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> float:
     """How many of this process's cores are idle now: the idle share of each over a short sample of
     /proc/stat (Linux); elsewhere, all of them."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = process_cpus()
 
     def idle_and_total() -> dict:
         out = {}
@@ -228,8 +233,8 @@ def set_threads(requested: int = 0, resumed: int = 0) -> int:
     else:
         free = free_cores()
         threads = max(1, int(round(free)) // per_node)
-        why = f"{free:.1f} of {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores free" + (
-            f", {per_node} processes on this node" if per_node > 1 else "") + "; --threads N to choose"
+        why = (f"{free:.1f} of {len(process_cpus())} cores free" + (f", {per_node} processes on this node" if per_node > 1 else "")
+               + "; --threads N to choose")
     torch.set_num_threads(threads)
     if is_main_process():
         print(f"CPU threads: {threads} ({why})")
@@ -612,6 +617,16 @@ def image_files(folder: Path) -> list:
     return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)
 
 
+def class_folders_with_images(folder: Path, what: str) -> tuple[list, list]:
+    """(class folder names that hold images, the empty ones): a class with no image leaves the label
+    space, with one warning naming it."""
+    folders = [p.name for p in subfolders(folder)]
+    empty = [c for c in folders if not image_files(folder / c)]
+    if empty:
+        print(f"warning: dropping {len(empty)} class(es) with no {what}: {', '.join(empty)}")
+    return [c for c in folders if c not in empty], empty
+
+
 def scan_class_folders(folder: Path, class_index: dict, dropped=()) -> tuple[list, list]:
     """(paths, labels) for folder/<class>/<image>; folder names are mapped through class_index (the
     folders of `dropped` classes are passed over)."""
@@ -736,7 +751,7 @@ def load_imagenet(root: str, seed: int) -> Task:
             print(f"warning: ignoring {len(other)} folder(s) of {v2} that are not class indices 0-{len(names) - 1}: "
                   f"{', '.join(other[:5])}")
         for sub in sorted((p for p in subs if p.name not in other), key=lambda p: int(p.name)):
-            files = sorted(f for f in sub.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            files = image_files(sub)
             paths += [str(f) for f in files]
             labels += [int(sub.name)] * len(files)
         tests.append(Split("imagenet-v2", "ood", FileImages(paths, labels), names, templates))
@@ -799,11 +814,7 @@ def load_folder(root: str, seed: int) -> Task:
     base = Path(root)
     if not root or not (base / "train").is_dir():
         missing_root("folder", root, "train/")
-    folders = [p.name for p in subfolders(base / "train")]
-    empty = [c for c in folders if not image_files(base / "train" / c)]
-    if empty:  # a class with no training image cannot be learned: it leaves the label space, and says so
-        print(f"warning: dropping {len(empty)} class(es) with no training images from the label space: {', '.join(empty)}")
-        folders = [c for c in folders if c not in empty]
+    folders, empty = class_folders_with_images(base / "train", "training images from the label space")
     index = {c: i for i, c in enumerate(folders)}
     classnames = [c.replace("_", " ") for c in folders]
     templates = list(SIMPLE_IMAGENET_TEMPLATES)
@@ -836,16 +847,12 @@ def load_zeroshot_folder(folder: str) -> Split:
     base = Path(folder)
     if not base.is_dir():
         raise SystemExit(f"error: --zeroshot-data {folder!r} is not a folder. Expected layout:\n{LAYOUTS['zeroshot']}")
-    folders = [p.name for p in subfolders(base)]
-    empty = [c for c in folders if not image_files(base / c)]
-    if empty:
-        print(f"warning: dropping {len(empty)} class(es) with no images from zero-shot split {base.name}: {', '.join(empty)}")
-        folders = [c for c in folders if c not in empty]
+    folders, empty = class_folders_with_images(base, f"images from zero-shot split {base.name}")
     if not folders:
         raise SystemExit(f"error: no images under {base}. Expected layout:\n{LAYOUTS['zeroshot']}")
     classnames = [c.replace("_", " ") for c in folders]
     if (base / "classnames.txt").is_file():
-        every = [p.name for p in subfolders(base)]  # the file names every class folder, empty ones too
+        every = sorted(folders + empty)  # the file names every class folder, empty ones too
         names = read_lines(base / "classnames.txt")
         if len(names) != len(every):
             raise SystemExit(f"error: {base / 'classnames.txt'} has {len(names)} names for {len(every)} class folders "
