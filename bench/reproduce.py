@@ -155,6 +155,35 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
     return table
 
 
+def correct(run_dir: Path, split: str) -> np.ndarray:
+    """Per-image correctness [N] of a run's final weights on the held-out slice ("heldout"), the ID test split
+    ("id") or a test split by name, cached in the run folder."""
+    cache = run_dir / f"correct-{split}.npy"
+    if not cache.is_file():
+        import common
+
+        device = common.get_device("")
+        run = common.load_run(str(run_dir), device)
+        data = run.task.heldout if split == "heldout" else next(t for t in run.task.tests if t.name == split
+                                                                or (split == "id" and t.kind == "id"))
+        logits, labels, _ = common.split_logits(run.model, data, run.task, run.eval_tf, device)  # [N, K], [N]
+        np.save(cache, (logits.argmax(1) == labels).numpy())
+    return np.load(cache)
+
+
+def paired_se(run_dirs: list, ft_dirs: list, splits: list) -> float:
+    """Standard error (points) of the seed-mean accuracy difference to FT, averaged over `splits`, from the
+    per-image differences (paired: the same images): the splits are finite samples, so a difference within
+    ~1-2 SE of a bar is within what another sample of the same distribution could give."""
+    if not splits:
+        return float("nan")
+    var = []
+    for split in splits:
+        d = np.mean([correct(r, split).astype(float) - correct(f, split) for r, f in zip(run_dirs, ft_dirs)], 0)  # [N]
+        var.append(d.var(ddof=1) / len(d))
+    return 100 * float(np.sqrt(np.sum(var)) / len(splits))
+
+
 def cell(values, fmt="{:+.1f}") -> str:
     """mean ± std of the non-NaN values ('–' if none); the std only in the default signed format."""
     values = [v for v in values if not math.isnan(v)]
@@ -170,6 +199,82 @@ def paired_rows(table: dict) -> list:
     return [f"| {m}{f' ({t})' if t else ''} | {len(c['id'])} | {cell(c['id'])} | {cell(c['ood'])} | {cell(c['zs'])} | "
             f"{cell(c['margin'])} ({sum(not math.isnan(v) for v in c['margin'])}) | {cell(c['gap'], '{:.3g}')} |"
             for (m, t), c in sorted(table.items(), key=lambda item: rank(item[0]))]
+
+
+BARS_ON = ("lipsum_ft", "arf", "kd", "car_ft")  # the methods issue #18's acceptance reports against FT
+
+
+def world_bars(runs: Path, rows: list, seeds: list) -> list:
+    """Markdown lines: miniworld's acceptance bars (issue #18) on these runs. Zero-shot and FT against the
+    bars, FT's WiSE-FT bulge per seed, and BARS_ON against FT with the seed spread and the paired per-image
+    standard error of each Δ."""
+    import common
+
+    def own(method, seed):
+        return [r for r in rows if r["method"] == method and r["seed"] == seed and r.get("tag", "") == ""]
+
+    def stat(values, fmt="{:.1f}"):
+        return fmt.format(np.mean(values)) + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
+
+    zs = [common.summary(own("zeroshot", s)) for s in seeds]
+    ft = [common.summary(own("ft", s)) for s in seeds]
+    if not all(np.isfinite(p[0]) for p in zs + ft):  # no zero-shot or FT run for some seed
+        return []
+    tests = {t.name: t for t in common.load_run(str(runs / f"ft-s{seeds[0]}"), "cpu").task.tests}
+    chance = {n: 100 / len(t.class_groups or t.classnames) for n, t in tests.items()}
+    zs_rows = {r["split"]: 100 * r["acc"] for r in own("zeroshot", seeds[0])}
+    zs_splits = [n for n, t in tests.items() if t.kind == "zeroshot"]
+    (zi, zo, zz), (fi, fo, fz) = np.mean(zs, 0), np.mean(ft, 0)
+    ok = lambda b: "yes" if b else "**no**"  # noqa: E731
+    lines = ["## The world's bars (issue #18)", "",
+             "Mean over seeds; Δ against FT of the same seed (± std over seeds; SE = standard error of the seed-mean Δ",
+             "from the per-image differences on the same images, the sampling noise of the finite test splits).", "",
+             "| bar | measured | holds |", "|---|---|---|",
+             f"| zero-shot ID in [45, 75] | {zi:.1f} | {ok(45 <= zi <= 75)} |",
+             f"| zero-shot OOD mean ≥ 45 | {zo:.1f} | {ok(zo >= 45)} |",
+             *[f"| zero-shot {n} ≥ 2 × chance ({2 * chance[n]:.1f}) | {zs_rows[n]:.1f} | {ok(zs_rows[n] >= 2 * chance[n])} |"
+               for n in zs_splits],
+             f"| FT ID ≥ zero-shot + 15 | {fi - zi:+.1f} ({stat([f[0] for f in ft])}) | {ok(fi - zi >= 15)} |",
+             f"| FT OOD mean ≤ zero-shot − 5 | {fo - zo:+.1f} ({stat([f[1] for f in ft])}) | {ok(fo - zo <= -5)} |",
+             f"| FT zero-shot transfer ≤ zero-shot − 5 | {fz - zz:+.1f} ({stat([f[2] for f in ft])}) | {ok(fz - zz <= -5)} |"]
+    bulges, alphas = [], []
+    for seed, (f_id, _, _) in zip(seeds, ft):
+        by_alpha = defaultdict(list)  # α < 1 -> that WiSE-FT point's rows
+        for r in rows:
+            if r["method"] == "ft" and r["seed"] == seed and r.get("tag", "").startswith("wise a="):
+                if float(r["tag"][len("wise a="):]) < 1:
+                    by_alpha[float(r["tag"][len("wise a="):])].append(r)
+        ids = {al: common.summary(rs)[0] for al, rs in by_alpha.items()}
+        if ids:
+            best = max(ids, key=ids.get)
+            bulges.append(ids[best] - f_id)
+            alphas.append(best)
+    if bulges:
+        lines.append(f"| FT's WiSE-FT bulge: best α < 1 on ID (per seed), its ID − FT's | α {', '.join(f'{a:g}' for a in alphas)}: "
+                     f"{stat(bulges, '{:+.2f}')} | {ok(np.mean(bulges) > 0)} (> 0) |")
+    table = paired_with_ft(rows, [])
+    for method in BARS_ON:
+        tags = [t for (m, t) in table if m == method and not t.startswith(MERGED) and not is_ablation(t)]
+        if not tags:
+            continue
+        cols = table[(method, tags[0])]
+        dirs = [runs / f"{method}-s{s}" for s in seeds]
+        ft_dirs = [runs / f"ft-s{s}" for s in seeds]
+        if not all((d / "final.pt").is_file() for d in dirs + ft_dirs):
+            continue
+        se = {k: paired_se(dirs, ft_dirs, [n for n, t in tests.items() if t.kind == k]) for k in ("id", "ood", "zeroshot")}
+        d_id, d_ood, margin = np.mean(cols["id"]), np.mean(cols["ood"]), np.nanmean(cols["margin"])
+        required = method in ("lipsum_ft", "arf")
+        lines.append(f"| {method} ({tags[0]}): ΔID {cell(cols['id'])} (SE {se['id']:.1f}), ΔOOD {cell(cols['ood'])} "
+                     f"(SE {se['ood']:.1f}), ΔZS {cell(cols['zs'])} (SE {se['zeroshot']:.1f}), margin {cell(cols['margin'])} | "
+                     + ("required: ΔOOD ≥ +3 with ΔID ≥ −1.5; goal: margin > +1 with ΔID ≥ −0.5 | " if required else "reported | ")
+                     + (f"{ok(d_ood >= 3 and d_id >= -1.5)}; goal {ok(margin > 1 and d_id >= -0.5)} |" if required else "– |"))
+    wise_lipsum = [np.nanmean(c["margin"]) for (m, t), c in table.items() if m == "lipsum_ft" and t.startswith("wise a=")
+                   and 0 < float(t[len("wise a="):]) < 1]
+    if wise_lipsum:
+        lines.append(f"| WiSE-FT on Lipsum-FT above WiSE-FT on FT at equal ID (mean margin of its 0 < α < 1 points) | "
+                     f"{np.nanmean(wise_lipsum):+.2f} | {ok(np.nanmean(wise_lipsum) > 0)} |")
+    return lines + [""]
 
 
 def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: float, job_time: float, workers: int,
@@ -254,6 +359,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
               "| method | seeds | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | energy gap (OOD) |",
               "|---|---|---|---|---|---|---|", *paired_rows(paired_with_ft(rows, list(latest.values()))), ""]
 
+    lines += world_bars(runs, rows, seeds)
     if (runs / "diagnostics.md").exists():
         lines += ["## Text-space diagnostics (`bench/diagnostics.py`)", "",
                   "How much of θ0's text space random texts probe, and where each method moved the image features: "
@@ -312,7 +418,8 @@ def main(argv=None):
     p.add_argument("--figures", default="docs", help="folder for the PNGs (linked from the report)")
     p.add_argument("--methods", default=",".join(m for m, _, _ in METHODS), help="comma-separated subset")
     p.add_argument("--extra", default="", help="extra arguments for every training run (quoted), e.g. '--steps 20'")
-    p.add_argument("--wise-alphas", default="0:1:0.1", help="WiSE-FT mixing coefficients (merge.py syntax)")
+    p.add_argument("--wise-alphas", default="0,0.2,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                   help="WiSE-FT mixing coefficients (merge.py syntax); dense near 1, where a bulge would show")
     p.add_argument("--tpgm-steps", type=int, default=200, help="TPGM's Adam steps on the radii")
     p.add_argument("--arf-args", default="", help="extra arguments for arf.py only (its --captions / --pool off miniworld)")
     p.add_argument("--workers", type=int, default=1, help="processes taking jobs in parallel (each gets cores / workers threads)")

@@ -1,10 +1,10 @@
 """Probe downstream-task variants of miniworld with the committed mini CLIP (issue #18's search for the
-papers' regime): zero-shot, FT, Lipsum-FT and FT's WiSE-FT curve on a task whose classes, cue and sizes
-differ from miniworld.task's, without pretraining anything.
+papers' regime): zero-shot, FT, Lipsum-FT, KD and FT's WiSE-FT curve on a task whose classes differ from
+miniworld.task's, without pretraining anything.
 
-  python bench/world_probe.py --variants nocue,pattern --seeds 0
-  python bench/world_probe.py --variants nocue --extra "--steps 50"     # a quick look
-  python bench/world_probe.py --variants nocue --extra "--pretrained OTHER_MINICLIP.pt" --diagnostics
+  python bench/world_probe.py --variants shape-colour,pattern --seeds 0
+  python bench/world_probe.py --variants pattern --extra "--steps 50"     # a quick look
+  python bench/world_probe.py --variants task --extra "--pretrained OTHER_MINICLIP.pt" --diagnostics
 
 Each variant is rendered like miniworld.task (same styles as OOD splits, same zero-shot splits), handed to
 the method files through miniworld.load_task, and trained with each method file's miniworld preset into
@@ -26,14 +26,23 @@ import miniworld  # noqa: E402
 from miniworld import task as mw_task  # noqa: E402
 
 SHAPES5 = ["triangle", "diamond", "ring", "hexagon", "bar"]
-# name: (classes as (shape, colour, pattern or None), fraction of train/heldout/id images on their class's
-# home background). A None pattern is left random, as in miniworld.task.
+COLOURS4 = ["red", "yellow", "green", "blue"]
+# name: classes as (shape, colour, pattern or None); a None pattern is left random. Backgrounds are random.
 VARIANTS = {
-    "today": ([(s, c, None) for s in SHAPES5 for c in mw_task.TASK_COLOURS], mw_task.CUE_STRENGTH),  # homes by label, not home_background
-    "nocue": ([(s, c, None) for s in SHAPES5 for c in mw_task.TASK_COLOURS], 0.0),
-    "pattern": ([(s, "red", p) for s in SHAPES5 for p in miniworld.PATTERNS], 0.0),  # 20 classes: shape x fill pattern
-    "shape-pattern-colour": ([(s, c, p) for s in SHAPES5[:4] for c in ("red", "blue") for p in miniworld.PATTERNS[:3]], 0.0),
-    "wide": ([(s, c, None) for s in SHAPES5 + ["square", "star", "heart"] for c in mw_task.TASK_COLOURS], 0.0),  # 32 classes
+    "task": list(mw_task.TASK_CLASSES),  # miniworld.task's own classes, for a side-by-side look
+    "shape-colour": [(s, c, None) for s in SHAPES5 for c in COLOURS4],  # the RENDER_VERSION 2 task, without its cue
+    "pattern": [(s, "red", p) for s in SHAPES5 for p in miniworld.PATTERNS],  # 20 classes: shape x fill pattern
+    "shape-pattern-colour": [(s, c, p) for s in SHAPES5[:4] for c in ("red", "blue") for p in miniworld.PATTERNS[:3]],
+    "wide": [(s, c, None) for s in SHAPES5 + ["square", "star", "heart"] for c in COLOURS4],  # 32 classes
+    # candidates for miniworld.task's classes, compared on zero-shot alone (--methods zeroshot) after pretraining
+    "spc-tshh": [(s, c, p) for s in ("triangle", "square", "hexagon", "heart") for c in ("red", "blue")
+                 for p in ("solid", "striped", "dotted")],
+    "spc-sshh": [(s, c, p) for s in ("square", "star", "heart", "hexagon") for c in ("red", "blue")
+                 for p in ("solid", "striped", "checkered")],
+    "sp-red6": [(s, "red", p) for s in ("triangle", "square", "star", "heart", "hexagon", "bar") for p in miniworld.PATTERNS],
+    "spc-3x2x4": [(s, c, p) for s in ("triangle", "square", "heart") for c in ("red", "blue") for p in miniworld.PATTERNS],
+    "spc-3x3x4": [(s, c, p) for s in ("triangle", "square", "hexagon") for c in ("red", "yellow", "blue")
+                  for p in miniworld.PATTERNS],  # 36 classes
 }
 METHODS = [("zeroshot", "baselines", ["--method", "zeroshot"]), ("ft", "baselines", ["--method", "ft"]),
            ("lipsum_ft", "lipsum_ft", []), ("kd", "baselines", ["--method", "kd"])]
@@ -41,10 +50,10 @@ WISE_ALPHAS = "0.5,0.7,0.8,0.9,1"
 
 
 def class_name(shape, colour, pattern) -> str:
-    return " ".join(w for w in (pattern, colour, shape) if w)
+    return " ".join(w for w in (pattern, colour, shape) if w)  # miniworld.class_name, with the pattern optional
 
 
-def make_split(classes, n, stream, style, cue, kind):
+def make_split(classes, n, stream, style, kind):
     idx = np.arange(n)
     labels = idx % len(classes)
     fixed = dict(style=miniworld.STYLES.index(style),
@@ -52,11 +61,6 @@ def make_split(classes, n, stream, style, cue, kind):
                  colour=np.array([list(miniworld.COLOURS).index(classes[k][1]) for k in labels]))
     if any(c[2] for c in classes):
         fixed["pattern"] = np.array([miniworld.PATTERNS.index(classes[k][2]) for k in labels])
-    if cue > 0:  # a home background per class, like miniworld.task.home_background but for any class list
-        u = miniworld._uniform(stream, idx, "cue")
-        home = labels % len(miniworld.BACKGROUNDS)
-        other = (home + 1 + (miniworld._uniform(stream, idx, "other") * 7).astype(np.int64)) % len(miniworld.BACKGROUNDS)
-        fixed["bg"] = np.where(u < cue, home, other)
     images, attrs = miniworld.render_many(stream, idx, **fixed)
     split = dict(images=images, labels=labels.astype(np.int64), kind=kind)
     if kind == "train":
@@ -65,26 +69,26 @@ def make_split(classes, n, stream, style, cue, kind):
 
 
 def variant_task(name: str) -> dict:
-    classes, cue = VARIANTS[name]
+    classes = VARIANTS[name]
     sizes = mw_task.TASK_SIZES
     splits = {}
-    for k, (split, kind, style, c) in enumerate([("train", "train", "photo", cue), ("heldout", "heldout", "photo", cue),
-                                                  ("id", "id", "photo", cue), ("sketch", "ood", "sketch", 0),
-                                                  ("cartoon", "ood", "cartoon", 0), ("painting", "ood", "painting", 0),
-                                                  ("pixel", "ood", "pixel", 0)]):
-        splits[split] = make_split(classes, sizes[kind if kind != "id" else "id"], 5000 + 100 * k, style, c, kind)
-    base = miniworld.load_task()  # the zero-shot transfer splits stay today's, so variants compare on them
-    for split in ("zs_classes", "zs_pattern"):
-        splits[split] = base["splits"][split]
+    for k, (split, kind, style) in enumerate([("train", "train", "photo"), ("heldout", "heldout", "photo"),
+                                              ("id", "id", "photo"), ("sketch", "ood", "sketch"),
+                                              ("cartoon", "ood", "cartoon"), ("painting", "ood", "painting"),
+                                              ("pixel", "ood", "pixel")]):
+        splits[split] = make_split(classes, sizes[kind], 5000 + 100 * k, style, kind)
+    base = miniworld.load_task()  # the zero-shot transfer splits stay miniworld.task's, so variants compare on them
+    splits.update({n: sp for n, sp in base["splits"].items() if sp["kind"] == "zeroshot"})
     return dict(classnames=[class_name(*c) for c in classes], templates=list(mw_task.TASK_TEMPLATES), splits=splits)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="nocue,pattern", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="task,shape-colour", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--runs", default="runs/world_probe")
     p.add_argument("--extra", default="", help="extra arguments for every training run")
+    p.add_argument("--methods", default=",".join(m for m, _, _ in METHODS), help="comma-separated subset")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--diagnostics", action="store_true", help="also bench/diagnostics.py on each variant's runs")
     a = p.parse_args(argv)
@@ -98,12 +102,12 @@ def main(argv=None):
         miniworld.load_task = lambda seed=0, task=task: task  # what common.load_miniworld asks for
         out = Path(a.runs) / variant
         for seed in [int(s) for s in a.seeds.split(",")]:
-            for name, module, argv in METHODS:
+            for name, module, argv in [m for m in METHODS if m[0] in a.methods.split(",")]:
                 run = out / f"{name}-s{seed}"
                 if not (run / "final.pt").exists():
                     importlib.import_module(module).main([*argv, "--seed", str(seed), "--out", str(run), "--threads",
                                                           str(a.threads), *a.extra.split()])
-            if not any('"tag": "wise' in line for line in (out / f"ft-s{seed}" / "results.jsonl").read_text().splitlines()):
+            if "ft" in a.methods.split(",") and not any('"tag": "wise' in line for line in (out / f"ft-s{seed}" / "results.jsonl").read_text().splitlines()):
                 merge.main(["wise", "--ckpt", str(out / f"ft-s{seed}"), "--alphas", WISE_ALPHAS])
         rows = evaluate.read_results(out / "results.jsonl")
         columns, table = evaluate.summarise(rows)

@@ -164,12 +164,12 @@ def save_miniclip(model, cfg: dict, path, meta: dict = None):
 def load_miniclip(device="cpu", path=None):
     """-> (model in eval mode, WordTokenizer). Default: assets/miniclip.pt (CHECKPOINT). A missing
     checkpoint is an error (SystemExit), never a silent pretraining run: build the default one with
-    `python -m miniworld pretrain` (about 8 minutes on 2 cores)."""
+    `python -m miniworld pretrain` (about 12 minutes on 2 cores)."""
     if path is None:
         path = CHECKPOINT
         if not Path(path).exists():
             raise SystemExit(f"miniworld: the tiny CLIP checkpoint {path} is missing. Build it with "
-                             f"`python -m miniworld pretrain` (about 8 minutes on 2 cores; writes {path}).")
+                             f"`python -m miniworld pretrain` (about 12 minutes on 2 cores; writes {path}).")
     elif not Path(path).exists():
         raise SystemExit(f"miniworld: no checkpoint at {path} (the path given to load_miniclip). Pass an "
                          f"existing file, or omit the path to load {CHECKPOINT} (`python -m miniworld pretrain` "

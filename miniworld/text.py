@@ -5,7 +5,7 @@ import re
 import numpy as np
 import torch
 
-from .world import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, STYLES, _uniform
+from .world import BACKGROUNDS, COLOURS, LIGHTS, PATTERNS, SHAPES, SIZES, STYLES, _uniform
 
 CONTEXT_LENGTH = 24
 
@@ -61,6 +61,13 @@ PATTERN_PHRASES = {"solid": ["with no pattern", "in a single plain colour", "wit
                    "striped": ["with stripes", "with a striped pattern", "covered in stripes"],
                    "dotted": ["with dots", "with a dotted pattern", "covered in polka dots"],
                    "checkered": ["with a checkerboard pattern", "with a checkered pattern", "covered in squares"]}
+PATTERN_DETAILS = {"solid": ["it has one flat colour", "there is no texture on it", "its surface is even"],
+                   "striped": ["the stripes are dark", "dark bands run across it", "its lines are parallel"],
+                   "dotted": ["the dots are dark", "it is covered in round spots", "its spots are evenly spaced"],
+                   "checkered": ["the squares alternate", "it looks like a chess board", "its tiles are dark and light"]}
+LIGHT_PHRASES = {"dim": ["in dim light", "in the shade", "in low light", "poorly lit", "in gloomy light"],
+                 "normal": ["in even light", "in normal light", "with even lighting"],
+                 "bright": ["brightly lit", "in bright light", "in harsh sunlight", "overexposed", "in strong light"]}
 SHAPE_FACTS = {
     "circle": ["that is perfectly round", "shaped like a coin", "with a smooth curved outline"],
     "square": ["with four equal sides", "shaped like a tile", "with four sharp corners"],
@@ -136,6 +143,8 @@ def caption(a: dict, i: int, rng: random.Random) -> str:
         clauses.append(_position_phrase(a["cx"][i], a["cy"][i], rng))
     if rng.random() < 0.2:
         clauses.append(rng.choice(ROTATION_WORDS[bool(a["angle"][i] == 0)]))
+    if rng.random() < 0.25:
+        clauses.append(rng.choice(LIGHT_PHRASES[list(LIGHTS)[a["light"][i]]]))
     if rng.random() < 0.3:
         clauses.append(rng.choice(STYLE_DETAILS[style]))
     if rng.random() < 0.2:
@@ -147,6 +156,8 @@ def caption(a: dict, i: int, rng: random.Random) -> str:
     comment = rng.choice(COMMENTS) if rng.random() < 0.25 else ""
     if rng.random() < 0.2:  # a generic "the object is striped." sentence ties pattern words to any object
         comment = f"the {rng.choice(['object', 'shape', 'thing'])} is {rng.choice(PATTERN_ADJS[pattern])}. " + comment
+    elif rng.random() < 0.15:
+        comment = f"{rng.choice(PATTERN_DETAILS[pattern])}. " + comment
     while True:
         body = " ".join([obj] + clauses)
         texts = [f"{sty} {body}.",                                    # a photo of a red star on the grass.
@@ -176,11 +187,11 @@ def _split(text: str) -> list:
 
 def caption_words() -> list:
     """Every word the caption grammar, the task templates and the class names can produce (sorted)."""
-    banks = [STYLE_PHRASES, STYLE_DETAILS, BG_PHRASES, SIZE_WORDS, PATTERN_ADJS, PATTERN_PHRASES, SHAPE_FACTS,
-             COLOUR_FACTS, ROTATION_WORDS, ROWS, COLS]
+    banks = [STYLE_PHRASES, STYLE_DETAILS, BG_PHRASES, SIZE_WORDS, PATTERN_ADJS, PATTERN_PHRASES, PATTERN_DETAILS,
+             LIGHT_PHRASES, SHAPE_FACTS, COLOUR_FACTS, ROTATION_WORDS, ROWS, COLS]
     texts = [t for bank in banks for v in bank.values() for t in v]
     texts += OPENERS + COMMENTS + SHAPES + list(COLOURS) + ["a an the one this it is showing object shape thing"
-                                                            " on to at near in part side corner right middle"
+                                                            " on to at near in part side corner right middle something"
                                                             " centered frame , ."]
     return sorted({w for t in texts for w in _split(t.replace("{}", ""))})
 

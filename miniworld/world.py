@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # Knobs
-RENDER_VERSION = 2  # bump when the renderer changes so cached arrays are rebuilt
+RENDER_VERSION = 3  # bump when the renderer changes so cached arrays are rebuilt
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 2  # draw at 2x and average-pool: anti-aliased edges
@@ -30,6 +30,7 @@ BACKGROUNDS = ["grass", "sand", "sky", "brick", "snow", "night", "wood", "water"
 PATTERNS = ["solid", "striped", "dotted", "checkered"]
 SIZES = {"small": 0.50, "medium": 0.64, "large": 0.80}  # object radius, in half-image units
 MAX_TILT = 35  # degrees; free rotation makes shapes too hard for a tiny ViT to learn in minutes
+LIGHTS = {"dim": 0.72, "normal": 1.0, "bright": 1.22}  # a global gain: one more captioned nuisance factor
 
 
 def cache_dir() -> Path:
@@ -41,7 +42,7 @@ def cache_dir() -> Path:
 def world_config() -> dict:
     """Everything the rendered pixels depend on; its hash keys the caches."""
     return dict(version=RENDER_VERSION, size=IMAGE_SIZE, ss=SUPERSAMPLE, shapes=SHAPES, colours=COLOURS,
-                styles=STYLES, backgrounds=BACKGROUNDS, patterns=PATTERNS, sizes=SIZES, tilt=MAX_TILT)
+                styles=STYLES, backgrounds=BACKGROUNDS, patterns=PATTERNS, sizes=SIZES, tilt=MAX_TILT, lights=LIGHTS)
 
 
 def _digest(obj) -> str:
@@ -102,6 +103,7 @@ def sample_attrs(seed: int, index, **fixed) -> dict:
              bg=(u("bg") * len(BACKGROUNDS)).astype(np.int64),
              pattern=(u("pattern") * len(PATTERNS)).astype(np.int64),
              size=(u("size") * len(SIZES)).astype(np.int64),
+             light=(u("light") * len(LIGHTS)).astype(np.int64),
              # a quarter stand exactly upright ("upright" in a caption means something); the rest lean a little
              angle=np.where(u("upright") < 0.25, 0.0, (u("angle") - 0.5) * 2 * math.radians(MAX_TILT)))
     for k, v in fixed.items():
@@ -264,19 +266,19 @@ def render(attrs: dict, seed: int, index) -> np.ndarray:
         if style == "photo":
             soft = _blur(shadow[sel][..., None].astype(np.float32), 2)
             bg = bg * (1 - 0.5 * soft)
-            light = 1.1 - 0.25 * (u[sel] + v[sel])[..., None] / 2  # lit from the top left
-            o = np.where(mk, f * np.clip(light, 0.7, 1.3), bg)
+            shading = 1.1 - 0.25 * (u[sel] + v[sel])[..., None] / 2  # lit from the top left
+            o = np.where(mk, f * np.clip(shading, 0.7, 1.3), bg)
             o = o + (noise(kk, "grain") - 0.5) * 0.12
         elif style == "sketch":
             paper = 0.94 + 0.04 * (noise(kk, "paper")[..., :1] - 0.5)
             o = paper * 0.78 + bg * 0.22  # the background survives as a faint wash
             edge = _dilate(mask[sel], 1) & _dilate(~mask[sel], 1)  # a thin band across the contour
             hatch = np.mod((xx + yy) * 8, 1.0)[None, ..., None] < 0.3
-            cross = np.mod((xx - yy) * 8, 1.0)[None, ..., None] < 0.3
-            ink = f / np.maximum(f.max(-1, keepdims=True), 1e-3) * 0.8  # full-strength hue of the fill
-            strokes = mk & (hatch | (cross & pat[sel][..., None]))
+            ink = f / np.maximum(f.max(-1, keepdims=True), 1e-3)  # full-strength hue of the fill
+            body = mk & ~pat[sel][..., None]
             o = np.where(mk, o * 0.85 + 0.15 * f, o)
-            o = np.where(strokes | edge[..., None], ink, o)
+            o = np.where(body & hatch, o * 0.55 + 0.45 * ink * 0.8, o)  # light hatching of the body ...
+            o = np.where((mk & pat[sel][..., None]) | edge[..., None], ink * 0.55, o)  # ... the pattern inked in dark
         elif style == "cartoon":
             flat = np.array([BG_BASE[b] for b in BACKGROUNDS], np.float32)[attrs["bg"][sel]][:, None, None, :]
             o = flat + (bg - flat) * 0.25  # simplified, almost flat backdrop
@@ -296,6 +298,7 @@ def render(attrs: dict, seed: int, index) -> np.ndarray:
             o = np.where(mk, f, flat + (bg - flat) * 0.5)
         out[sel] = o
 
+    out = out * np.array(list(LIGHTS.values()), np.float32)[attrs["light"]][:, None, None, None]
     t = torch.from_numpy(np.clip(out, 0, 1).astype(np.float32)).permute(0, 3, 1, 2)
     t = F.avg_pool2d(t, SUPERSAMPLE)  # [B,3,32,32]
     pix = torch.from_numpy(attrs["style"] == STYLES.index("pixel"))
