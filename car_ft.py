@@ -20,7 +20,8 @@ Choices (METHODS.md "choose"):
     tiny CLIP, where a hard-coded 100 would sharpen both distributions far beyond what the model learned).
   * β = 1 on real data (the paper's order of magnitude; the Lipsum-FT paper sweeps it). On miniworld β = 10,
     chosen on the held-out slice only by `python bench/sweep.py car_ft --flag beta --values 1,3,10` (the
-    strongest β within 2.5 held-out points of FT; docs/sweep_car_ft_beta.md has every attempt).
+    strongest β within 2.5 held-out points of FT) on the previous world (RENDER_VERSION 2;
+    docs/world_v2_sweep_car_ft_beta.md has every attempt), kept for the current one.
   * W_ctx is computed once per run from the frozen text tower with the task's templates (the 80 OpenAI
     ImageNet templates for ImageNet/DomainNet, open_clip's 7 simple templates for folders, miniworld's
     own style/background/size templates). θ0 is a frozen eval-mode copy of the image tower.

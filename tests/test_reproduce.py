@@ -71,7 +71,7 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
                          "--runs", str(tmp_path / "sweep"), "--ref", str(tmp_path / "runs"), "--out", str(tmp_path / "sweep.md")])
     table = (tmp_path / "sweep.md").read_text()
     assert "| 0 |" in table and "| 1 |" in table and table.count("**yes**") == (chosen is not None)
-    assert "| +0.0 (SE 0.0) | +0.0 ± 0.0 (SE 0.0) | +0.0 ± 0.0 |" in table.split("| 0 |")[1].split("\n")[0]
+    assert "| +0.0 (SE 0.0) | +0.0 ± 0.0 (SE 0.0) | +0.0 ± 0.0 (SE 0.0) |" in table.split("| 0 |")[1].split("\n")[0]
     held = {v: sum(sweep.heldout_acc(tmp_path / "sweep" / f"lipsum_ft-lam{v}-s{s}") for s in (0, 1)) / 2 for v in ("0", "1")}
     ft_held = sum(sweep.heldout_acc(tmp_path / "runs" / f"ft-s{s}") for s in (0, 1)) / 2
     assert chosen == max((v for v in held if held[v] >= ft_held - sweep.MAX_HELDOUT_DROP), key=float, default=None)
