@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -488,7 +489,7 @@ def main(argv=None):
     wall = time.time() - wall_start + (float(wall_file.read_text()) if wall_file.exists() else 0.0)
     wall_file.write_text(f"{wall:.1f}\n")
     job_time = sum(float(f.read_text()) for f in (runs / ".done").glob("*"))  # every job's own time, across reruns
-    command = " ".join(["python bench/reproduce.py", *cli])
+    command = " ".join(["python bench/reproduce.py", shlex.join(cli)]).strip()
     write_results(runs, Path(a.out), Path(a.figures), seeds, wall, job_time, a.workers, command)
     if failed:
         raise SystemExit(f"{len(failed)} jobs failed (see {runs / 'reproduce.log'}): {', '.join(failed)}")

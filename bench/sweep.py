@@ -14,6 +14,7 @@ held-out accuracy on the same seeds. Every attempt's test numbers are reported b
 reader sees what the rule gave up. Writes the table to --out (default docs/sweep_<method>_<flag>.md).
 """
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def main(argv=None):
     ft_heldout = float(np.mean([heldout_acc(r) for r in ft_runs]))
     ref_rows = [r for r in evaluate.read_results(ref / "results.jsonl") if r["method"] == "ft" and r["seed"] in seeds]
     lines = [f"# Sweep of `--{a.flag}` for {name} on miniworld", "",
-             f"Written by `python bench/sweep.py {' '.join(cli)}` (seeds {a.seeds}). FT reference: {ref} (held-out "
+             f"Written by `python bench/sweep.py {shlex.join(cli)}` (seeds {a.seeds}). FT reference: {ref} (held-out "
              f"{ft_heldout:.1f}%). Δ columns are against FT of the same seed, mean ± std; margin = OOD-mean margin over "
              "that seed's FT WiSE-FT curve at equal ID (bench/reproduce.py). SE: standard error of the Δ over the "
              "split's images (paired per image, seed-mean), the sampling noise of a finite split.", "",
