@@ -42,10 +42,7 @@ def main(argv=None):
     feats = {}
     with torch.no_grad():
         for k, style in enumerate(mw.STYLES):
-            fixed = dict(style=k, shape=np.array([mw.SHAPES.index(combos[i][0]) for i in labels]),
-                         colour=np.array([list(mw.COLOURS).index(combos[i][1]) for i in labels]),
-                         pattern=np.array([mw.PATTERNS.index(combos[i][2]) for i in labels]))
-            images, _ = mw.render_many(RENDER_SEED, np.arange(len(labels)), **fixed)
+            images, _ = mw.render_many(RENDER_SEED, np.arange(len(labels)), style=k, **mw.class_attrs(combos, labels))
             f = torch.cat([model.encode_image(mw.to_tensor(images[i:i + 1024])) for i in range(0, len(images), 1024)])
             feats[style] = F.normalize(f, dim=-1)  # [N, D]
         heads = torch.stack([F.normalize(F.normalize(model.encode_text(tok([t.format(mw.class_name(*c)) for t in mw.TASK_TEMPLATES])),

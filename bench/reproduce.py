@@ -124,6 +124,32 @@ def ood_mean(rows: list) -> float:
     return float(np.mean([r["acc"] for r in rows if r["kind"] == "ood"]))
 
 
+def wise_alpha(tag: str):
+    """α of a WiSE-FT row's tag ("wise a=0.5" -> 0.5), None for any other tag."""
+    return float(tag[len("wise a="):]) if tag.startswith("wise a=") else None
+
+
+def run_points(rows: list) -> tuple[dict, dict]:
+    """({(method, tag, seed): (ID, OOD mean, ZS mean) in %}, {(method, tag, seed): run folder}) from
+    evaluation rows, one entry per run or merge."""
+    import common
+
+    points = defaultdict(list)  # (method, tag, seed) -> that run's rows
+    for r in rows:
+        points[(r["method"], r.get("tag", ""), r["seed"])].append(r)
+    return ({key: common.summary(rs) for key, rs in points.items()},
+            {key: str(Path(rs[0]["run"])) for key, rs in points.items()})
+
+
+def ft_wise_curves(point: dict) -> dict:
+    """seed -> [(α, ID, OOD)] of WiSE-FT on FT, by α, from run_points' summaries."""
+    curves = defaultdict(list)
+    for (method, tag, seed), (i, o, _) in point.items():
+        if method == "ft" and wise_alpha(tag) is not None:
+            curves[seed].append((wise_alpha(tag), i, o))
+    return {seed: sorted(c) for seed, c in curves.items()}
+
+
 def paired_with_ft(rows: list, gaps: list) -> dict:
     """{(method, tag): {column: [value per seed]}}: ID, OOD mean and zero-shot-transfer mean relative to
     FT of the same seed (points), the OOD margin over that seed's FT WiSE-FT curve at equal ID
@@ -131,15 +157,8 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
     energy gap on the OOD splits."""
     import common
 
-    points = defaultdict(list)  # (method, tag, seed) -> that run's rows
-    for r in rows:
-        points[(r["method"], r.get("tag", ""), r["seed"])].append(r)
-    run_of = {key: str(Path(rs[0]["run"])) for key, rs in points.items()}
-    point = {key: common.summary(rs) for key, rs in points.items()}  # (ID, OOD mean, ZS mean) in %
-    curves = defaultdict(list)  # seed -> [(α, ID, OOD)] of WiSE-FT on FT
-    for (method, tag, seed), (i, o, _) in point.items():
-        if method == "ft" and tag.startswith("wise a="):
-            curves[seed].append((float(tag[len("wise a="):]), i, o))
+    point, run_of = run_points(rows)
+    curves = ft_wise_curves(point)
     gap = {str(Path(g["checkpoint"])): g["ood_mean"] for g in gaps}  # by run: ablations share a method name
     table = defaultdict(lambda: defaultdict(list))
     for (method, tag, seed), (i, o, z) in point.items():
@@ -150,25 +169,31 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
         cols["id"].append(i - ft_id)
         cols["ood"].append(o - ft_ood)
         cols["zs"].append(z - ft_zs)
-        cols["margin"].append(common.effective_robustness_margin([c[1:] for c in sorted(curves[seed])], (i, o)))
+        cols["margin"].append(common.effective_robustness_margin([c[1:] for c in curves[seed]], (i, o)))
         if not tag.startswith(MERGED) and run_of[(method, tag, seed)] in gap:
             cols["gap"].append(gap[run_of[(method, tag, seed)]])
     return table
 
 
+def test_splits(run_dir: Path) -> dict:
+    """name -> Split of a run's test splits (its task as the run loads it)."""
+    import common
+
+    return {t.name: t for t in common.load_run(str(run_dir), "cpu").task.tests}
+
+
 def correct(run_dir: Path, split: str) -> np.ndarray:
-    """Per-image correctness [N] of a run's final weights on the held-out slice ("heldout"), the ID test split
-    ("id") or a test split by name, cached in the run folder."""
+    """Per-image correctness [N] of a run's final weights on the held-out slice ("heldout") or a test split
+    (by name), cached in the run folder; a miss scores every split of the run, loading it once."""
     cache = run_dir / f"correct-{split}.npy"
     if not cache.is_file():
         import common
 
         device = common.get_device("")
         run = common.load_run(str(run_dir), device)
-        data = run.task.heldout if split == "heldout" else next(t for t in run.task.tests if t.name == split
-                                                                or (split == "id" and t.kind == "id"))
-        logits, labels, _ = common.split_logits(run.model, data, run.task, run.eval_tf, device)  # [N, K], [N]
-        np.save(cache, (logits.argmax(1) == labels).numpy())
+        for data in [run.task.heldout, *run.task.tests]:
+            logits, labels, _ = common.split_logits(run.model, data, run.task, run.eval_tf, device)  # [N, K], [N]
+            np.save(run_dir / f"correct-{data.name}.npy", (logits.argmax(1) == labels).numpy())
     return np.load(cache)
 
 
@@ -209,21 +234,18 @@ def world_bars(runs: Path, rows: list, seeds: list) -> list:
     """Markdown lines: miniworld's acceptance bars (issue #18) on these runs. Zero-shot and FT against the
     bars, FT's WiSE-FT bulge per seed, and BARS_ON against FT with the seed spread and the paired per-image
     standard error of each Δ."""
-    import common
-
-    def own(method, seed):
-        return [r for r in rows if r["method"] == method and r["seed"] == seed and r.get("tag", "") == ""]
 
     def stat(values, fmt="{:.1f}"):
         return fmt.format(np.mean(values)) + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
 
-    zs = [common.summary(own("zeroshot", s)) for s in seeds]
-    ft = [common.summary(own("ft", s)) for s in seeds]
-    if not all(np.isfinite(p[0]) for p in zs + ft):  # no zero-shot or FT run for some seed
+    point, _ = run_points(rows)
+    if not all((m, "", s) in point for m in ("zeroshot", "ft") for s in seeds):  # no zero-shot or FT run for some seed
         return []
-    tests = {t.name: t for t in common.load_run(str(runs / f"ft-s{seeds[0]}"), "cpu").task.tests}
+    zs, ft = [point[("zeroshot", "", s)] for s in seeds], [point[("ft", "", s)] for s in seeds]
+    tests = test_splits(runs / f"ft-s{seeds[0]}")
     chance = {n: 100 / len(t.class_groups or t.classnames) for n, t in tests.items()}
-    zs_rows = {r["split"]: 100 * r["acc"] for r in own("zeroshot", seeds[0])}
+    zs_rows = {r["split"]: 100 * r["acc"] for r in rows if r["method"] == "zeroshot" and r["seed"] == seeds[0]
+               and r.get("tag", "") == ""}
     zs_splits = [n for n, t in tests.items() if t.kind == "zeroshot"]
     (zi, zo, zz), (fi, fo, fz) = np.mean(zs, 0), np.mean(ft, 0)
     ok = lambda b: "yes" if b else "**no**"  # noqa: E731
@@ -239,28 +261,24 @@ def world_bars(runs: Path, rows: list, seeds: list) -> list:
              f"| FT OOD mean ≤ zero-shot − 5 | {fo - zo:+.1f} ({stat([f[1] for f in ft])}) | {ok(fo - zo <= -5)} |",
              f"| FT zero-shot transfer ≤ zero-shot − 5 | {fz - zz:+.1f} ({stat([f[2] for f in ft])}) | {ok(fz - zz <= -5)} |"]
     bulges, alphas = [], []
-    for seed, (f_id, _, _) in zip(seeds, ft):
-        by_alpha = defaultdict(list)  # α < 1 -> that WiSE-FT point's rows
-        for r in rows:
-            if r["method"] == "ft" and r["seed"] == seed and r.get("tag", "").startswith("wise a="):
-                if float(r["tag"][len("wise a="):]) < 1:
-                    by_alpha[float(r["tag"][len("wise a="):])].append(r)
-        ids = {al: common.summary(rs)[0] for al, rs in by_alpha.items()}
-        if ids:
-            best = max(ids, key=ids.get)
-            bulges.append(ids[best] - f_id)
+    curves = ft_wise_curves(point)
+    for seed in seeds:
+        below = [(i, al) for al, i, _ in curves.get(seed, []) if al < 1]  # (ID, α) of the curve's points short of FT
+        if below:
+            best_id, best = max(below)
+            bulges.append(best_id - point[("ft", "", seed)][0])
             alphas.append(best)
     if bulges:
         lines.append(f"| FT's WiSE-FT bulge: best α < 1 on ID (per seed), its ID − FT's | α {', '.join(f'{a:g}' for a in alphas)}: "
                      f"{stat(bulges, '{:+.2f}')} | {ok(np.mean(bulges) > 0)} (> 0) |")
     table = paired_with_ft(rows, [])
+    ft_dirs = [runs / f"ft-s{s}" for s in seeds]
     for method in BARS_ON:
         tags = [t for (m, t) in table if m == method and not t.startswith(MERGED) and not is_ablation(t)]
         if not tags:
             continue
         cols = table[(method, tags[0])]
         dirs = [runs / f"{method}-s{s}" for s in seeds]
-        ft_dirs = [runs / f"ft-s{s}" for s in seeds]
         if not all((d / "final.pt").is_file() for d in dirs + ft_dirs):
             continue
         se = {k: paired_se(dirs, ft_dirs, [n for n, t in tests.items() if t.kind == k]) for k in ("id", "ood", "zeroshot")}
@@ -270,8 +288,7 @@ def world_bars(runs: Path, rows: list, seeds: list) -> list:
                      f"(SE {se['ood']:.1f}), ΔZS {cell(cols['zs'])} (SE {se['zeroshot']:.1f}), margin {cell(cols['margin'])} | "
                      + ("required: ΔOOD ≥ +3 with ΔID ≥ −1.5; goal: margin > +1 with ΔID ≥ −0.5 | " if required else "reported | ")
                      + (f"{ok(d_ood >= 3 and d_id >= -1.5)}; goal {ok(margin > 1 and d_id >= -0.5)} |" if required else "– |"))
-    wise_lipsum = [np.nanmean(c["margin"]) for (m, t), c in table.items() if m == "lipsum_ft" and t.startswith("wise a=")
-                   and 0 < float(t[len("wise a="):]) < 1]
+    wise_lipsum = [np.nanmean(c["margin"]) for (m, t), c in table.items() if m == "lipsum_ft" and 0 < (wise_alpha(t) or 0) < 1]
     if wise_lipsum:
         lines.append(f"| WiSE-FT on Lipsum-FT above WiSE-FT on FT at equal ID (mean margin of its 0 < α < 1 points) | "
                      f"{np.nanmean(wise_lipsum):+.2f} | {ok(np.nanmean(wise_lipsum) > 0)} |")

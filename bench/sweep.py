@@ -80,18 +80,15 @@ def main(argv=None):
              "| value | held-out acc | Δheld-out vs FT | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | chosen |",
              "|---|---|---|---|---|---|---|---|"]
     dirs = {v: [runs / f"{name}-{a.flag}{v}-s{s}" for s in seeds] for v in values}
-    import common
-
-    tests = common.load_run(str(ft_runs[0]), "cpu").task.tests
-    by_kind = {k: [t.name for t in tests if t.kind == k] for k in ("ood", "zeroshot")}
+    tests = reproduce.test_splits(ft_runs[0])
+    splits = {"heldout": ["heldout"], **{k: [n for n, t in tests.items() if t.kind == k] for k in ("id", "ood", "zeroshot")}}
     held = {v: [heldout_acc(d) for d in dirs[v]] for v in values}
     allowed = [v for v in values if np.mean(held[v]) >= ft_heldout - MAX_HELDOUT_DROP]
     chosen = allowed[-1] if allowed else None  # values run weakest first: the last allowed is the strongest
     for v in values:
         rows = ref_rows + [{**r, "method": name, "tag": ""} for d in dirs[v] for r in evaluate.read_results(d / "results.jsonl")]
         cols = reproduce.paired_with_ft(rows, [])[(name, "")]
-        se = {split: reproduce.paired_se(dirs[v], ft_runs, [split]) for split in ("heldout", "id")}
-        se.update({k: reproduce.paired_se(dirs[v], ft_runs, names) for k, names in by_kind.items()})
+        se = {k: reproduce.paired_se(dirs[v], ft_runs, names) for k, names in splits.items()}  # SE per kind of split
         lines.append(f"| {v} | {np.mean(held[v]):.1f} ± {np.std(held[v]):.1f} | {np.mean(held[v]) - ft_heldout:+.1f} "
                      f"(SE {se['heldout']:.1f}) | {reproduce.cell(cols['id'])} (SE {se['id']:.1f}) | "
                      f"{reproduce.cell(cols['ood'])} (SE {se['ood']:.1f}) | {reproduce.cell(cols['zs'])} (SE {se['zeroshot']:.1f}) | "

@@ -49,18 +49,10 @@ METHODS = [("zeroshot", "baselines", ["--method", "zeroshot"]), ("ft", "baseline
 WISE_ALPHAS = "0.5,0.7,0.8,0.9,1"
 
 
-def class_name(shape, colour, pattern) -> str:
-    return " ".join(w for w in (pattern, colour, shape) if w)  # miniworld.class_name, with the pattern optional
-
-
 def make_split(classes, n, stream, style, kind):
     idx = np.arange(n)
     labels = idx % len(classes)
-    fixed = dict(style=miniworld.STYLES.index(style),
-                 shape=np.array([miniworld.SHAPES.index(classes[k][0]) for k in labels]),
-                 colour=np.array([list(miniworld.COLOURS).index(classes[k][1]) for k in labels]))
-    if any(c[2] for c in classes):
-        fixed["pattern"] = np.array([miniworld.PATTERNS.index(classes[k][2]) for k in labels])
+    fixed = dict(style=miniworld.STYLES.index(style), **miniworld.class_attrs(classes, labels))
     images, attrs = miniworld.render_many(stream, idx, **fixed)
     split = dict(images=images, labels=labels.astype(np.int64), kind=kind)
     if kind == "train":
@@ -79,7 +71,7 @@ def variant_task(name: str) -> dict:
         splits[split] = make_split(classes, sizes[kind], 5000 + 100 * k, style, kind)
     base = miniworld.load_task()  # the zero-shot transfer splits stay miniworld.task's, so variants compare on them
     splits.update({n: sp for n, sp in base["splits"].items() if sp["kind"] == "zeroshot"})
-    return dict(classnames=[class_name(*c) for c in classes], templates=list(mw_task.TASK_TEMPLATES), splits=splits)
+    return dict(classnames=[miniworld.class_name(*c) for c in classes], templates=list(mw_task.TASK_TEMPLATES), splits=splits)
 
 
 def main(argv=None):
@@ -92,6 +84,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--diagnostics", action="store_true", help="also bench/diagnostics.py on each variant's runs")
     a = p.parse_args(argv)
+    for flag, given, known in (("--variants", a.variants, VARIANTS), ("--methods", a.methods, [m for m, _, _ in METHODS])):
+        unknown = [v for v in given.split(",") if v not in known]
+        if unknown:
+            raise SystemExit(f"error: {flag} {', '.join(unknown)}: choose from {', '.join(known)}")
     import importlib
 
     import evaluate

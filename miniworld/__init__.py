@@ -88,5 +88,5 @@ from .model import (ASSETS, AUG_SCALE, CHECKPOINT, CONFIG_JSON, PREPROCESS, PRET
                     PRETRAIN_IMAGES, PRETRAIN_LR, PRETRAIN_SEED, PRETRAIN_STEPS, PRETRAIN_WD, augment,
                     create_miniclip, load_miniclip, pretrain, pretrain_corpus, save_miniclip, to_tensor)
 from .task import (POOL_SEED, SCENE_NAMES, SCENE_TEMPLATES, TASK_CLASSES, TASK_COLOURS, TASK_PATTERNS, TASK_SHAPES,
-                   TASK_SIZES, TASK_SPLITS, TASK_TEMPLATES, ZS_CLASSES, ZS_COLOURS, ZS_SHAPES, class_name, load_task,
-                   show, write_pool)
+                   TASK_SIZES, TASK_SPLITS, TASK_TEMPLATES, ZS_CLASSES, ZS_COLOURS, ZS_SHAPES, class_attrs, class_name,
+                   load_task, show, write_pool)

@@ -109,3 +109,11 @@ def test_world_probe_micro_renders_a_variant_and_trains_on_it(tmp_path, monkeypa
     task = world_probe.variant_task("pattern")
     train = task["splits"]["train"]
     assert len(train["labels"]) == 64 and train["images"].shape == (64, 32, 32, 3) and len(train["captions"]) == 64
+
+
+def test_world_probe_unknown_variant_or_method_is_one_message():
+    import world_probe
+
+    for argv, word in ((["--variants", "nope"], "--variants nope"), (["--methods", "ft,xx"], "--methods xx")):
+        with pytest.raises(SystemExit, match=word):
+            world_probe.main(argv)
