@@ -1,5 +1,6 @@
 """bench/ scripts end to end on micro configs (they print their table and write nothing): the numbers
 they measure are machine-dependent, so these check the plumbing and the table's shape."""
+import json
 import subprocess
 import sys
 
@@ -99,16 +100,42 @@ def test_world_probe_micro_renders_a_variant_and_trains_on_it(tmp_path, monkeypa
 
     monkeypatch.setattr(miniworld.task, "TASK_SIZES", dict(train=64, heldout=16, id=24, ood=12, zeroshot=12))
     monkeypatch.setattr(miniworld, "load_task", miniworld.load_task)  # the probe swaps it per variant; put it back after
-    monkeypatch.setattr(world_probe, "METHODS", world_probe.METHODS[:2])  # zero-shot and FT
-    world_probe.main(["--variants", "pattern", "--runs", str(tmp_path / "runs"), "--threads", "1",
-                      "--extra", "--steps 2 --batch-size 8 --eval-every 0 --ckpt-every 0", "--diagnostics"])
+    world_probe.main(["--variants", "pattern", "--runs", str(tmp_path / "runs"), "--threads", "1", "--methods",
+                      "zeroshot,ft,lipsum_ft-noobj", "--train-images", "48", "--errors", "--diagnostics",
+                      "--extra", "--steps 2 --batch-size 8 --eval-every 0 --ckpt-every 0"])
     out = capsys.readouterr().out
     assert "| ft | 1 |" in (tmp_path / "runs" / "pattern" / "diagnostics.md").read_text()  # loaded with its 20 classes
     assert "## pattern: 20 classes, e.g. ['solid red triangle'" in out
-    assert "zeroshot" in out and "ft " in out and "the bulge" in out
+    assert "zeroshot" in out and "ft " in out and "the bulge" in out and "lipsum_ft-noobj" in out
+    assert "only zero-shot right" in out and "zero-shot gets wrong: shape" in out and out.count("output ensemble, zero-shot weight") == len(world_probe.ENSEMBLE_WEIGHTS)
+    assert (tmp_path / "runs" / "pattern" / "noobj" / "lipsum_ft-s0" / "final.pt").is_file()
+    assert json.loads((tmp_path / "runs" / "pattern" / "ft-s0" / "args.json").read_text())["steps"] == 2
     task = world_probe.variant_task("pattern")
     train = task["splits"]["train"]
     assert len(train["labels"]) == 64 and train["images"].shape == (64, 32, 32, 3) and len(train["captions"]) == 64
+    assert len(world_probe.variant_task("pattern", train_images=40)["splits"]["train"]["labels"]) == 40
+
+
+def test_world_probe_noobj_texts_avoid_object_words_and_keep_lipsum_layout():
+    import torch
+
+    import lipsum_ft
+    import miniworld
+    import world_probe
+
+    tokenizer = miniworld.WordTokenizer()
+    banned = world_probe.object_word_ids(tokenizer)
+    names = {tokenizer.vocab[i] for i in banned}
+    assert {"diamond", "yellow", "striped", "stripes", "polka", "donut"} <= names  # names, synonyms, facts
+    assert not names & (world_probe.OBJECT_STOPWORDS | {"grass", "photo", "sketch", "night"})  # filler and nuisances stay
+    sot, eot, vocab_size = lipsum_ft.special_token_ids(tokenizer)
+    args = (500, lipsum_ft.TEXT_LENGTH, sot, eot, vocab_size, tokenizer.context_length)
+    texts = world_probe.without_object_words(banned)(*args, torch.Generator().manual_seed(0))  # [500, ctx]
+    plain = lipsum_ft.random_texts(*args, torch.Generator().manual_seed(0))  # [500, ctx]
+    assert texts.shape == plain.shape and (texts[:, 0] == sot).all() and (texts.argmax(1) == plain.argmax(1)).all()
+    body = texts[:, 1:lipsum_ft.TEXT_LENGTH + 1]
+    assert not torch.isin(body, torch.tensor(sorted(banned))).any() and (body > 0).all()
+    assert torch.isin(plain[:, 1:lipsum_ft.TEXT_LENGTH + 1], torch.tensor(sorted(banned))).any()  # the plain ones do hit them
 
 
 def test_world_probe_unknown_variant_or_method_is_one_message():
