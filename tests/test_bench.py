@@ -144,3 +144,59 @@ def test_world_probe_unknown_variant_or_method_is_one_message():
     for argv, word in ((["--variants", "nope"], "--variants nope"), (["--methods", "ft,xx"], "--methods xx")):
         with pytest.raises(SystemExit, match=word):
             world_probe.main(argv)
+
+
+@pytest.fixture
+def restored_world(monkeypatch, tmp_path):
+    """concept_probe.extend_world changes miniworld in place; put its shape list and facts back after."""
+    import miniworld
+
+    monkeypatch.setenv("ROBUSTFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(miniworld.world, "_shape_mask", miniworld.world._shape_mask)
+    shapes, facts = list(miniworld.SHAPES), dict(miniworld.SHAPE_FACTS)
+    yield miniworld
+    miniworld.SHAPES[:] = shapes
+    miniworld.SHAPE_FACTS.clear()
+    miniworld.SHAPE_FACTS.update(facts)
+
+
+def test_concept_probe_extra_shapes_render_distinct_and_are_captioned(restored_world):
+    import numpy as np
+
+    import concept_probe
+
+    mw = restored_world
+    key_before = mw._digest(mw.world_config())
+    added = concept_probe.extend_world(len(concept_probe.EXTRA_SHAPES))
+    assert mw.SHAPES[-len(added):] == added and mw._digest(mw.world_config()) != key_before  # new cache keys
+    n = len(mw.SHAPES)
+    masks = np.stack([mw.world._shape_mask(name, *np.meshgrid(np.linspace(-1, 1, 64), np.linspace(-1, 1, 64)))
+                      for name in mw.SHAPES])  # [n, 64, 64]
+    area = masks.mean((1, 2))
+    assert (area > 0.08).all() and (area < 0.8).all(), dict(zip(mw.SHAPES, area.round(2)))
+    differ = (masks[:, None] != masks[None]).mean((2, 3)) + np.eye(n)  # [n, n], pixels where two shapes differ
+    assert differ.min() > 0.06, np.unravel_index(differ.argmin(), differ.shape)
+    tok = mw.WordTokenizer()
+    attrs = mw.sample_attrs(0, np.arange(200), shape=np.full(200, mw.SHAPES.index(added[0])))
+    texts = mw.captions(attrs, 0, np.arange(200))
+    assert any(added[0] in t for t in texts) and tok(texts).shape[0] == 200  # every word is in the grown vocabulary
+
+
+def test_concept_probe_micro_pretrains_and_probes(restored_world, tmp_path, monkeypatch, capsys):
+    import concept_probe
+    import world_probe
+
+    mw = restored_world
+    monkeypatch.setattr(mw.task, "TASK_SIZES", dict(train=48, heldout=16, id=24, ood=12, zeroshot=12))
+    monkeypatch.setattr(mw, "load_task", mw.load_task)
+    monkeypatch.setattr(world_probe, "WISE_ALPHAS", "0.5,1")
+    concept_probe.main(["--out", str(tmp_path / "probe"), "--extra-shapes", "3", "--pretrain-steps", "2",
+                        "--pretrain-images", "64", "--threads", "1",
+                        "--extra", "--steps 2 --batch-size 8 --eval-every 0 --ckpt-every 0"])
+    out = capsys.readouterr().out
+    assert "15 shapes (3 added)" in out and "pretrained in" in out and "only zero-shot right" in out
+    assert "participation ratio" in (tmp_path / "probe" / "task" / "diagnostics.md").read_text()
+    args = json.loads((tmp_path / "probe" / "task" / "lipsum_ft-s0" / "args.json").read_text())
+    assert args["pretrained"] == str(tmp_path / "probe" / "miniclip.pt")
+    with pytest.raises(SystemExit, match="--extra-shapes 99"):
+        concept_probe.main(["--extra-shapes", "99"])
