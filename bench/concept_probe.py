@@ -31,21 +31,12 @@ from miniworld import model as mw_model  # noqa: E402
 from miniworld import world as mw_world  # noqa: E402
 
 
-def _polygon(n, R, u, v, phase=-math.pi / 2):
-    r, ang = np.hypot(u, v), np.arctan2(v, u)
-    a = np.mod(ang - phase, 2 * math.pi / n) - math.pi / n
-    return r * np.cos(a) < R * math.cos(math.pi / n)
-
-
-def _star(k, inner, u, v):
-    r, ang = np.hypot(u, v), np.arctan2(v, u)
-    p = np.mod((ang + math.pi / 2) * k / (2 * math.pi), 1.0)
-    d = 2 * np.minimum(p, 1 - p)  # 0 at a tip, 1 between tips
-    return r < 0.98 * (1 - d) + inner * d
+def _polar(u, v) -> tuple:
+    return np.hypot(u, v), np.arctan2(v, u)
 
 
 def _flower(k, u, v):
-    r, ang = np.hypot(u, v), np.arctan2(v, u)
+    r, ang = _polar(u, v)
     return r < 0.5 + 0.45 * np.abs(np.cos(k * (ang + math.pi / 2) / 2))
 
 
@@ -55,11 +46,11 @@ def _box(u, v, x0, x1, y0, y1):
 
 # name -> inside-test in object-local coordinates (unit radius, y down), and its one fact phrase
 EXTRA_SHAPES = {
-    "blicket": (lambda u, v: _polygon(5, 0.92, u, v), "with five straight sides"),
+    "blicket": (lambda u, v: mw_world._polygon(5, 0.92, *_polar(u, v)), "with five straight sides"),
     "dax": (lambda u, v: (np.hypot(np.abs(u) - 0.5, v) < 0.42) | _box(u, v, -0.5, 0.5, -0.15, 0.15), "shaped like a dumbbell"),
-    "wug": (lambda u, v: _star(4, 0.38, u, v), "with four thin points"),
-    "toma": (lambda u, v: _star(6, 0.4, u, v), "with six sharp points"),
-    "fep": (lambda u, v: _star(8, 0.6, u, v), "with eight little points"),
+    "wug": (lambda u, v: mw_world._star(4, 0.38, *_polar(u, v), outer=0.98), "with four thin points"),
+    "toma": (lambda u, v: mw_world._star(6, 0.4, *_polar(u, v), outer=0.98), "with six sharp points"),
+    "fep": (lambda u, v: mw_world._star(8, 0.6, *_polar(u, v), outer=0.98), "with eight little points"),
     "zorb": (lambda u, v: _flower(3, u, v), "with three round petals"),
     "kiki": (lambda u, v: _flower(4, u, v), "with four round petals"),
     "bouba": (lambda u, v: _flower(6, u, v), "with six round petals"),
@@ -79,8 +70,10 @@ EXTRA_SHAPES = {
     "zupa": (lambda u, v: _box(u, v, -0.9, 0.9, -0.9, -0.55) | _box(u, v, -0.9, 0.9, -0.18, 0.18) | _box(u, v, -0.9, 0.9, 0.55, 0.9),
              "made of three parallel bars"),
     "morv": (lambda u, v: (np.maximum(abs(u), abs(v)) < 0.85) & (np.maximum(abs(u), abs(v)) > 0.5), "like a square frame"),
-    "kesh": (lambda u, v: _polygon(3, 0.98, u, v) & ~_polygon(3, 0.5, u, v), "like a triangle frame"),
-    "drav": (lambda u, v: _polygon(4, 0.75, u, v - 0.28, math.pi / 4) | (_polygon(3, 0.6, u, v + 0.42) & (v < -0.15)),
+    "kesh": (lambda u, v: mw_world._polygon(3, 0.98, *_polar(u, v)) & ~mw_world._polygon(3, 0.5, *_polar(u, v)),
+             "like a triangle frame"),
+    "drav": (lambda u, v: mw_world._polygon(4, 0.75, *_polar(u, v - 0.28), math.pi / 4)
+             | (mw_world._polygon(3, 0.6, *_polar(u, v + 0.42)) & (v < -0.15)),
              "shaped like a little house"),
     "yoff": (lambda u, v: _box(u, v, -0.9, -0.45, -0.9, 0.9) | _box(u, v, 0.45, 0.9, -0.9, 0.9) | _box(u, v, -0.9, 0.9, -0.22, 0.22),
              "shaped like the letter h"),
@@ -115,6 +108,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not 0 <= a.extra_shapes <= len(EXTRA_SHAPES):
         raise SystemExit(f"error: --extra-shapes {a.extra_shapes}: choose 0..{len(EXTRA_SHAPES)}")
+    for flag, value in (("--pretrain-steps", a.pretrain_steps), ("--pretrain-images", a.pretrain_images)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} {value}: must be at least 1")
     import torch
 
     if a.threads:

@@ -23,8 +23,10 @@ Two diagnostics that no method file offers:
     nothing, zero-shot's knowledge is not complementary to FT's and WiSE-FT has no bulge to find.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -153,6 +155,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--diagnostics", action="store_true", help="also bench/diagnostics.py on each variant's runs")
     a = p.parse_args(argv)
+    if a.train_images < 0:
+        raise SystemExit(f"error: --train-images {a.train_images}: give a number of images, or 0 for miniworld.task's")
     for flag, given, known in (("--variants", a.variants, VARIANTS), ("--methods", a.methods, [m for m, _, _ in METHODS])):
         unknown = [v for v in given.split(",") if v not in known]
         if unknown:
@@ -172,15 +176,11 @@ def main(argv=None):
                 run = out / "noobj" / f"lipsum_ft-s{seed}" if name == "lipsum_ft-noobj" else out / f"{name}-s{seed}"
                 if not (run / "final.pt").exists():
                     method = importlib.import_module(module)
-                    original = method.__dict__.get("random_texts")
-                    if name == "lipsum_ft-noobj":
-                        method.random_texts = without_object_words(object_word_ids(miniworld.WordTokenizer()))
-                    try:
+                    texts = (mock.patch.object(method, "random_texts", without_object_words(object_word_ids(
+                        miniworld.WordTokenizer()))) if name == "lipsum_ft-noobj" else contextlib.nullcontext())
+                    with texts:
                         method.main([*argv, "--seed", str(seed), "--out", str(run), "--threads", str(a.threads),
                                      *a.extra.split()])
-                    finally:
-                        if original is not None:
-                            method.random_texts = original
             if "ft" in a.methods.split(",") and not any('"tag": "wise' in line for line in (out / f"ft-s{seed}" / "results.jsonl").read_text().splitlines()):
                 merge.main(["wise", "--ckpt", str(out / f"ft-s{seed}"), "--alphas", WISE_ALPHAS])
         rows = evaluate.read_results(out / "results.jsonl")

@@ -117,24 +117,30 @@ def sample_attrs(seed: int, index, **fixed) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # Renderer
+def _polygon(n: int, R: float, r, ang, phase=-math.pi / 2):
+    """Inside a regular n-gon whose corners lie at radius R, a corner at angle `phase`; (r, ang) polar."""
+    a = np.mod(ang - phase, 2 * math.pi / n) - math.pi / n
+    return r * np.cos(a) < R * math.cos(math.pi / n)
+
+
+def _star(k: int, inner: float, r, ang, outer: float = 1.0):
+    """Inside a k-pointed star, tips at radius `outer` (one pointing up), notches at `inner`; (r, ang) polar."""
+    p = np.mod((ang + math.pi / 2) * k / (2 * math.pi), 1.0)
+    d = 2 * np.minimum(p, 1 - p)  # 0 at a tip, 1 between tips
+    return r < outer * (1 - d) + inner * d
+
+
 def _shape_mask(shape: str, u, v):
     """Inside-test in object-local coordinates (unit radius, y down)."""
     r, ang = np.hypot(u, v), np.arctan2(v, u)
-
-    def polygon(n, R, phase=-math.pi / 2):
-        a = np.mod(ang - phase, 2 * math.pi / n) - math.pi / n
-        return r * np.cos(a) < R * math.cos(math.pi / n)
-
     if shape == "circle":
         return r < 0.9
     if shape == "square":
         return np.maximum(abs(u), abs(v)) < 0.72
     if shape == "triangle":
-        return polygon(3, 0.98)
+        return _polygon(3, 0.98, r, ang)
     if shape == "star":
-        p = np.mod((ang + math.pi / 2) * 5 / (2 * math.pi), 1.0)
-        d = 2 * np.minimum(p, 1 - p)  # 0 at a tip, 1 between tips
-        return r < 1.0 * (1 - d) + 0.42 * d
+        return _star(5, 0.42, r, ang)
     if shape == "cross":
         return ((abs(u) < 0.3) & (abs(v) < 0.92)) | ((abs(v) < 0.3) & (abs(u) < 0.92))
     if shape == "diamond":  # a narrow rhombus: a rotated square would be a "square"
@@ -151,7 +157,7 @@ def _shape_mask(shape: str, u, v):
         head = (u >= 0.0) & (u < 0.95) & (abs(v) < (0.95 - u) * 0.7)
         return shaft | head
     if shape == "hexagon":
-        return polygon(6, 0.92, 0.0)
+        return _polygon(6, 0.92, r, ang, 0.0)
     if shape == "bar":
         return (abs(u) < 0.95) & (abs(v) < 0.3)
     raise ValueError(shape)

@@ -141,7 +141,8 @@ def test_world_probe_noobj_texts_avoid_object_words_and_keep_lipsum_layout():
 def test_world_probe_unknown_variant_or_method_is_one_message():
     import world_probe
 
-    for argv, word in ((["--variants", "nope"], "--variants nope"), (["--methods", "ft,xx"], "--methods xx")):
+    for argv, word in ((["--variants", "nope"], "--variants nope"), (["--methods", "ft,xx"], "--methods xx"),
+                       (["--train-images", "-5"], "--train-images -5")):
         with pytest.raises(SystemExit, match=word):
             world_probe.main(argv)
 
@@ -198,5 +199,7 @@ def test_concept_probe_micro_pretrains_and_probes(restored_world, tmp_path, monk
     assert "participation ratio" in (tmp_path / "probe" / "task" / "diagnostics.md").read_text()
     args = json.loads((tmp_path / "probe" / "task" / "lipsum_ft-s0" / "args.json").read_text())
     assert args["pretrained"] == str(tmp_path / "probe" / "miniclip.pt")
-    with pytest.raises(SystemExit, match="--extra-shapes 99"):
-        concept_probe.main(["--extra-shapes", "99"])
+    for argv, word in ((["--extra-shapes", "99"], "--extra-shapes 99"), (["--pretrain-steps", "0"], "--pretrain-steps 0"),
+                       (["--pretrain-images", "-1"], "--pretrain-images -1")):
+        with pytest.raises(SystemExit, match=word):
+            concept_probe.main(argv)
