@@ -1,4 +1,7 @@
-"""ARF: Anchor-based Robust Finetuning of vision-language models (Han et al., 2024; seed 000).
+"""ARF: Anchor-based Robust Finetuning of vision-language models.
+
+Paper: Han, Lin, Sun, Gao, Yan, Ding, Gao & Xia, "Anchor-based Robust Finetuning of Vision-Language
+Models", CVPR 2024. METHODS.md, "ARF".
 
 Fine-tuning on "a photo of a {class}" alone gives CLIP a target far poorer than the captions it was
 pretrained on, and its feature space drifts: domain-shift and zero-shot accuracy fall. ARF fine-tunes
@@ -10,7 +13,7 @@ similarity (image-text anchors, CC3M in the paper).
     L_ARF = W_FT · L(x, "a photo of a y") + W_CAP · L(x, caption(x)) + W_RET · L(x_r, t_r)
     L(I, T) = ½ [CE(s·n(f(I)) n(g(T))ᵀ, ids) + CE(s·n(g(T)) n(f(I))ᵀ, ids)]      (symmetric InfoNCE)
 
-Choices where the paper is silent (METHODS.md "choose"): weights 1:1:1; retrieval by image-image cosine
+Choices where the paper is silent: weights 1:1:1; retrieval by image-image cosine
 similarity of the frozen tower, k nearest per training image, deduplicated by pool row; one retrieved
 batch of --ret-batch-size pairs per step (half the batch: keeps ARF's step within 2x FT's on
 ViT-B/16); duplicate class prompts (and identical captions) in a batch are positives of each other,
@@ -25,7 +28,7 @@ retrieved pairs with seed + 1): a function of (seed, step) like the training bat
 exactly. The anchors are prepared before training, below `main`: captions (the data's, a TSV, or
 BLIP-2) and retrieval from the pool (--pool, or the one the dataset offers: miniworld's generated pool).
 Preparation scales: under torchrun every process captions and embeds its own share (equal chunks,
-common.shard_chunks), every finished batch of captions and chunk of embeddings is on disk at once (a
+shard_chunks), every finished batch of captions and chunk of embeddings is on disk at once (a
 killed run resumes there), and only the faiss search runs on one process. So no process waits in a
 collective for much longer than the slowest share or the search; `--prepare` does just this and
 exits, so that ImageNet's hours of BLIP-2 captioning can run (and be resumed) as a job of its own,
@@ -36,22 +39,32 @@ Run:  python arf.py                                   (miniworld: dataset captio
           --captioner blip2 --captioner-model Salesforce/blip2-opt-2.7b --pool cc3m.tsv
       python arf.py --no-cap / --no-ret               (ablations: one anchor switched off)
 """
+import csv
+import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-from common import (ContrastiveLoss, TrainArgs, TransformedImages, append_lines, barrier, build_index, cache_dir, clean,
-                    clip_contrastive_loss, collate_skipping_bad, digest, embed_images, encode_text, finish, image_keys,
-                    is_main_process, parse_args, read_pool, search, set_trainable, setup, shard_chunks, text_ids, train)
+from common import (ContrastiveLoss, FileImages, TrainArgs, TransformedImages, append_lines, autocast, barrier,
+                    check_batch, clip_contrastive_loss, collate_skipping_bad, encode_text, finish, is_main_process,
+                    parse_args, set_trainable, setup, train)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
 CAPTION_MAX_TOKENS = 30  # BLIP-2 generation length
 CAPTION_CHUNK = 1024  # training images per captioning share: chunk c goes to process c mod world
 CAPTIONER_CHECK_TIMEOUT = 10  # seconds to wait for the hub when the captioner is not on disk
+EXACT_MAX = 1_000_000  # pools with fewer rows are searched exactly; larger ones with an IVF index
+PQ_MIN = 20_000_000  # from here on IVF stores PQ codes (float vectors would not fit in RAM)
+IVF_NPROBE = 8  # inverted lists visited per query (recall@10 0.99 on bench/retrieval.py's pool)
+EMBED_CHUNK = 8192  # images per embedding chunk: the unit of sharding over processes and of resuming
 
 
 @dataclass
@@ -103,7 +116,7 @@ def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None
     """The training loss for `model` (both towers + scale trainable): class prompts of the batch, the
     batch's captions (captions[i] of training image i; None = no L_cap) and the step's retrieved pairs
     batch["retrieved"] (their captions in retrieved_captions; None = no L_ret). Each InfoNCE runs over
-    the global batch (common.ContrastiveLoss); duplicates are found by text across it (common.text_ids)."""
+    the global batch (common.ContrastiveLoss); duplicates are found by text across it (text_ids)."""
     device = model.head.device
 
     def embed(model, batch, step):  # a micro-batch's rows
@@ -137,9 +150,10 @@ def main(argv=None):
     if args.cap and args.captioner == "blip2":
         check_captioner(args.captioner_model)  # before anything slow: offline, the hub would be retried for minutes
     tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
-    if not args.out:
-        args.out = f"runs/arf{'-' + tag.replace(',', '-') if tag else ''}-{args.data}-{Path(args.model).stem}-s{args.seed}"
-    env = setup(args, "arf", run_dir=not args.prepare)
+    ret_batch = args.ret_batch_size or args.batch_size // 2
+    if args.ret:
+        check_batch("--ret-batch-size", ret_batch, args.grad_accum)
+    env = setup(args, "arf", run_dir=not args.prepare, run_name="arf" + ("-" + tag.replace(",", "-") if tag else ""))
     captions = train_captions(args, env) if args.cap else None
     ret_images, ret_captions = retrieve_anchors(args, env) if args.ret else (None, None)
     if args.prepare:  # training (any number of processes) then finds every cache ready
@@ -147,19 +161,54 @@ def main(argv=None):
             print(f"anchors prepared in {cache_root(args)}")
         return None
     set_trainable(env.model, image=True, text=True, head=False, scale=True)
-    streams = {"retrieved": (ret_images, args.ret_batch_size or args.batch_size // 2)} if args.ret else None
+    streams = {"retrieved": (ret_images, ret_batch)} if args.ret else None
     loss_fn = make_loss_fn(env.model, env.task.classnames, captions, ret_captions)
-    train(env, loss_fn, args, head_from_text=True, streams=streams)  # ARF (like FLYP) classifies with its text tower
-    return finish(env, args, tag=tag)
+    trained = train(env, loss_fn, args, head_from_text=True, streams=streams)  # ARF (like FLYP) classifies with its text tower
+    return finish(env, args, trained, tag=tag)
 
 
 # ----------------------------------------------------------------------------------------------
 # Anchor preparation: captions (text-compensated anchors) and retrieval (image-text anchors)
 # ----------------------------------------------------------------------------------------------
 def cache_root(args) -> Path:
-    root = Path(args.cache) if args.cache else cache_dir("arf")
+    """--cache, or $ROBUSTFT_CACHE/arf (default ~/.cache/robust-ft/arf); created."""
+    root = Path(args.cache or Path(os.environ.get("ROBUSTFT_CACHE", Path.home() / ".cache" / "robust-ft")) / "arf")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def digest(*parts) -> str:
+    return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def clean(text: str) -> str:
+    return " ".join(str(text).split())  # one line, no tabs: caption caches are TSVs
+
+
+def text_ids(texts: list, device) -> torch.Tensor:
+    """A group id per text [N], equal exactly for equal texts, on every process (a 56-bit hash, not an
+    index into this micro-batch): duplicates are found across the whole global batch."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=7).digest(), "big") for t in texts],
+                        dtype=torch.long, device=device)
+
+
+def image_keys(images) -> list:
+    """Stable per-image cache keys: the absolute path of a file, the content hash of an in-memory array."""
+    if isinstance(images, FileImages):
+        return [os.path.abspath(p) for p in images.paths]
+    return [hashlib.sha1(np.ascontiguousarray(images.images[i]).tobytes()).hexdigest() for i in range(len(images))]
+
+
+def shard_chunks(n: int, chunk: int) -> list:
+    """This process's chunks of range(n): chunk c (rows c·chunk ...) belongs to process c mod world, so
+    every process gets an equal share and the chunks are the same whatever the number of processes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return all_chunks(n, chunk)[rank::world]
+
+
+def all_chunks(n: int, chunk: int) -> list:
+    """Every chunk of range(n), in order (what shard_chunks hands out over all processes)."""
+    return [range(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
 
 def check_captioner(name: str):
@@ -205,7 +254,7 @@ def _blip2_pixels(image_processor, image):
 @torch.inference_mode()
 def blip2_captions(images, model_name: str, cache_file: Path, batch_size: int, device, workers: int = 0) -> list:
     """Captions every image with BLIP-2 (bf16 on CUDA). Every process calls it and captions its share
-    (common.shard_chunks of CAPTION_CHUNK images), appending 'key<TAB>caption' lines to cache_file
+    (shard_chunks of CAPTION_CHUNK images), appending 'key<TAB>caption' lines to cache_file
     batch by batch under a lock, so a rerun (or a killed run) only captions what is missing."""
     from functools import partial
 
@@ -248,7 +297,7 @@ def train_captions(args, env) -> list:
     images = env.task.train.images
     if args.captioner == "blip2":
         cache_file = cache_root(args) / f"captions-blip2-{Path(args.captioner_model).name}-{digest(args.captioner_model)}.tsv"
-        return blip2_captions(images, args.captioner_model, cache_file, args.caption_batch_size, env.device, args.workers)
+        return blip2_captions(images, args.captioner_model, cache_file, args.caption_batch_size, env.device, env.workers)
     if args.captioner != "dataset":
         raise SystemExit(f"error: unknown --captioner {args.captioner!r}; choose dataset or blip2")
     if args.captions:
@@ -268,9 +317,9 @@ def retrieve_anchors(args, env):
     pool = args.pool
     if not pool and env.task.pool is not None:  # the dataset's own pool (miniworld generates one)
         if is_main_process():
-            env.task.pool()
+            env.task.pool(cache_root(args))
         barrier()
-        pool = env.task.pool()  # written by now: returns the TSV's path
+        pool = env.task.pool(cache_root(args))  # written by now: returns the TSV's path
     if not pool:
         raise SystemExit("error: --ret needs --pool FILE (image-text pairs in open_clip's CSV/TSV layout, e.g. CC3M), or --no-ret")
     sep = args.pool_sep.encode().decode("unicode_escape")
@@ -281,7 +330,7 @@ def retrieve_anchors(args, env):
     train_file = cache_root(args) / f"train-{digest(*image_keys(env.task.train.images), model_key)}.npy"
     ret_file = cache_root(args) / f"retrieved-{digest(pool_file.name, train_file.name, args.retrieve_k)}.npy"
     retrieve = not ret_file.is_file()  # decided before any process can write it: every process agrees
-    bs, w = args.eval_batch_size, args.workers
+    bs, w = args.eval_batch_size, env.workers
     pool_emb, ok = embed_images(env.clip, images, env.eval_tf, pool_file, bs, env.device, w)  # each process its share
     if retrieve:
         query, qok = embed_images(env.clip, env.task.train.images, env.eval_tf, train_file, bs, env.device, w)
@@ -297,6 +346,114 @@ def retrieve_anchors(args, env):
     if len(keep) == 0:
         raise SystemExit("error: retrieval found no pool pairs")
     return images.subset(keep), [captions[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# The retrieval pool: image-text pairs in open_clip's CSV layout, cached embeddings, faiss
+# ----------------------------------------------------------------------------------------------
+def read_pool(path: str, img_key: str, caption_key: str, sep: str):
+    """(FileImages of the pool, captions, rows skipped). Skips rows with a missing column, an empty
+    caption or an image file that does not exist; relative paths are relative to the pool file."""
+    base, paths, captions, bad = Path(path).resolve().parent, [], [], 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        if not reader.fieldnames or img_key not in reader.fieldnames or caption_key not in reader.fieldnames:
+            raise SystemExit(f"error: pool {path} has columns {reader.fieldnames}; expected --pool-img-key {img_key!r} "
+                             f"and --pool-caption-key {caption_key!r} (separator {sep!r})")
+        for row in reader:
+            p, text = row.get(img_key), row.get(caption_key)
+            if not p or not text or not text.strip() or None in row:
+                bad += 1
+                continue
+            p = p if os.path.isabs(p) else str(base / p)
+            if not os.path.isfile(p):
+                bad += 1
+                continue
+            paths.append(p)
+            captions.append(clean(text))
+    return FileImages(paths, np.zeros(len(paths), dtype=np.int64)), captions, bad
+
+
+@torch.inference_mode()
+def embed_images(clip, images, transform, cache_file: Path, batch_size: int, device, workers: int = 0,
+                 chunk: Optional[int] = None):
+    """n(f(x)) of every image as a float16 [N, D] memmap cached in cache_file, plus a [N] mask of the
+    readable ones; a rerun memory-maps the file. Every process calls it: the images are embedded in
+    chunks of EMBED_CHUNK (sharded over processes by shard_chunks, bf16 autocast on CUDA), each chunk
+    saved when done (cache_file.chunkNNNNNN.npz), so a killed run resumes at its first unfinished
+    chunk; process 0 then joins the chunks into cache_file."""
+    from tqdm import tqdm
+
+    chunk = chunk or EMBED_CHUNK
+    mask_file = cache_file.with_suffix(".ok.npy")
+    part = lambda r: cache_file.with_suffix(f".chunk{r.start // chunk:06d}.npz")  # noqa: E731
+    if not cache_file.is_file():
+        todo = [r for r in shard_chunks(len(images), chunk) if not part(r).is_file()]
+        bar = tqdm(total=sum(len(r) for r in todo), desc=f"embedding {len(images)} images", unit="img")
+        for r in todo:
+            emb, ok = None, np.zeros(len(r), dtype=bool)
+            loader = torch.utils.data.DataLoader(TransformedImages(images.subset(list(r)), transform), batch_size=batch_size,
+                                                 num_workers=workers, collate_fn=collate_skipping_bad)
+            for batch in loader:
+                if "image" in batch:
+                    with autocast(device):
+                        z = F.normalize(clip.encode_image(batch["image"].to(device)).float(), dim=-1).cpu().numpy()  # [b, D]
+                    emb = np.zeros((len(r), z.shape[1]), dtype=np.float16) if emb is None else emb
+                    emb[batch["index"].numpy()] = z
+                    ok[batch["index"].numpy()] = True
+                bar.update(len(batch.get("index", [])) + batch["n_bad"])
+            tmp = part(r).with_suffix(".tmp.npz")
+            np.savez(tmp, emb=emb if emb is not None else np.zeros((len(r), 0), dtype=np.float16), ok=ok)
+            os.replace(tmp, part(r))  # a finished chunk: a rerun skips it
+        bar.close()
+        barrier()
+        if is_main_process():
+            parts = [np.load(part(r)) for r in all_chunks(len(images), chunk)]
+            dims = {p["emb"].shape[1] for p in parts if p["ok"].any()}
+            if not dims:
+                raise SystemExit(f"error: none of the {len(images)} images could be read")
+            partial = cache_file.with_suffix(".partial.npy")
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(images), dims.pop()))
+            for r, p in zip(all_chunks(len(images), chunk), parts):
+                if p["ok"].any():
+                    out[r.start:r.stop] = p["emb"]
+            out.flush()
+            del out
+            np.save(mask_file, np.concatenate([p["ok"] for p in parts]))
+            os.replace(partial, cache_file)
+            for r in all_chunks(len(images), chunk):
+                part(r).unlink()
+        barrier()
+    return np.load(cache_file, mmap_mode="r"), np.load(mask_file)
+
+
+def build_index(emb: np.ndarray, verbose: bool = True):
+    """Inner-product faiss index over unit rows [N, D]: exact below EXACT_MAX rows, IVF beyond
+    (nlist ≈ 4√N, faiss's guideline; k-means on a 40·nlist sample), PQ codes beyond PQ_MIN."""
+    import faiss
+
+    n, d = emb.shape
+    if n < EXACT_MAX:
+        spec = "Flat"
+    else:
+        nlist = 1 << round(math.log2(4 * math.sqrt(n)))
+        spec = f"IVF{nlist},Flat" if n < PQ_MIN else f"IVF{nlist},PQ{d // 8}"
+    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
+        index.train(np.ascontiguousarray(emb[np.sort(sample)], dtype=np.float32))
+        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
+    for i in range(0, n, 262_144):
+        index.add(np.ascontiguousarray(emb[i:i + 262_144], dtype=np.float32))
+    if verbose:
+        print(f"faiss index: {spec}" + (f", nprobe {IVF_NPROBE}" if spec != "Flat" else " (exact)") + f" over {n} pool images")
+    return index
+
+
+def search(index, queries: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarray:
+    """Indices [Q, k] of the k nearest rows per query (-1 where fewer exist)."""
+    return np.concatenate([index.search(np.ascontiguousarray(queries[i:i + chunk], dtype=np.float32), k)[1]
+                           for i in range(0, len(queries), chunk)])
 
 
 if __name__ == "__main__":

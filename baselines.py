@@ -30,7 +30,7 @@ Choices where the papers are silent:
     (`--lp-run`, default the LP run of the same data/model/seed); the image tower restarts from θ0,
     with a fresh optimiser and FT's recipe.
   * EMA decay: m = 1 − 1/(EMA_WINDOW · steps), an averaging window of a fifth of the run, which is
-    0.9999 at ImageNet's 50k steps and 0.999 at DomainNet's 5k (METHODS.md: 0.999–0.9999); constant m
+    0.9999 at ImageNet's 50k steps and 0.999 at DomainNet's 5k (the usual 0.999–0.9999); constant m
     (no warm-up of m); only trainable weights are averaged (the frozen ones are equal anyway). The
     average is kept by common.train (`ema_decay`), which scores it on the held-out slice and returns it.
   * FLYP false negatives: a batch holds several images of one class, so prompt j ≠ i can equal image i's
@@ -49,7 +49,7 @@ Choices where the papers are silent:
     FeatKD: f unnormalised (incl. projection), squared distance summed over D, mean over the batch.
     L2SP: AdamW's weight decay of the FT recipe stays on. Teachers/anchors are frozen copies of θ0 and
     see the same augmented batch as the student.
-  * λ values: the seed copy of the Lipsum-FT paper lost its swept numbers. Ours are untuned starting
+  * λ values: our copy of the Lipsum-FT paper lacks its swept numbers. Ours are untuned starting
     points (KD, FeatKD λ = 1; L2SP λ = 0.1); sweep them on the held-out slice (`heldout`), never a test
     split, before reading much into a baseline's row.
 
@@ -291,10 +291,10 @@ def main(argv=None):
     args = parse(argv)
     env = setup(args, args.method)
     if args.method == "zeroshot":
-        return finish(env, args, step=0)
+        return finish(env, args)
     recipe = METHODS[args.method](env.model, args, env.task)
-    model = train(env, recipe.loss_fn, args, ema_decay=recipe.ema_decay, head_from_text=recipe.head_from_text)
-    return finish(env, args, model=model, tag=recipe.tag)
+    trained = train(env, recipe.loss_fn, args, ema_decay=recipe.ema_decay, head_from_text=recipe.head_from_text)
+    return finish(env, args, trained, tag=recipe.tag)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """CAR-FT: context-aware robust fine-tuning of CLIP.
 
-Paper: Mao, Chen, Jia, Zhang, Xue & Li, "Context-Aware Robust Fine-Tuning", IJCV 2023 (seeds/002_*,
-abstract only; the Lipsum-FT paper, seeds/001_* appendix B.2-B.3, restates the loss and sweeps β).
+Paper: Mao, Chen, Jia, Zhang, Xue & Li, "Context-Aware Robust Fine-Tuning", IJCV 2023 (the Lipsum-FT
+paper, ICLR 2024, restates the loss in its appendix B.2-B.3 and sweeps β). METHODS.md, "CAR-FT".
 
 Idea. A prompt "a [CONTEXT] of a [CLASS]" lets zero-shot CLIP tell *contexts* (sketch, painting, at
 night, ...) apart, and that awareness is part of why it is robust; fine-tuning on one context erodes it.
@@ -13,16 +13,15 @@ tower must keep the zero-shot tower's context distribution on the same augmented
     p_ctx(x; θ) = softmax(s · n(f_θ(x)) W_ctxᵀ)                       distribution over C contexts
     L(θ, W)   = CE(s · n(f_θ(x)) Wᵀ, y) + β · KL( p_ctx(x; θ0) ‖ p_ctx(x; θ) )
 
-Choices (METHODS.md "choose"):
+Choices where the paper is silent:
   * KL direction: teacher first, KL(p_ctx(θ0) ‖ p_ctx(θ)) = Σ_c p0_c (log p0_c − log p_c), the usual
     distillation direction; batch mean.
   * Temperature: s = exp(logit_scale), the model's own (100 on OpenAI CLIP, the paper's value; ~20 on a
     tiny CLIP, where a hard-coded 100 would sharpen both distributions far beyond what the model learned).
   * β = 1 on real data (the paper's order of magnitude; the Lipsum-FT paper sweeps it). On miniworld β = 0.3,
-    chosen on the held-out slice only by `python bench/sweep.py car_ft --flag beta --values 0.3,1,3,10`
+    chosen on the held-out slice only by `python reproduce/sweep.py car_ft --flag beta --values 0.3,1,3,10`
     (the strongest β within 1 held-out point of FT; docs/sweep_car_ft_beta.md has every attempt: β = 1
-    already costs 1.8 held-out points). On the previous world the same rule with a 2.5-point budget chose
-    β = 10 (docs/world_v2_sweep_car_ft_beta.md).
+    already costs 1.8 held-out points).
   * W_ctx is computed once per run from the frozen text tower with the task's templates (the 80 OpenAI
     ImageNet templates for ImageNet/DomainNet, open_clip's 7 simple templates for folders, miniworld's
     own style/background/size templates). θ0 is a frozen eval-mode copy of the image tower.
@@ -92,8 +91,8 @@ def main(argv=None):
     env = setup(args, "car_ft")
     model = set_trainable(env.model, image=True, text=False, head=True)
     w_ctx = context_head(env.clip, env.tokenizer, env.task.classnames, env.task.templates, env.device)  # [C, D]
-    train(env, make_loss_fn(model, w_ctx, args.beta), args)
-    return finish(env, args, tag=f"beta={args.beta:g}")
+    trained = train(env, make_loss_fn(model, w_ctx, args.beta), args)
+    return finish(env, args, trained, tag=f"beta={args.beta:g}")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,17 @@
-"""Infrastructure shared by every method file: arguments and the FT recipe, CLIP loading, zero-shot
-heads, CLIP's contrastive loss, datasets, retrieval pools, metrics and evaluation, run directories,
-plots, and the one training loop. No method's own loss lives here.
+"""What the method files share: their arguments and the one FT recipe, the run (setup -> train -> finish),
+CLIP with its classifier, zero-shot heads and contrastive loss, the data plumbing of training, evaluation,
+runs on disk, and the machine (threads, torchrun). Each method's own loss lives in its own file; the
+datasets live in the tasks package below this file. METHODS.md describes the methods and conventions.
 
-Conventions (METHODS.md):
-  * Logits are `s · n(f(x)) @ Wᵀ` (`cosine_logits`) where W [K, D] is the head and s =
-    clip.logit_scale.exp() is the model's own learned temperature (100 for OpenAI CLIP, ~20 for the
-    mini CLIP). The scale is never baked into W: W starts as unit-norm class embeddings, so WiSE-FT
-    interpolating the head and the tower is interpolating like with like.
-  * A batch is a dict {"image": [B,3,H,W], "label": [B], "index": [B]}; `index` points into the
-    training split so methods with per-image side data (ARF's captions) can look it up. A method that
-    asks `train` for extra `streams` finds their batches under their names (ARF's "retrieved").
-  * The step contract: `loss_fn(model, batch, step) -> (loss, terms)`. `step` is the optimiser step
-    (0-based) the batch belongs to, the same for every micro-batch of gradient accumulation, every
-    process and a resumed run, so anything per-step (Lipsum-FT's random texts) is a pure function of
-    (seed, step) written in the method file. `terms` is a dict of floats/0-d tensors for the progress
-    bar and the log. Everything else the loop does for a method is an explicit argument of `train`:
-    the EMA of the weights to evaluate, a head rebuilt from the text tower, extra data streams.
-  * The knob rule: a paper's hyperparameter is an `Args` field (in `--help`, with its per-data
-    default); an implementation detail is an UPPERCASE constant at the top of its file; never both.
-    The fine-tuning recipe (steps, batch, lr, ...) is FT_RECIPES[--data], one per dataset; a method
-    file's PRESETS hold only what differs from it for that method (tests check that none repeats it).
-  * Every run directory holds args.json, log.jsonl, ckpt/step_*.pt, final.pt and results.jsonl; every
-    evaluation row is also appended to <runs root>/results.jsonl so evaluate.py can tabulate them all.
+Conventions (METHODS.md, "Conventions"): logits are s · n(f(x)) @ Wᵀ with W [K, D] the head (unit-norm rows
+at the start, never scaled) and s = exp(logit_scale) the model's own temperature. A batch is a dict
+{"image": [B,3,H,W], "label": [B], "index": [B] (into the training split)}, plus each extra stream's
+batch under its name. The step contract: loss_fn(model, batch, step) -> (loss, terms), with `step` the
+optimiser step, the same for every micro-batch, process and resumed run, so that anything per-step is a
+pure function of (seed, step). A paper's hyperparameter is an Args field, an implementation detail an
+UPPERCASE constant; FT_RECIPES[--data] is the only default of the recipe's fields, and a method's
+PRESETS hold only what differs from it. A run folder holds args.json, log.jsonl, ckpt/step_*.pt,
+final.pt and results.jsonl; every results row is also appended to <runs root>/results.jsonl.
 """
 from __future__ import annotations
 
@@ -29,10 +19,8 @@ import argparse
 import atexit
 import contextlib
 import copy
-import csv
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import math
@@ -44,7 +32,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -54,36 +43,40 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tasks import FileImages, Split, Task, check_data, load_task
+
 REPO = Path(__file__).resolve().parent
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
-MINIWORLD_POOL_SIZE = 50_000  # image-text pairs in the generated miniworld retrieval pool (ARF's anchors)
-OBJECTNET_BORDER = 2  # px cut from each edge of an ObjectNet image: its 1-px red frame (the reference evaluation cuts 2)
 FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads)
+KEEP_CHECKPOINTS = 2  # newest step checkpoints kept while training: one may be mid-write when a job is killed
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments: a dataclass per method file, the FT recipe per --data, parsed into argparse.
+# Arguments: a dataclass per method file, the FT recipe per --data, parsed into argparse
 # ----------------------------------------------------------------------------------------------
+RECIPE = None  # the default of a field FT_RECIPES sets for every --data: it has no other
+
+
 @dataclass
 class TrainArgs:
     data: str = "miniworld"  # miniworld | imagenet | domainnet | folder
-    data_root: str = ""  # dataset folder (not needed for miniworld); see README for layouts
+    data_root: str = ""  # dataset folder (not needed for miniworld); layouts in docs/data.md
     zeroshot_data: str = ""  # DIR[,DIR...]: extra classification folders scored zero-shot, with heads from the current text tower
     model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
     pretrained: str = ""  # open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a weights file
-    steps: int = 300  # optimiser steps
-    batch_size: int = 128  # global batch per optimiser step (split over processes and accumulation)
+    steps: int = RECIPE  # optimiser steps
+    batch_size: int = RECIPE  # global batch per optimiser step (split over processes and accumulation)
     grad_accum: int = 1  # micro-batches accumulated per step
-    lr: float = 1e-4  # peak learning rate
-    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    lr: float = RECIPE  # peak learning rate
+    weight_decay: float = RECIPE  # AdamW decoupled weight decay
     warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine to 0
     clip_grad: float = 1.0  # max global gradient norm (0 = off)
-    crop_scale: float = 0.5  # lower bound of RandomResizedCrop's area scale (papers: 0.08)
+    crop_scale: float = RECIPE  # lower bound of RandomResizedCrop's area scale (papers: 0.08)
     seed: int = 0  # seeds data order, augmentation and initialisation
-    workers: int = 0  # DataLoader worker processes (0 = load in the main process)
-    eval_every: int = 100  # steps between held-out evaluations (0 = only at the end)
-    ckpt_every: int = 100  # steps between resumable checkpoints (0 = only final.pt)
+    workers: int = RECIPE  # DataLoader worker processes (0 = load in the main process)
+    eval_every: int = RECIPE  # steps between held-out evaluations (0 = only at the end)
+    ckpt_every: int = RECIPE  # steps between resumable checkpoints (0 = only final.pt)
     select: str = "final"  # final | heldout: evaluate the last weights, or the held-out-best evaluated step's (never a test split)
     eval_batch_size: int = 512  # batch size for evaluation
     out: str = ""  # run directory (default runs/<method>-<data>-<model>-s<seed>)
@@ -92,18 +85,20 @@ class TrainArgs:
     threads: int = 0  # torch CPU threads (0 = a resumed run's own, else $OMP_NUM_THREADS, else the free cores / processes per node)
 
 
-# The one fine-tuning recipe per --data that every method starts from (METHODS.md): AdamW, 10% warm-up
-# + cosine, RandomResizedCrop + flip. The papers': lr 1e-5, batch 256, crop scale 0.08-1; ImageNet 10
-# epochs (50k steps), DomainNet 5k steps; weight decay 0.1 for every method (FT included), so that a
-# regulariser is the only difference from FT. miniworld's is the one that shows FT's robustness loss on
-# the built-in world in a few CPU minutes (see the miniworld package).
+# The one fine-tuning recipe per --data that every method starts from (METHODS.md, "Conventions"):
+# AdamW, 10% warm-up + cosine, RandomResizedCrop + flip. The papers': lr 1e-5, batch 256, crop scale
+# 0.08-1; ImageNet 10 epochs (50k steps), DomainNet 5k steps; weight decay 0.1 for every method (FT
+# included), so that a regulariser is the only difference from FT. miniworld's is the one that shows
+# FT's robustness loss on the built-in world in a few CPU minutes (docs/miniworld.md).
 FT_RECIPES = {
-    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, eval_every=100, ckpt_every=100),
+    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, workers=0,
+                      eval_every=100, ckpt_every=100),
     "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
                      eval_every=5_000, ckpt_every=5_000),
     "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
                       eval_every=1_000, ckpt_every=1_000),
-    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4),
+    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4,
+                   eval_every=100, ckpt_every=100),
 }
 
 
@@ -122,42 +117,43 @@ def _field_comments(cls) -> dict:
     return comments
 
 
-def parse_alphas(spec: str) -> list:
-    """"0:1:0.1" (start:stop:step, stop included) or "0,0.5,1"."""
-    if ":" in spec:
-        start, stop, step = (float(s) for s in spec.split(":"))
-        values = np.arange(start, stop + step / 2, step)
-    else:
-        values = [float(s) for s in spec.split(",")]
-    return [round(float(a), 6) for a in values]
+def defaults(args_cls, data: str, presets: dict) -> dict:
+    """Every field's default for --data: the dataclass's < FT_RECIPES[data] < the method's PRESETS[data]."""
+    return {**{f.name: f.default for f in dataclasses.fields(args_cls)}, **FT_RECIPES[data], **presets.get(data, {})}
 
 
-def check_data(data: str):
-    """The one check of a --data name."""
-    if data not in DATASETS:
-        raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
+def make_args(args_cls, data: str = "miniworld", presets: Optional[dict] = None, **values):
+    """args_cls as parse_args would give it for --data with `values` on the command line, checked."""
+    check_data(data)
+    args = args_cls(**{**defaults(args_cls, data, presets or {}), "data": data, **values})
+    check_args(args)
+    return args
 
 
 def parse_args(args_cls, presets: dict, argv: Optional[Sequence[str]] = None):
-    """Dataclass defaults < FT_RECIPES[--data] < the method's PRESETS[--data] < command line."""
+    """The method's arguments: defaults (see `defaults`) < the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--data", default=args_cls.data)
     data = pre.parse_known_args(argv)[0].data
     check_data(data)
-    defaults = {**{f.name: f.default for f in dataclasses.fields(args_cls)}, **FT_RECIPES[data], **presets.get(data, {})}
     parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0])
-    helps = _field_comments(args_cls)
-    for f in dataclasses.fields(args_cls):
-        flag, default = "--" + f.name.replace("_", "-"), defaults[f.name]
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+    helps, types = _field_comments(args_cls), typing.get_type_hints(args_cls)
+    for name, default in defaults(args_cls, data, presets).items():
+        flag = "--" + name.replace("_", "-")
+        if types[name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(name))
         else:
-            typ = type(default) if default is not None else str
-            parser.add_argument(flag, type=typ, default=default, help=f"{helps.get(f.name, '')} (default: {default})")
-    args = args_cls(**vars(parser.parse_args(argv)))
-    check_args(args)
-    return args
+            parser.add_argument(flag, type=types[name], default=default, help=f"{helps.get(name, '')} (default: {default})")
+    return make_args(args_cls, **vars(parser.parse_args(argv)))
+
+
+def check_batch(what: str, size: int, grad_accum: int):
+    """The one check that a global batch splits into equal micro-batches over accumulation and processes."""
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if size % (grad_accum * processes):
+        raise SystemExit(f"error: {what} {size} does not split into --grad-accum {grad_accum} equal micro-batches"
+                         + (f" on each of {processes} processes" if processes > 1 else ""))
 
 
 def check_args(args):
@@ -173,72 +169,373 @@ def check_args(args):
         problems.append(f"--select {args.select!r}: choose final, or heldout with --eval-every > 0 (the steps it compares)")
     if args.grad_accum <= 0:
         problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
-    elif args.batch_size > 0 and args.batch_size % args.grad_accum:
-        problems.append(f"--batch-size {args.batch_size} does not split into --grad-accum {args.grad_accum} equal "
-                        "micro-batches (under torchrun: into grad_accum x processes)")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+    check_batch("--batch-size", args.batch_size, args.grad_accum)
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: any open_clip CLIP, a weights file, or the built-in miniclip; the classifier wrapper and θ0.
+# The run: setup -> train -> finish, what every method's main calls
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Env:
+    """What `setup` prepared; nothing changes it afterwards."""
+    device: torch.device
+    task: Task
+    clip: nn.Module  # the CLIP inside `model` (θ0 until training)
+    tokenizer: Callable
+    model: ClipClassifier  # the CLIP with the task's zero-shot head
+    train_tf: Callable  # the training augmentation
+    eval_tf: Callable  # the model's own evaluation transform
+    run: Optional[Path]  # the run directory (None: a step that trains nothing)
+    method: str
+    threads: int  # torch CPU threads used (set_threads); recorded in args.json under "machine"
+    workers: int  # DataLoader workers used: --workers, at most the cores
+    rank: int  # this process under torchrun (0 alone)
+    world: int  # processes under torchrun (1 alone)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What `train` hands to `finish`."""
+    model: nn.Module  # the weights to evaluate: the last step's, their EMA, or (--select heldout) the chosen step's
+    step: int  # the optimiser step those weights are from
+    selected: bool  # chosen on the held-out slice (--select heldout)
+    head_from_text: bool  # the head is the text tower's (FLYP, ARF): merges of this run rebuild it too
+
+
+def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
+    """The start of every method's main: seed, device, task, CLIP, transforms, zero-shot classifier and
+    the run directory's path (none with run_dir=False: a step that trains nothing; its default name is
+    run_name or the method's)."""
+    device = get_device(args.device)
+    seed_everything(args.seed, device)
+    workers = min(args.workers, os.cpu_count() or 1)
+    rank, world = init_distributed(device)
+    resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
+    run = check_run(args, run_name or method) if run_dir else None  # and a run folder that is taken
+    threads = set_threads(args.threads, recorded_threads(run) if args.resume and run else 0)
+    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data)
+    clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
+    train_tf, eval_tf = image_transforms(pp, args.crop_scale)
+    try:
+        head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
+        for split in task.tests:  # the test splits' own prompts must tokenize too, before training, not after
+            if split.templates != task.templates or split.classnames != task.classnames:
+                tokenizer([t(c) for t in as_template_fns(split.templates) for c in split.classnames])
+    except ValueError as e:  # the word-level miniclip tokenizer knows miniworld's words only
+        if resolve_model(args.model, args.pretrained) != "miniclip":
+            raise
+        raise SystemExit(f"error: --model miniclip only knows the miniworld's words, and the class names or templates of "
+                         f"--data {args.data}{' or --zeroshot-data' if args.zeroshot_data else ''} use others ({e}). Pass a real CLIP: --model ViT-B-16 --pretrained openai, "
+                         "or any open_clip model and tag (python -c \"import open_clip; print(open_clip.list_pretrained())\").") from None
+    model = ClipClassifier(clip, head, tokenizer).to(device)
+    return Env(device, task, clip, tokenizer, model, train_tf, eval_tf, run, method, threads, workers, rank, world)
+
+
+def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, head_from_text: bool = False,
+          streams: Optional[dict] = None) -> Trained:
+    """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch, step)` (or a
+    ContrastiveLoss over the global batch) and returns the weights to evaluate. AdamW (fused on CUDA),
+    warm-up + cosine, bf16 autocast on CUDA, gradient accumulation and clipping; after every step a
+    trained logit scale is clamped to [0, MAX_LOGIT_SCALE], the EMA updated, the held-out slice scored
+    when due, a checkpoint written when due. Under torchrun, DistributedDataParallel averages gradients.
+      ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ (θ_ema = θ0 at the start): scored and returned.
+      head_from_text  rebuild the head from the current text tower before every held-out check and at
+                      the end (methods whose loss trains the text tower, not the head).
+      streams         {name: (images, global batch)}: extra data, each micro-batch's share under
+                      batch[name], from its own StepBatchSampler stream (seed + 1 + i)."""
+    model, device, run = env.model, env.device, env.run
+    start_run(env, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
+    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad] if ema else []
+    scale_trains = model.clip.logit_scale.requires_grad
+    start = resume(run, model, opt, sched, ema, args.steps) if args.resume else 0
+    data = StepData(env, args, streams or {}, start)
+    stepper = LossOf(model, loss_fn)
+    if env.world > 1:  # gradients averaged in buckets during backward; the parameters are broadcast from rank 0
+        stepper = nn.parallel.DistributedDataParallel(stepper, broadcast_buffers=False, gradient_as_bucket_view=True)
+    backward = (functools.partial(backward_global_batch, loss_fn=loss_fn, model=model) if isinstance(loss_fn, ContrastiveLoss)
+                else backward_mean)
+    best = HeldoutBest(run, args.select == "heldout", start)
+    log = open(run / "log.jsonl", "a") if is_main_process() else None
+    bar = progress_bar(start, args.steps)
+    model.train()
+    with stopped_with_a_message(run, env.rank, env.world):
+        for step in bar:
+            terms = backward(stepper, data.next_step(), step, env.world, device, run)
+            if args.clip_grad > 0:
+                terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if scale_trains:
+                with torch.no_grad():
+                    model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if ema is not None:
+                ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
+            record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms}
+            if args.eval_every and (step + 1) % args.eval_every == 0 and (step + 1 < args.steps or best.on):
+                record["heldout_acc"] = best.score(env, args, ema if ema is not None else model, head_from_text, step + 1, bar)
+                model.train()
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+                save_checkpoint(run, step + 1, model, opt, sched, ema)
+    data.report_unreadable()
+    if log:
+        log.close()
+    result = ema if ema is not None else model
+    if best.on:  # the weights to evaluate are the best held-out step's; the rows will say which
+        best.load_into(result)
+    elif head_from_text:
+        rebuild_head_from_text(model, env.task)
+    model.eval()
+    return Trained(result.eval(), best.step if best.on else args.steps, best.on, head_from_text)
+
+
+def finish(env: Env, args, trained: Optional[Trained] = None, tag: str = "") -> list:
+    """The end of every method's main: final.pt, evaluation on every test split, results.jsonl. Without
+    `trained`, the untrained model (zero-shot) is the run's, at step 0."""
+    if trained is None:
+        start_run(env, args)
+        trained = Trained(env.model, 0, False, False)
+    if is_main_process():
+        meta = checkpoint_meta(args, env.method, env.task, trained.head_from_text)
+        atomic_save({"model": trained.model.state_dict(), "meta": meta}, env.run / "final.pt")
+        print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
+    rows = evaluate_task(trained.model, env.task, env.eval_tf, env.device, args.eval_batch_size, env.workers)  # sharded
+    if not is_main_process():
+        return []
+    if trained.selected:  # --select heldout: the rows are the chosen step's
+        rows = [{**r, "selected_step": trained.step, "select": "heldout"} for r in rows]
+    log_results(env.run, env.method, args, rows, trained.step, tag)
+    print(f"{env.method}: final.pt and results.jsonl in {env.run}")
+    return rows
+
+
+# The loop's helpers, in the order train uses them
+def resume(run: Path, model, opt, sched, ema, steps: int) -> int:
+    """Loads the newest readable checkpoint into the model, optimiser, scheduler, EMA and RNGs and returns
+    its step (0 when there is none); the log's lines of the steps after it are dropped (they are redone)."""
+    path, ckpt = newest_checkpoint(run)
+    if ckpt is None:
+        print(f"no readable checkpoint in {run/'ckpt'}; starting from step 0")
+        return 0
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    set_rng_state(ckpt["rng"])
+    print(f"resuming from {path} (step {ckpt['step']}/{steps})")
+    if is_main_process() and (run / "log.jsonl").exists():
+        kept = [x for x in (run / "log.jsonl").read_text().splitlines(keepends=True)
+                if x.strip().startswith("{") and x.endswith("\n") and json.loads(x)["step"] <= ckpt["step"]]
+        (run / "log.jsonl").write_text("".join(kept))
+    return ckpt["step"]
+
+
+class StepData:
+    """The micro-batches of every step from `start` on, on the device: the training split's and, under
+    each extra stream's name, that stream's share. Each is a StepBatchSampler stream, so a batch is a
+    function of (seed, step). Unreadable images are skipped and named once at the end."""
+
+    def __init__(self, env: Env, args, streams: dict, start: int):
+        self.env, self.accum, self.names, self.bad = env, args.grad_accum, {"training": env.task.train.images}, {}
+
+        def stream(images, global_batch, seed, pin):
+            sampler = StepBatchSampler(len(images), global_batch, args.grad_accum, env.rank, env.world, seed, start, args.steps)
+            return iter(torch.utils.data.DataLoader(TransformedImages(images, env.train_tf), batch_sampler=sampler,
+                                                    num_workers=env.workers, collate_fn=collate_skipping_bad,
+                                                    pin_memory=pin, persistent_workers=env.workers > 0))
+
+        self.main = stream(env.task.train.images, args.batch_size, args.seed, env.device.type == "cuda")
+        self.extra = {name: stream(images, bs, args.seed + 1 + i, False) for i, (name, (images, bs)) in enumerate(streams.items())}
+        self.names.update({name: images for name, (images, _) in streams.items()})
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def next_step(self) -> list:
+        micro = []
+        for _ in range(self.accum):
+            batch = next(self.main)
+            for name, it in self.extra.items():
+                batch[name] = next(it)
+                self.bad.setdefault(name, []).extend(pop_unreadable(batch[name]))
+                batch[name] = self.to_device(batch[name])
+            self.bad.setdefault("training", []).extend(pop_unreadable(batch))
+            micro.append(self.to_device(batch))
+        return micro
+
+    def report_unreadable(self):
+        for what, indices in self.bad.items():
+            if indices and is_main_process():
+                print(name_unreadable(self.names[what], indices, what))
+
+
+def synced_unless(stepper, world: int, last: bool):
+    """Gradient accumulation: average across processes only on the step's last backward."""
+    return stepper.no_sync() if world > 1 and not last else contextlib.nullcontext()
+
+
+def backward_mean(stepper, micro: list, step: int, world: int, device, run: Path) -> dict:
+    """A loss that is a mean over images: each micro-batch's share, backpropagated in turn."""
+    terms_sum, accum = {}, len(micro)
+    for j, batch in enumerate(micro):
+        with synced_unless(stepper, world, j == accum - 1):
+            with autocast(device):
+                loss, terms = stepper(batch, step)
+            check_finite(loss, terms, step, run)
+            (loss / accum).backward()
+        for k, v in scalars(loss, terms, accum).items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v
+    return terms_sum
+
+
+def backward_global_batch(stepper, micro: list, step: int, world: int, device, run: Path, loss_fn, model) -> dict:
+    """A ContrastiveLoss: the rows of every micro-batch of every process (open_clip's feature cache)."""
+    accum = len(micro)
+    cached = []
+    if accum > 1:
+        with torch.no_grad(), autocast(device):
+            cached = [stepper(b, step) for b in micro]
+    for j, batch in enumerate(micro):
+        with synced_unless(stepper, world, j == accum - 1):
+            with autocast(device):
+                own = stepper(batch, step)  # this micro-batch's rows, with gradient
+                parts = [own if i == j else c for i, c in enumerate(cached)] or [own]
+                rows = {k: torch.cat([p[k] for p in parts]) for k in own}
+                rows = gather_rows(rows) if world > 1 else rows
+                scale = model.scale  # its gradient counted once per step, not once per pass:
+                scale = scale.detach() + (scale - scale.detach()) / accum if accum > 1 else scale
+                loss, terms = loss_fn.loss(rows, scale)
+            check_finite(loss, terms, step, run)
+            loss.backward()
+    return scalars(loss, terms)  # every pass computes the same full-batch loss
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss, terms: dict, step: int, run: Path):
+    if not torch.isfinite(loss):
+        last = step_checkpoints(run)
+        raise NonFiniteLoss(
+            f"loss is {loss.item()} at step {step} (terms: { {k: float(v) for k, v in terms.items()} }). "
+            f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
+
+
+def scalars(loss, terms: dict, parts: int = 1) -> dict:
+    return {k: float(v.detach() if torch.is_tensor(v) else v) / parts for k, v in {"loss": loss, **terms}.items()}
+
+
+class HeldoutBest:
+    """Held-out checks and --select heldout: with `on`, the weights of the best-scoring check are kept in
+    ckpt/best.pt (strictly better wins, so the earliest of equals); a resumed run knows its best so far."""
+
+    def __init__(self, run: Path, on: bool, start: int):
+        self.file, self.on, self.acc, self.step = run / "ckpt" / "best.pt", on, -1.0, None
+        if on and start and self.file.is_file():
+            saved = torch.load(self.file, map_location="cpu", weights_only=False)
+            self.acc, self.step = saved["acc"], saved["step"]
+
+    def score(self, env: Env, args, scored: nn.Module, head_from_text: bool, step: int, bar) -> float:
+        """The held-out accuracy of `scored` (every process scores its shard), kept if it is the best."""
+        if head_from_text:
+            rebuild_head_from_text(env.model, env.task)
+        acc = evaluate_split(scored, env.task.heldout, env.task, env.eval_tf, env.device, args.eval_batch_size)["acc"]
+        if is_main_process():
+            bar.write(f"step {step}: held-out acc {100*acc:.2f}")
+        if self.on and acc > self.acc:
+            self.acc, self.step = acc, step
+            if is_main_process():
+                atomic_save({"acc": acc, "step": step, "model": scored.state_dict()}, self.file)
+            barrier()
+        return acc
+
+    def load_into(self, model: nn.Module):
+        model.load_state_dict(torch.load(self.file, map_location="cpu", weights_only=False)["model"])
+        if is_main_process():
+            print(f"--select heldout: step {self.step} (held-out acc {100 * self.acc:.2f}) is evaluated")
+
+
+def save_checkpoint(run: Path, step: int, model, opt, sched, ema):
+    """ckpt/step_N.pt: everything a resume needs; the KEEP_CHECKPOINTS newest are kept."""
+    if not is_main_process():
+        return
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(), "step": step}
+    atomic_save(state, run / "ckpt" / f"step_{step}.pt")
+    for old in step_checkpoints(run)[:-KEEP_CHECKPOINTS]:
+        old.unlink()
+
+
+def progress_bar(start: int, steps: int):
+    from tqdm import tqdm
+
+    return tqdm(range(start, steps), initial=start, total=steps, disable=not is_main_process(), dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def stopped_with_a_message(run: Path, rank: int, world: int):
+    """Ctrl-C, or (under torchrun) a lost process, ends training with a message that names the last
+    checkpoint and how to resume, not a raw traceback or a hang."""
+    peers = watch_peers(rank, world)
+    try:
+        yield
+    except KeyboardInterrupt:
+        ckpts = step_checkpoints(run)
+        raise SystemExit(f"interrupted. Last checkpoint: {ckpts[-1] if ckpts else 'none (nothing to resume)'}; "
+                         f"continue with the same command and --resume (run folder {run}).") from None
+    except (RuntimeError, SystemExit) as e:  # a collective whose peer died, or the launcher's SIGTERM
+        if peers is None or isinstance(e, NonFiniteLoss) or not (str(e) == LOST or lost_ranks(rank, peers)
+                                                                 or is_collective_failure(e)):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM may follow: let the message out first
+        PEERS_LOST.append(rank)
+        raise SystemExit(lost_process_message(run, rank, peers)) from None
+    finally:
+        if peers is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def seed_everything(seed: int, device: torch.device = torch.device("cpu")):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":  # free on CPU; on CUDA it would force slower kernels, so it stays off there
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def warmup_cosine(step: int, total: int, warmup_frac: float) -> float:
+    warm = max(1, int(warmup_frac * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+@torch.no_grad()
+def ema_update(ema_params: list, params: list, decay: float):
+    """θ_ema ← m · θ_ema + (1 − m) · θ in place. lerp is exact at the ends: m = 0 copies θ, m = 1
+    keeps θ_ema."""
+    for e, p in zip(ema_params, params):
+        e.lerp_(p, 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP: loading any open_clip model (or the built-in miniclip), the classifier, heads, the text tower
 # ----------------------------------------------------------------------------------------------
 def get_device(name: str = "") -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-
-def process_cpus() -> set:
-    """The cores this process may run on."""
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-
-
-def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> float:
-    """How many of this process's cores are idle now: the idle share of each over a short sample of
-    /proc/stat (Linux); elsewhere, all of them."""
-    cpus = process_cpus()
-
-    def idle_and_total() -> dict:
-        out = {}
-        for line in Path("/proc/stat").read_text().splitlines()[1:]:
-            name, *ticks = line.split()
-            if name.startswith("cpu") and int(name[3:]) in cpus:
-                ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
-                out[name] = (ticks[3] + ticks[4], sum(ticks))
-        return out
-
-    try:
-        before = idle_and_total()
-        time.sleep(sample_s)
-        after = idle_and_total()
-    except (OSError, ValueError):
-        return float(len(cpus))
-    if not after:  # no per-core lines (an unusual /proc): assume all are free
-        return float(len(cpus))
-    return sum((after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after)
-
-
-def set_threads(requested: int = 0, resumed: int = 0) -> int:
-    """torch's intra-op threads: --threads, else those of the run being resumed (`resumed`, from its
-    args.json), else $OMP_NUM_THREADS, else the cores free at start shared by the processes of this node.
-    More threads than free cores spin against each other (FT on 2 cores beside one busy process: 11m29s
-    with 2 threads, 1m32s with 1). Printed, since it changes speed, and float round-off: a resumed run
-    keeps its count so that it ends with the weights of an uninterrupted one."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if requested > 0:
-        threads, why = requested, "--threads"
-    elif resumed > 0:
-        threads, why = resumed, "the resumed run's own, from its args.json; --threads N to change"
-    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        threads, why = int(os.environ["OMP_NUM_THREADS"]), "$OMP_NUM_THREADS"
-    else:
-        free = free_cores()
-        threads = max(1, int(round(free)) // per_node)
-        why = (f"{free:.1f} of {len(process_cpus())} cores free" + (f", {per_node} processes on this node" if per_node > 1 else "")
-               + "; --threads N to choose")
-    torch.set_num_threads(threads)
-    if is_main_process():
-        print(f"CPU threads: {threads} ({why})")
-    return threads
 
 
 @functools.lru_cache(maxsize=None)  # checked once per (model, pretrained), however many callers ask
@@ -354,9 +651,8 @@ def set_trainable(model: ClipClassifier, image: bool = True, text: bool = False,
     model.head.requires_grad_(head)
     model.clip.logit_scale.requires_grad_(scale)
     return model
-# ----------------------------------------------------------------------------------------------
-# Zero-shot heads
-# ----------------------------------------------------------------------------------------------
+
+
 def as_template_fns(templates) -> list:
     return [t if callable(t) else t.format for t in templates]
 
@@ -408,14 +704,16 @@ def template_embeddings(clip, tokenizer, classnames, templates, device=None, bat
     return torch.cat(out).view(len(classnames), len(fns), -1)  # [K, T, D]
 
 
-def special_token_ids(tokenizer) -> tuple[int, int, int]:
-    """(sot, eot, vocab_size) of an open_clip SimpleTokenizer or the miniworld word tokenizer."""
-    vocab_size = getattr(tokenizer, "vocab_size", None) or len(tokenizer.encoder)
-    return tokenizer.sot_token_id, tokenizer.eot_token_id, vocab_size
+
+def rebuild_head_from_text(model: ClipClassifier, task: Task):
+    """The head of the model's current text tower (zero-shot head of the task's classes and templates):
+    what a method that trains the text tower (FLYP, ARF) classifies with."""
+    model.head.data = zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates, model.head.device)
+
 
 
 # ----------------------------------------------------------------------------------------------
-# CLIP's contrastive loss (FLYP and ARF train with it)
+# CLIP's contrastive loss over the global batch (FLYP and ARF train with it)
 # ----------------------------------------------------------------------------------------------
 def clip_contrastive_loss(image_emb, text_emb, scale, groups=None, duplicates: str = "positive") -> torch.Tensor:
     """Symmetric InfoNCE of unit-norm pairs image_emb, text_emb [B, D] at temperature s (already
@@ -460,12 +758,6 @@ class ContrastiveLoss:
     loss: Callable
 
 
-def text_ids(texts: list, device) -> torch.Tensor:
-    """A group id per text [N], equal exactly for equal texts, on every process (a 56-bit hash, not an
-    index into this micro-batch): duplicates are found across the whole global batch."""
-    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=7).digest(), "big") for t in texts],
-                        dtype=torch.long, device=device)
-
 
 def gather_rows(rows: dict) -> dict:
     """Every process's rows of each tensor, concatenated in rank order: embeddings with gradient (the
@@ -481,407 +773,10 @@ def gather_rows(rows: dict) -> dict:
     return out
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Data: image lists, splits, tasks by name
+# Data plumbing: transformed images, unreadable images, the step sampler (datasets: the tasks package)
 # ----------------------------------------------------------------------------------------------
-class ArrayImages:
-    """Images held in memory as uint8 [N, H, W, 3] (miniworld)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, captions: Optional[list] = None):
-        self.images, self.labels, self.captions = images, np.asarray(labels, dtype=np.int64), captions
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i: int):
-        from PIL import Image
-
-        return Image.fromarray(self.images[i])
-
-    def subset(self, idx):
-        idx = np.asarray(idx)
-        caps = [self.captions[i] for i in idx] if self.captions is not None else None
-        return ArrayImages(self.images[idx], self.labels[idx], caps)
-
-
-def load_rgb(path: str):
-    """Open any image as 8-bit RGB (CMYK, palette, alpha, grayscale, 16-bit); None if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescale to 8 bits
-                arr = np.asarray(img, dtype=np.float64)
-                arr = (255.0 * arr / max(arr.max(), 1.0)).astype(np.uint8)
-                return Image.fromarray(arr).convert("RGB")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError):
-        return None
-
-
-class FileImages:
-    """Images on disk given as (path, label) pairs; unreadable files are skipped and counted. `border`
-    pixels are cut from every edge on load (ObjectNet's frame)."""
-
-    def __init__(self, paths: list, labels, border: int = 0):
-        self.paths, self.labels, self.border = list(paths), np.asarray(labels, dtype=np.int64), border
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i: int):
-        img = load_rgb(self.paths[i])
-        if img is None or not self.border:
-            return img
-        b = self.border
-        return img.crop((b, b, img.width - b, img.height - b))
-
-    def subset(self, idx):
-        return FileImages([self.paths[i] for i in idx], self.labels[np.asarray(idx)], self.border)
-
-
-def image_keys(images) -> list:
-    """Stable per-image cache keys: the absolute path of a file, the content hash of an in-memory array."""
-    if isinstance(images, FileImages):
-        return [os.path.abspath(p) for p in images.paths]
-    return [hashlib.sha1(np.ascontiguousarray(images.images[i]).tobytes()).hexdigest() for i in range(len(images))]
-
-
-@dataclass
-class Split:
-    name: str
-    kind: str  # train | heldout | id | ood | zeroshot
-    images: object  # ArrayImages | FileImages
-    classnames: list  # the label space `images.labels` index into
-    templates: list  # prompt templates for this split's text head
-    class_groups: Optional[list] = None  # scored classes as groups of label-space rows, logit = the group's max;
-    # labels index the groups (ImageNet-R/A: 200 groups of one class; ObjectNet: 113 of one or more)
-
-
-@dataclass
-class Task:
-    name: str
-    classnames: list
-    templates: list
-    train: Split
-    heldout: Split
-    tests: list = field(default_factory=list)  # id first, then ood, then zeroshot
-    pool: Optional[Callable[[], str]] = None  # a retrieval pool the dataset offers (ARF): builds it, returns its TSV
-
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-LAYOUTS = {
-    "imagenet": """DIR/train/nXXXXXXXX/*.JPEG         (1000 wnid folders)
-DIR/val/nXXXXXXXX/*.JPEG           (validation regrouped into wnid folders)
-optional OOD sets, scored when present:
-DIR/imagenetv2/0 ... 999/*.jpeg    (ImageNet-V2 matched-frequency, folders named by class index)
-DIR/imagenet-r/nXXXXXXXX/*.jpg     (200 wnids)
-DIR/imagenet-a/nXXXXXXXX/*.jpg     (200 wnids)
-DIR/imagenet-sketch/nXXXXXXXX/*.JPEG
-DIR/objectnet-1.0/images/<folder>/*.png, DIR/objectnet-1.0/mappings/*   (ObjectNet 1.0 unzipped as shipped;
-                                    its 113 ImageNet-overlapping classes are scored)""",
-    "domainnet": """DIR/{real,painting,clipart,infograph,sketch}/<class>/*.jpg
-DIR/{domain}_train.txt, DIR/{domain}_test.txt   (official split files: '<domain>/<class>/<file> <label>' per line)""",
-    "zeroshot": """DIR/<class>/*.jpg                  (one folder per class; the split is named after DIR)
-DIR/classnames.txt                 (optional: a class name per line, for the class folders in sorted order;
-                                    default: the folder names, '_' read as a space)
-DIR/templates.txt                  (optional: a prompt per line, {} for the class name; default: open_clip's
-                                    SIMPLE_IMAGENET_TEMPLATES)""",
-    "folder": """DIR/train/<class>/*.jpg            (training images, one folder per class)
-DIR/<test split>/<class>/*.jpg     (one or more test folders with the same class folder names;
-                                    'test' or 'val' is in-distribution, every other folder is OOD)""",
-}
-
-
-def missing_root(data: str, root: str, what: str):
-    raise SystemExit(f"error: {what} not found for --data {data} (--data-root {root!r}). Expected layout:\n{LAYOUTS[data]}")
-
-
-def subfolders(folder: Path) -> list:
-    """The sub-folders of a dataset folder, sorted; hidden ones (.ipynb_checkpoints, .DS_Store folders,
-    ...) are left out, with one warning naming them."""
-    subs = sorted(p for p in folder.iterdir() if p.is_dir())
-    hidden = [p.name for p in subs if p.name.startswith(".")]
-    if hidden:
-        print(f"warning: ignoring hidden folder(s) {', '.join(hidden)} in {folder}")
-    return [p for p in subs if not p.name.startswith(".")]
-
-
-def image_files(folder: Path) -> list:
-    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)
-
-
-def class_folders_with_images(folder: Path, what: str) -> tuple[list, list]:
-    """(class folder names that hold images, the empty ones): a class with no image leaves the label
-    space, with one warning naming it."""
-    folders = [p.name for p in subfolders(folder)]
-    empty = [c for c in folders if not image_files(folder / c)]
-    if empty:
-        print(f"warning: dropping {len(empty)} class(es) with no {what}: {', '.join(empty)}")
-    return [c for c in folders if c not in empty], empty
-
-
-def scan_class_folders(folder: Path, class_index: dict, dropped=()) -> tuple[list, list]:
-    """(paths, labels) for folder/<class>/<image>; folder names are mapped through class_index (the
-    folders of `dropped` classes are passed over)."""
-    paths, labels = [], []
-    for sub in subfolders(folder):
-        if sub.name in dropped:
-            continue
-        if sub.name not in class_index:
-            raise SystemExit(f"error: class folder {sub} is not in the training classes {sorted(class_index)[:10]}...")
-        files = image_files(sub)
-        if not files:
-            print(f"warning: empty class folder {sub}: no images of class {sub.name!r} in {folder.name}")
-        paths += [str(f) for f in files]
-        labels += [class_index[sub.name]] * len(files)
-    return paths, labels
-
-
-def heldout_split(images, seed: int, count: int):
-    """Deterministically move `count` training images into a held-out slice for model selection."""
-    order = np.random.default_rng(seed + 12345).permutation(len(images))
-    count = min(count, len(images) // 10)
-    return images.subset(np.sort(order[count:])), images.subset(np.sort(order[:count]))
-
-
-def load_miniworld(root: str, seed: int) -> Task:
-    """The generated world (the miniworld package). It lives in no folder, so --data-root is refused, and
-    it is one fixed task whatever the seed: seeds vary the training run (initialisation, data order,
-    augmentation), not the test sets or the held-out slice, as on ImageNet."""
-    import miniworld
-
-    if root:
-        raise SystemExit(f"error: --data miniworld is generated and takes no --data-root (got {root!r})")
-    task = miniworld.load_task()
-    classnames, templates = task["classnames"], task["templates"]
-    splits = []
-    for name, s in task["splits"].items():
-        images = ArrayImages(s["images"], s["labels"], s.get("captions"))
-        splits.append(Split(name, s["kind"], images, s.get("classnames", classnames), s.get("templates", templates)))
-    by_kind = {k: [s for s in splits if s.kind == k] for k in ("train", "heldout", "id", "ood", "zeroshot")}
-    return Task("miniworld", classnames, templates, by_kind["train"][0], by_kind["heldout"][0],
-                by_kind["id"] + by_kind["ood"] + by_kind["zeroshot"], pool=miniworld_pool)
-
-
-def miniworld_pool() -> str:
-    """miniworld's retrieval pool: MINIWORLD_POOL_SIZE captioned images of the pretraining distribution,
-    written once into the cache (PNGs + pool.tsv in open_clip's CSV layout)."""
-    import miniworld
-
-    out = cache_dir("arf") / f"miniworld-pool-{MINIWORLD_POOL_SIZE}-{digest(sorted(miniworld.world_config().items()))}"
-    return str(miniworld.write_pool(out, MINIWORLD_POOL_SIZE))
-
-
-def imagenet_wnids() -> list:
-    """The 1000 ILSVRC-2012 wnids in class-index order (the order of open_clip's IMAGENET_CLASSNAMES).
-    open_clip ships no wnid list; timm, its own dependency, does."""
-    from timm.data import ImageNetInfo
-
-    return ImageNetInfo().label_names()
-
-
-def subset_groups(images: FileImages, n_classes: int) -> tuple:
-    """(images relabelled into the classes present, their groups) for a split that holds a subset of the
-    label space (ImageNet-R/A: 200 of 1000); (images, None) when every class is present."""
-    present = sorted(set(images.labels.tolist()))
-    if len(present) == n_classes:
-        return images, None
-    remap = {c: k for k, c in enumerate(present)}
-    return FileImages(images.paths, [remap[c] for c in images.labels.tolist()], images.border), [[c] for c in present]
-
-
-def load_objectnet(folder: Path, classnames: list, templates: list) -> Split:
-    """ObjectNet 1.0 (LAYOUTS["imagenet"]): its 113 classes that overlap ImageNet through the mapping files
-    shipped with it, each scored as the max logit over its ImageNet classes (the reference evaluation's
-    projection), argmax over those 113; images of the other classes are left out; the red frame is cut."""
-    maps = folder / "mappings"
-    try:
-        folder_of = {label: f for f, label in json.loads((maps / "folder_to_objectnet_label.json").read_text()).items()}
-        to_imagenet = json.loads((maps / "objectnet_to_imagenet_1k.json").read_text())
-        label_2012 = {line.strip(): i for i, line in enumerate((maps / "imagenet_to_label_2012_v2").read_text().splitlines())}
-        index_of_2012 = {int(v): int(k) for k, v in json.loads((maps / "pytorch_to_imagenet_2012_id.json").read_text()).items()}
-        groups = {folder_of[o]: sorted(index_of_2012[label_2012[n]] for n in names.split("; ")) for o, names in to_imagenet.items()}
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: ObjectNet's mapping files in {maps} are missing or do not agree ({type(e).__name__}: {e}). "
-                         f"Expected layout:\n{LAYOUTS['imagenet']}") from None
-    names = sorted(groups)  # the overlapping classes by folder name, as the reference orders them
-    paths, labels = [], []
-    for k, name in enumerate(names):
-        files = image_files(folder / "images" / name) if (folder / "images" / name).is_dir() else []
-        paths += [str(f) for f in files]
-        labels += [k] * len(files)
-    others = len(subfolders(folder / "images")) - sum((folder / "images" / n).is_dir() for n in names)
-    print(f"ObjectNet: scoring {len(paths)} images of the {len(names)} classes that overlap ImageNet "
-          f"(skipping {others} class folders outside the mapping)")
-    images = FileImages(paths, labels, border=OBJECTNET_BORDER)
-    return Split("objectnet", "ood", images, classnames, templates, class_groups=[groups[n] for n in names])
-
-
-def load_imagenet(root: str, seed: int) -> Task:
-    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-
-    base = Path(root)
-    if not root or not (base / "train").is_dir() or not (base / "val").is_dir():
-        missing_root("imagenet", root, "train/ and val/")
-    wnids, known = [p.name for p in subfolders(base / "train")], imagenet_wnids()
-    unknown, missing = sorted(set(wnids) - set(known)), sorted(set(known) - set(wnids))
-    if unknown or missing:  # class names are given by wnid: folders with other names would get wrong ones
-        raise SystemExit(f"error: {base/'train'} has {len(wnids)} class folders; ImageNet-1k needs its {len(known)} wnids. "
-                         + (f"{len(unknown)} folder(s) are not ImageNet-1k wnids: {', '.join(unknown[:5])}"
-                            f"{' ...' if len(unknown) > 5 else ''}. " if unknown else "")
-                         + (f"{len(missing)} wnid(s) have no folder: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}."
-                            if missing else ""))
-    index = {w: i for i, w in enumerate(known)}
-    names, templates = list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES)
-    train, heldout = heldout_split(FileImages(*scan_class_folders(base / "train", index)), seed, 10_000)
-    tests = [Split("val", "id", FileImages(*scan_class_folders(base / "val", index)), names, templates)]
-    v2 = base / "imagenetv2"
-    if v2.is_dir():  # folders are class indices: map by integer, never by string order
-        paths, labels = [], []
-        subs = subfolders(v2)
-        other = [p.name for p in subs if not p.name.isdigit() or int(p.name) >= len(names)]
-        if other:
-            print(f"warning: ignoring {len(other)} folder(s) of {v2} that are not class indices 0-{len(names) - 1}: "
-                  f"{', '.join(other[:5])}")
-        for sub in sorted((p for p in subs if p.name not in other), key=lambda p: int(p.name)):
-            files = image_files(sub)
-            paths += [str(f) for f in files]
-            labels += [int(sub.name)] * len(files)
-        tests.append(Split("imagenet-v2", "ood", FileImages(paths, labels), names, templates))
-    for name in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
-        if (base / name).is_dir():
-            images, groups = subset_groups(FileImages(*scan_class_folders(base / name, index)), len(names))
-            tests.append(Split(name, "ood", images, names, templates, groups))
-    if (base / "objectnet-1.0").is_dir():
-        tests.append(load_objectnet(base / "objectnet-1.0", names, templates))
-    return Task("imagenet", names, templates, Split("train", "train", train, names, templates),
-                Split("heldout", "heldout", heldout, names, templates), tests)
-
-
-DOMAINNET_DOMAINS = ("real", "painting", "clipart", "infograph", "sketch")
-
-
-def read_domainnet_split(base: Path, domain: str, part: str) -> tuple[list, list, dict]:
-    listing = base / f"{domain}_{part}.txt"
-    if not listing.is_file():
-        missing_root("domainnet", str(base), str(listing))
-    paths, labels, names = [], [], {}
-    for line in listing.read_text().splitlines():
-        if not line.strip():
-            continue
-        rel, label = line.rsplit(maxsplit=1)
-        paths.append(str(base / rel))
-        labels.append(int(label))
-        names.setdefault(int(label), rel.split("/")[1].lower().replace("_", " "))
-    return paths, labels, names
-
-
-def load_domainnet(root: str, seed: int) -> Task:
-    """Labels come from the official split files, so every domain shares one class order whatever
-    the case of its folder names."""
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
-
-    base = Path(root)
-    if not root or not base.is_dir():
-        missing_root("domainnet", root, "the DomainNet folder")
-    train_paths, train_labels, names = read_domainnet_split(base, "real", "train")
-    classnames = [names[i] for i in range(len(names))]
-    templates = list(OPENAI_IMAGENET_TEMPLATES)
-    train, heldout = heldout_split(FileImages(train_paths, train_labels), seed, 5_000)
-    tests = []
-    for domain in DOMAINNET_DOMAINS:
-        if domain != "real" and not (base / f"{domain}_test.txt").is_file():
-            continue
-        paths, labels, dnames = read_domainnet_split(base, domain, "test")
-        clash = {i: (n, classnames[i]) for i, n in dnames.items() if i < len(classnames) and n != classnames[i]}
-        if clash:
-            raise SystemExit(f"error: {domain}_test.txt labels disagree with real_train.txt: {list(clash.items())[:3]}")
-        tests.append(Split(domain, "id" if domain == "real" else "ood", FileImages(paths, labels), classnames, templates))
-    return Task("domainnet", classnames, templates, Split("train", "train", train, classnames, templates),
-                Split("heldout", "heldout", heldout, classnames, templates), tests)
-
-
-def load_folder(root: str, seed: int) -> Task:
-    from open_clip import SIMPLE_IMAGENET_TEMPLATES
-
-    base = Path(root)
-    if not root or not (base / "train").is_dir():
-        missing_root("folder", root, "train/")
-    folders, empty = class_folders_with_images(base / "train", "training images from the label space")
-    index = {c: i for i, c in enumerate(folders)}
-    classnames = [c.replace("_", " ") for c in folders]
-    templates = list(SIMPLE_IMAGENET_TEMPLATES)
-    train, heldout = heldout_split(FileImages(*scan_class_folders(base / "train", index, empty)), seed, 10_000)
-    if len(train) == 0:
-        raise SystemExit(f"error: no images under {base/'train'}. Expected layout:\n{LAYOUTS['folder']}")
-    tests = []
-    for sub in (p for p in subfolders(base) if p.name != "train"):
-        kind = "id" if sub.name in ("test", "val") else "ood"
-        tests.append(Split(sub.name, kind, FileImages(*scan_class_folders(sub, index, empty)), classnames, templates))
-    if not tests:
-        missing_root("folder", root, "a test folder beside train/")
-    tests.sort(key=lambda s: s.kind != "id")
-    return Task("folder", classnames, templates, Split("train", "train", train, classnames, templates),
-                Split("heldout", "heldout", heldout, classnames, templates), tests)
-
-
-DATASETS = {"miniworld": load_miniworld, "imagenet": load_imagenet, "domainnet": load_domainnet, "folder": load_folder}
-
-
-def read_lines(path: Path) -> list:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_zeroshot_folder(folder: str) -> Split:
-    """A classification dataset scored zero-shot (ARF's cross-dataset transfer: fine-tune on one dataset,
-    evaluate on others): LAYOUTS["zeroshot"]. Its head is built from the model's current text tower."""
-    from open_clip import SIMPLE_IMAGENET_TEMPLATES
-
-    base = Path(folder)
-    if not base.is_dir():
-        raise SystemExit(f"error: --zeroshot-data {folder!r} is not a folder. Expected layout:\n{LAYOUTS['zeroshot']}")
-    folders, empty = class_folders_with_images(base, f"images from zero-shot split {base.name}")
-    if not folders:
-        raise SystemExit(f"error: no images under {base}. Expected layout:\n{LAYOUTS['zeroshot']}")
-    classnames = [c.replace("_", " ") for c in folders]
-    if (base / "classnames.txt").is_file():
-        every = sorted(folders + empty)  # the file names every class folder, empty ones too
-        names = read_lines(base / "classnames.txt")
-        if len(names) != len(every):
-            raise SystemExit(f"error: {base / 'classnames.txt'} has {len(names)} names for {len(every)} class folders "
-                             "(one name per class folder, in sorted folder order)")
-        classnames = [n for n, c in zip(names, every) if c not in empty]
-    templates = list(SIMPLE_IMAGENET_TEMPLATES)
-    if (base / "templates.txt").is_file():
-        templates = read_lines(base / "templates.txt")
-        bad = [t for t in templates if t.count("{}") != 1]
-        if bad or not templates:
-            raise SystemExit(f"error: {base / 'templates.txt'}: every line needs one {{}} for the class name "
-                             f"(e.g. 'a photo of a {{}}.'); not {bad[:3] or 'an empty file'}")
-    images = FileImages(*scan_class_folders(base, {c: i for i, c in enumerate(folders)}, empty))
-    return Split(base.name, "zeroshot", images, classnames, templates)
-
-
-def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "") -> Task:
-    """--data's task, plus a zero-shot split per folder of --zeroshot-data."""
-    check_data(data)
-    task = DATASETS[data](root, seed)
-    for folder in (f for f in zeroshot_data.split(",") if f.strip()):
-        split = load_zeroshot_folder(folder.strip())
-        if split.name in {s.name for s in task.tests}:
-            raise SystemExit(f"error: --zeroshot-data {folder!r}: a split named {split.name!r} exists already; "
-                             "rename the folder")
-        task.tests.append(split)
-    return task
-
-
 class TransformedImages(torch.utils.data.Dataset):
     """Applies a transform; an index may carry its own seed so augmentation is a pure function of
     (seed, position in the data stream), which is what makes kill-and-resume bit-exact."""
@@ -935,11 +830,11 @@ def name_unreadable(images, indices, what: str) -> str:
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields the micro-batches of steps [start, total) for one process. Sample p of the stream is
-    element p % N of the permutation of epoch p // N; its augmentation seed is a hash of (seed, p)."""
+    """Yields the micro-batches of steps [start, total) for one process (global_batch divides by accum ×
+    world: check_batch). Sample p of the stream is element p % N of the permutation of epoch p // N; its
+    augmentation seed is a hash of (seed, p)."""
 
     def __init__(self, n: int, global_batch: int, accum: int, rank: int, world: int, seed: int, start: int, total: int):
-        assert global_batch % (accum * world) == 0, "batch size must divide by grad_accum × processes"
         self.n, self.B, self.accum, self.rank, self.world = n, global_batch, accum, rank, world
         self.seed, self.start, self.total, self._perms = seed, start, total, {}
 
@@ -960,159 +855,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 yield [(self._perm(p // self.n)[p % self.n], (self.seed * 2_654_435_761 + p) % 2**63) for p in range(first, first + micro)]
 
 
-def shuffled_batches(images, transform, batch_size: int, seed: int, workers: int = 0):
-    """Endless full batches of `images` (unreadable ones skipped), reshuffled every pass from `seed`."""
-    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), shuffle=True,
-                                         batch_size=min(batch_size, len(images)), num_workers=workers,
-                                         collate_fn=collate_skipping_bad, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    while True:
-        yield from loader
-
-
 # ----------------------------------------------------------------------------------------------
-# Caches and retrieval pools: image-text pairs in open_clip's CSV layout, cached embeddings, faiss
-# ----------------------------------------------------------------------------------------------
-EXACT_MAX = 1_000_000  # pools with fewer rows are searched exactly; larger ones with an IVF index
-PQ_MIN = 20_000_000  # from here on IVF stores PQ codes (float vectors would not fit in RAM)
-IVF_NPROBE = 8  # inverted lists visited per query (recall@10 0.99 on bench/retrieval.py's pool)
-EMBED_CHUNK = 8192  # images per embedding chunk: the unit of sharding over processes and of resuming
-
-
-def cache_dir(sub: str) -> Path:
-    """$ROBUSTFT_CACHE/sub (default ~/.cache/robust-ft/sub), created."""
-    root = Path(os.environ.get("ROBUSTFT_CACHE", Path.home() / ".cache" / "robust-ft")) / sub
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def digest(*parts) -> str:
-    return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
-
-
-def clean(text: str) -> str:
-    return " ".join(str(text).split())  # one line, no tabs: caption caches are TSVs
-
-
-def read_pool(path: str, img_key: str, caption_key: str, sep: str):
-    """(FileImages of the pool, captions, rows skipped). Skips rows with a missing column, an empty
-    caption or an image file that does not exist; relative paths are relative to the pool file."""
-    base, paths, captions, bad = Path(path).resolve().parent, [], [], 0
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        if not reader.fieldnames or img_key not in reader.fieldnames or caption_key not in reader.fieldnames:
-            raise SystemExit(f"error: pool {path} has columns {reader.fieldnames}; expected --pool-img-key {img_key!r} "
-                             f"and --pool-caption-key {caption_key!r} (separator {sep!r})")
-        for row in reader:
-            p, text = row.get(img_key), row.get(caption_key)
-            if not p or not text or not text.strip() or None in row:
-                bad += 1
-                continue
-            p = p if os.path.isabs(p) else str(base / p)
-            if not os.path.isfile(p):
-                bad += 1
-                continue
-            paths.append(p)
-            captions.append(clean(text))
-    return FileImages(paths, np.zeros(len(paths), dtype=np.int64)), captions, bad
-
-
-def shard_chunks(n: int, chunk: int) -> list:
-    """This process's chunks of range(n): chunk c (rows c·chunk ...) belongs to process c mod world, so
-    every process gets an equal share and the chunks are the same whatever the number of processes."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return shard_chunks_all(n, chunk)[rank::world]
-
-
-@torch.inference_mode()
-def embed_images(clip, images, transform, cache_file: Path, batch_size: int, device, workers: int = 0,
-                 chunk: Optional[int] = None):
-    """n(f(x)) of every image as a float16 [N, D] memmap cached in cache_file, plus a [N] mask of the
-    readable ones; a rerun memory-maps the file. Every process calls it: the images are embedded in
-    chunks of EMBED_CHUNK (sharded over processes by shard_chunks, bf16 autocast on CUDA), each chunk
-    saved when done (cache_file.chunkNNNNNN.npz), so a killed run resumes at its first unfinished
-    chunk; process 0 then joins the chunks into cache_file."""
-    from tqdm import tqdm
-
-    chunk = chunk or EMBED_CHUNK
-    mask_file = cache_file.with_suffix(".ok.npy")
-    part = lambda r: cache_file.with_suffix(f".chunk{r.start // chunk:06d}.npz")  # noqa: E731
-    if not cache_file.is_file():
-        todo = [r for r in shard_chunks(len(images), chunk) if not part(r).is_file()]
-        bar = tqdm(total=sum(len(r) for r in todo), desc=f"embedding {len(images)} images", unit="img")
-        for r in todo:
-            emb, ok = None, np.zeros(len(r), dtype=bool)
-            loader = torch.utils.data.DataLoader(TransformedImages(images.subset(list(r)), transform), batch_size=batch_size,
-                                                 num_workers=workers, collate_fn=collate_skipping_bad)
-            for batch in loader:
-                if "image" in batch:
-                    with autocast(device):
-                        z = F.normalize(clip.encode_image(batch["image"].to(device)).float(), dim=-1).cpu().numpy()  # [b, D]
-                    emb = np.zeros((len(r), z.shape[1]), dtype=np.float16) if emb is None else emb
-                    emb[batch["index"].numpy()] = z
-                    ok[batch["index"].numpy()] = True
-                bar.update(len(batch.get("index", [])) + batch["n_bad"])
-            tmp = part(r).with_suffix(".tmp.npz")
-            np.savez(tmp, emb=emb if emb is not None else np.zeros((len(r), 0), dtype=np.float16), ok=ok)
-            os.replace(tmp, part(r))  # a finished chunk: a rerun skips it
-        bar.close()
-        barrier()
-        if is_main_process():
-            parts = [np.load(part(r)) for r in shard_chunks_all(len(images), chunk)]
-            dims = {p["emb"].shape[1] for p in parts if p["ok"].any()}
-            if not dims:
-                raise SystemExit(f"error: none of the {len(images)} images could be read")
-            partial = cache_file.with_suffix(".partial.npy")
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(images), dims.pop()))
-            for r, p in zip(shard_chunks_all(len(images), chunk), parts):
-                if p["ok"].any():
-                    out[r.start:r.stop] = p["emb"]
-            out.flush()
-            del out
-            np.save(mask_file, np.concatenate([p["ok"] for p in parts]))
-            os.replace(partial, cache_file)
-            for r in shard_chunks_all(len(images), chunk):
-                part(r).unlink()
-        barrier()
-    return np.load(cache_file, mmap_mode="r"), np.load(mask_file)
-
-
-def shard_chunks_all(n: int, chunk: int) -> list:
-    """Every chunk of range(n), in order (what shard_chunks hands out over all processes)."""
-    return [range(s, min(n, s + chunk)) for s in range(0, n, chunk)]
-
-
-def build_index(emb: np.ndarray, verbose: bool = True):
-    """Inner-product faiss index over unit rows [N, D]: exact below EXACT_MAX rows, IVF beyond
-    (nlist ≈ 4√N, faiss's guideline; k-means on a 40·nlist sample), PQ codes beyond PQ_MIN."""
-    import faiss
-
-    n, d = emb.shape
-    if n < EXACT_MAX:
-        spec = "Flat"
-    else:
-        nlist = 1 << round(math.log2(4 * math.sqrt(n)))
-        spec = f"IVF{nlist},Flat" if n < PQ_MIN else f"IVF{nlist},PQ{d // 8}"
-    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
-        index.train(np.ascontiguousarray(emb[np.sort(sample)], dtype=np.float32))
-        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
-    for i in range(0, n, 262_144):
-        index.add(np.ascontiguousarray(emb[i:i + 262_144], dtype=np.float32))
-    if verbose:
-        print(f"faiss index: {spec}" + (f", nprobe {IVF_NPROBE}" if spec != "Flat" else " (exact)") + f" over {n} pool images")
-    return index
-
-
-def search(index, queries: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarray:
-    """Indices [Q, k] of the k nearest rows per query (-1 where fewer exist)."""
-    return np.concatenate([index.search(np.ascontiguousarray(queries[i:i + chunk], dtype=np.float32), k)[1]
-                           for i in range(0, len(queries), chunk)])
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics and evaluation
+# Evaluation: accuracy, ECE and NLL of every test split, sharded under torchrun
 # ----------------------------------------------------------------------------------------------
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict:
     """Accuracy, expected calibration error (equal-width confidence bins) and NLL."""
@@ -1212,27 +956,38 @@ def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=
     return rows
 
 
-def effective_robustness_margin(points_curve: list, point: tuple) -> float:
-    """OOD margin of `point` = (ID, OOD) over the piecewise-linear WiSE-FT curve through `points_curve`
-    [(ID, OOD), ...] in α order, at equal ID (METHODS.md, Evaluation). Where the curve crosses that ID
-    more than once (ID is not monotone in α), the highest curve OOD is the bar. NaN when the ID lies
-    outside the curve's ID range: the curve is not extrapolated."""
-    x, y = point
-    bars = [y0 for x0, y0 in points_curve if x0 == x]
-    for (x0, y0), (x1, y1) in zip(points_curve, points_curve[1:]):
-        if x0 != x1 and min(x0, x1) <= x <= max(x0, x1):
-            bars.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
-    return y - max(bars) if bars else math.nan
+def plot_id_vs_ood(points: list, curves: dict, out: str, id_label: str = "ID"):
+    """One ID-vs-OOD picture. points: [(label, id, ood, id_err, ood_err)] drawn with error bars;
+    curves: {label: [(alpha, id, ood), ...]} drawn as dashed lines in alpha order (WiSE-FT), with α = 0.5
+    marked."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def summary(rows: list) -> tuple:
-    """(ID acc, OOD mean, zero-shot-transfer mean) in % from evaluation rows."""
-    mean = lambda kind: 100 * float(np.mean([r["acc"] for r in rows if r["kind"] == kind] or [np.nan]))  # noqa: E731
-    return mean("id"), mean("ood"), mean("zeroshot")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a full table has more than 10 rows
+    markers = "osD^v<>ph*X"
+    for n, (label, x, y, xerr, yerr) in enumerate(points):
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[n % len(markers)], capsize=3, label=label)
+    for label, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--.", label=label)
+        for alpha, x, y in pts:
+            if alpha == 0.5:
+                ax.annotate("α=0.5", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(f"{id_label} accuracy (%)")
+    ax.set_ylabel("OOD accuracy (mean over shifts, %)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs: directories, results, checkpoints, loading a finished run and its θ0
+# Runs on disk: the run folder, results rows, checkpoints, loading a finished run and its θ0
 # ----------------------------------------------------------------------------------------------
 def git_commit() -> str:
     try:
@@ -1263,7 +1018,7 @@ def atomic_save(obj, path: Path):
 
 def append_lines(path: Path, text: str):
     """Appends whole lines under an exclusive lock in one write: any number of processes appending to
-    one file (bench/reproduce.py --workers N) never tear or interleave a line."""
+    one file (reproduce/reproduce.py --workers N) never tear or interleave a line."""
     import fcntl
 
     data = text.encode()
@@ -1276,10 +1031,10 @@ def append_lines(path: Path, text: str):
         os.close(fd)  # closing releases the lock
 
 
-def check_run(args, method: str) -> Path:
+def check_run(args, name: str) -> Path:
     """The run directory's path, refusing (before anything slow) to overwrite a started run unless
     --resume, or to resume a finished one. Nothing is created: start_run does that."""
-    run = Path(args.out or f"runs/{method}-{args.data}-{Path(args.model).stem}-s{args.seed}")
+    run = Path(args.out or f"runs/{name}-{args.data}-{Path(args.model).stem}-s{args.seed}")
     if is_main_process():
         if (run / "args.json").exists() and not args.resume:
             raise SystemExit(f"error: {run} already holds a run. Pass --resume to continue it, or --out NEW_DIR.")
@@ -1290,16 +1045,23 @@ def check_run(args, method: str) -> Path:
 
 
 def start_run(env, args):
-    """Creates the run directory and its args.json, once the run can start (training begins, or a
-    zero-shot model is evaluated): a start that fails earlier leaves nothing behind to refuse a rerun."""
-    if getattr(env, "started", False):
-        return
+    """Creates the run directory and its args.json (the arguments as parsed, and under "machine" the
+    threads, workers and processes used), once the run can start (training begins, or a zero-shot
+    model is evaluated): a start that fails earlier leaves nothing behind to refuse a rerun."""
     if is_main_process():
         (env.run / "ckpt").mkdir(parents=True, exist_ok=True)
-        (env.run / "args.json").write_text(json.dumps({"method": env.method, **dataclasses.asdict(args)}, indent=2))
+        machine = {"threads": env.threads, "workers": env.workers, "processes": env.world}
+        (env.run / "args.json").write_text(json.dumps({"method": env.method, **dataclasses.asdict(args), "machine": machine}, indent=2))
         print(f"run folder: {env.run}")
     barrier()
-    env.started = True
+
+
+def recorded_threads(run: Path) -> int:
+    """The thread count a run recorded in its args.json (0 if none): a resume keeps it."""
+    if not (run / "args.json").is_file():
+        return 0
+    saved = json.loads((run / "args.json").read_text())
+    return saved.get("machine", {}).get("threads", saved.get("threads", 0))  # before "machine": args.threads was the count used
 
 
 def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = ""):
@@ -1317,13 +1079,6 @@ def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = 
 def checkpoint_meta(args, method: str, task: Task, head_from_text: bool = False) -> dict:
     return {"method": method, "model": args.model, "pretrained": args.pretrained, "data": args.data,
             "classnames": task.classnames, "head_from_text": head_from_text}
-
-
-def head_is_from_text(meta: dict) -> bool:
-    """Whether a checkpoint classifies with the head of its own text tower (FLYP, ARF): then any new
-    weights made from it (WiSE-FT, TPGM, soups) must rebuild the head from their text tower too.
-    Checkpoints written before the flag existed are known by their method."""
-    return meta.get("head_from_text", meta["method"].split("+")[0] in ("flyp", "arf"))
 
 
 def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
@@ -1375,123 +1130,100 @@ def run_theta0(run, device) -> ClipClassifier:
     return ClipClassifier(clip, head, tokenizer).to(device).eval()
 
 
-def run_endpoints(run, device) -> tuple:
-    """(θ0, θ_ft) state dicts of a loaded run, what weight-space methods combine; θ0 is rebuilt as
-    `setup` built it. If the model name or weights file changed since the run was trained (say, a
-    rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match: said."""
-    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
-    state0 = run_theta0(run, device).state_dict()
-    if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
-        print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
-              f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
-              "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
-    return state0, state1
-
-
-def load_run_weights(run, state: dict) -> dict:
-    """Loads weights made from a run (a merge) into run.model; a run that classifies with its text tower's head (FLYP,
-    ARF) gets the head rebuilt from the merged text tower, not the merged head tensor. Returns the
-    state as evaluated (and saved)."""
-    run.model.load_state_dict(state)
-    if head_is_from_text(run.meta):
-        rebuild_head_from_text(run.model, run.task)
-    return {k: v.clone() for k, v in run.model.state_dict().items()}
-
-
-def save_run(out: Path, state: dict, run, method: str, extra: dict):
-    """final.pt + args.json for weights made from a loaded `run` (a merge), so they are a run themselves that
-    evaluate.py and merge.py accept."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save({"model": state, "meta": {**run.meta, "method": method}}, out / "final.pt")
-    (out / "args.json").write_text(json.dumps({**run.args, "method": method, "out": str(out), **extra}, indent=2))
-
-
-def check_compatible(states: list, names: list):
-    """Same keys, shapes and dtypes, or a message naming the first difference."""
-    ref = states[0]
-    for state, name in zip(states[1:], names[1:]):
-        if state.keys() != ref.keys():
-            diff = sorted(set(state) ^ set(ref))[:3]
-            raise SystemExit(f"error: {name} and {names[0]} are different architectures (parameters {diff} differ)")
-        for k, v in ref.items():
-            if state[k].shape != v.shape or state[k].dtype != v.dtype:
-                raise SystemExit(f"error: {name} and {names[0]} are different architectures: {k} is "
-                                 f"{tuple(state[k].shape)} {state[k].dtype} vs {tuple(v.shape)} {v.dtype}")
-
-
-def check_same_init(runs: list):
-    """Soups average weights, which only makes sense from one initialisation and architecture: the same
-    model, weights file, classes and state-dict layout, and (for a randomly initialised model) the same
-    initial weights whatever the seeds."""
-    first = runs[0]
-    for r in runs[1:]:
-        if r.meta["model"] != first.meta["model"]:
-            raise SystemExit(f"error: {r.dir} is a {r.meta['model']} and {first.dir} a {first.meta['model']}: "
-                             "weights of different architectures cannot be averaged")
-        if r.meta["pretrained"] != first.meta["pretrained"]:
-            raise SystemExit(f"error: {r.dir} starts from pretrained={r.meta['pretrained']!r} and {first.dir} from "
-                             f"{first.meta['pretrained']!r}: soups need one shared initialisation")
-        if r.meta["classnames"] != first.meta["classnames"]:
-            raise SystemExit(f"error: {r.dir} and {first.dir} were fine-tuned on different class lists")
-    check_compatible([r.model.state_dict() for r in runs], [str(r.dir) for r in runs])
-    seeds = sorted({r.seed for r in runs})
-    if len(seeds) > 1:  # a random-init architecture differs per seed: compare the actual θ0 weights
-        ref = None
-        for s in seeds:
-            seed_everything(s)
-            clip = load_clip(first.meta["model"], first.meta["pretrained"], "cpu")[0].state_dict()
-            if ref is not None and any(not torch.equal(ref[k], clip[k]) for k in ref):
-                raise SystemExit(f"error: runs with seeds {seeds[0]} and {s} start from different weights "
-                                 f"({first.meta['model']} with pretrained={first.meta['pretrained']!r} is initialised "
-                                 "randomly per seed): soups need one shared initialisation")
-            if ref is None:
-                ref = clip
-        print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
-              "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
-
-
 def run_log_args(run, seed=None):
     """The fields `log_results` reads, from a loaded run (for rows written after training: merges, evals)."""
     return argparse.Namespace(data=run.args["data"], model=run.meta["model"], pretrained=run.meta["pretrained"],
                               seed=run.seed if seed is None else seed)
 
 
-# ----------------------------------------------------------------------------------------------
-# Plots: ID vs OOD accuracy (evaluate.py's tables and merge.py's WiSE-FT curves)
-# ----------------------------------------------------------------------------------------------
-def plot_id_vs_ood(points: list, curves: dict, out: str, id_label: str = "ID"):
-    """One ID-vs-OOD picture. points: [(label, id, ood, id_err, ood_err)] drawn with error bars;
-    curves: {label: [(alpha, id, ood), ...]} drawn as dashed lines in alpha order (WiSE-FT), with α = 0.5
-    marked."""
-    import matplotlib
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a full table has more than 10 rows
-    markers = "osD^v<>ph*X"
-    for n, (label, x, y, xerr, yerr) in enumerate(points):
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[n % len(markers)], capsize=3, label=label)
-    for label, pts in curves.items():
-        pts = sorted(pts)
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--.", label=label)
-        for alpha, x, y in pts:
-            if alpha == 0.5:
-                ax.annotate("α=0.5", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel(f"{id_label} accuracy (%)")
-    ax.set_ylabel("OOD accuracy (mean over shifts, %)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    print(f"wrote {out}")
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_checkpoints(run: Path) -> list:
+    """The run's resumable checkpoints ckpt/step_N.pt, oldest first."""
+    return sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def newest_checkpoint(run: Path):
+    """The newest checkpoint that loads; torn or corrupt files are reported and passed over."""
+    for path in reversed(step_checkpoints(run)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one")
+    return None, None
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun): gloo on CPU, nccl on GPU
+# The machine: CPU threads, and the processes of a torchrun (gloo on CPU, nccl on GPU)
 # ----------------------------------------------------------------------------------------------
+def process_cpus() -> set:
+    """The cores this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> float:
+    """How many of this process's cores are idle now: the idle share of each over a short sample of
+    /proc/stat (Linux); elsewhere, all of them."""
+    cpus = process_cpus()
+
+    def idle_and_total() -> dict:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines()[1:]:
+            name, *ticks = line.split()
+            if name.startswith("cpu") and int(name[3:]) in cpus:
+                ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+                out[name] = (ticks[3] + ticks[4], sum(ticks))
+        return out
+
+    try:
+        before = idle_and_total()
+        time.sleep(sample_s)
+        after = idle_and_total()
+    except (OSError, ValueError):
+        return float(len(cpus))
+    if not after:  # no per-core lines (an unusual /proc): assume all are free
+        return float(len(cpus))
+    return sum((after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after)
+
+
+def set_threads(requested: int = 0, resumed: int = 0) -> int:
+    """torch's intra-op threads: --threads, else those of the run being resumed (`resumed`, from its
+    args.json), else $OMP_NUM_THREADS, else the cores free at start shared by the processes of this node.
+    More threads than free cores spin against each other (FT on 2 cores beside one busy process: 11m29s
+    with 2 threads, 1m32s with 1). Printed, since it changes speed, and float round-off: a resumed run
+    keeps its count so that it ends with the weights of an uninterrupted one."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if requested > 0:
+        threads, why = requested, "--threads"
+    elif resumed > 0:
+        threads, why = resumed, "the resumed run's own, from its args.json; --threads N to change"
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads, why = int(os.environ["OMP_NUM_THREADS"]), "$OMP_NUM_THREADS"
+    else:
+        free = free_cores()
+        threads = max(1, int(round(free)) // per_node)
+        why = (f"{free:.1f} of {len(process_cpus())} cores free" + (f", {per_node} processes on this node" if per_node > 1 else "")
+               + "; --threads N to choose")
+    torch.set_num_threads(threads)
+    if is_main_process():
+        print(f"CPU threads: {threads} ({why})")
+    return threads
+
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
@@ -1538,76 +1270,10 @@ class LossOf(nn.Module):
         return fn(self.model, batch, step)
 
 
-# ----------------------------------------------------------------------------------------------
-# The training loop
-# ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int, device: torch.device = torch.device("cpu")):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if device.type == "cpu":  # free on CPU; on CUDA it would force slower kernels, so it stays off there
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def warmup_cosine(step: int, total: int, warmup_frac: float) -> float:
-    warm = max(1, int(warmup_frac * total))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def step_checkpoints(run: Path) -> list:
-    """The run's resumable checkpoints ckpt/step_N.pt, oldest first."""
-    return sorted((run / "ckpt").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-
-
-def newest_checkpoint(run: Path):
-    """The newest checkpoint that loads; torn or corrupt files are reported and passed over."""
-    for path in reversed(step_checkpoints(run)):
-        try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); trying an older one")
-    return None, None
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-@torch.no_grad()
-def ema_update(ema_params: list, params: list, decay: float):
-    """θ_ema ← m · θ_ema + (1 − m) · θ in place. lerp is exact at the ends: m = 0 copies θ, m = 1
-    keeps θ_ema."""
-    for e, p in zip(ema_params, params):
-        e.lerp_(p, 1.0 - decay)
-
-
-def rebuild_head_from_text(model: ClipClassifier, task: Task):
-    """The head of the model's current text tower (zero-shot head of the task's classes and templates):
-    what a method that trains the text tower (FLYP, ARF) classifies with."""
-    model.head.data = zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates, model.head.device)
-
-
 LOST = "lost a process"  # marks the SystemExit of a run whose process group lost a member
 
 
-def watch_peers(run: Path, rank: int, world: int):
+def watch_peers(rank: int, world: int):
     """Under torchrun: every process's (host, pid), and a SIGTERM handler. When one process dies, the
     others' next collective fails (gloo sees the closed connection) or the launcher stops them with
     SIGTERM; either way each survivor stops within seconds with lost_process_message instead of a raw
@@ -1654,264 +1320,3 @@ def lost_process_message(run: Path, rank: int, peers: list) -> str:
     ckpts = step_checkpoints(run)
     return (f"error: rank {rank} {LOST} of this run: {who} ended. Last checkpoint: {ckpts[-1] if ckpts else 'none'}. "
             "Rerun the same command with --resume to continue from it.")
-
-
-def train(env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, head_from_text: bool = False,
-          streams: Optional[dict] = None) -> nn.Module:
-    """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch, step)`
-    and returns the model to evaluate.
-
-    AdamW (fused on CUDA), linear warm-up + cosine, bf16 autocast on CUDA, gradient accumulation,
-    gradient clipping, held-out evaluation every `eval_every` steps, atomic checkpoints every
-    `ckpt_every` steps (model, optimiser, scheduler, RNG, step, EMA), `--resume`, and under torchrun
-    DistributedDataParallel's bucketed gradient averaging (overlapping backward; micro-batches before
-    the step's last are accumulated without it). A ContrastiveLoss is computed over the global batch
-    (gathered across processes, exact under accumulation). After every optimiser step, in this order:
-    a trained logit scale is clamped to [0, MAX_LOGIT_SCALE]; the EMA is updated; the held-out slice is
-    scored (sharded over processes), when due.
-      ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ of the trainable weights (m = ema_decay, θ_ema = θ0
-                      at the start); the held-out checks score it and it is what train returns.
-      head_from_text  the head is rebuilt from the current text tower before every held-out check and
-                      at the end (methods whose loss trains the text tower, not the head).
-      streams         {name: (images, global batch)}: extra data, each micro-batch's share of it under
-                      batch[name]. Stream i is its own StepBatchSampler stream (seed + 1 + i) with the
-                      training transform, so its batches too are a function of (seed, step)."""
-    model, task, run, device = env.model, env.task, env.run, env.device
-    rank, world = init_distributed(device)
-    from tqdm import tqdm
-
-    for what, bs in [("--batch-size", args.batch_size)] + [(f"the {n} stream's batch", b) for n, (_, b) in (streams or {}).items()]:
-        if bs % (args.grad_accum * world):
-            raise SystemExit(f"error: {what} {bs} does not split into --grad-accum {args.grad_accum} x {world} processes "
-                             "equal micro-batches")
-    start_run(env, args)
-    env.head_from_text = head_from_text  # recorded in final.pt: merges rebuild such a head too
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
-    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
-    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad] if ema else []
-    scale_trains = model.clip.logit_scale.requires_grad
-
-    start = 0
-    if args.resume:
-        path, ckpt = newest_checkpoint(run)
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-            set_rng_state(ckpt["rng"])
-            start = ckpt["step"]
-            print(f"resuming from {path} (step {start}/{args.steps})")
-            if is_main_process() and (run / "log.jsonl").exists():  # the steps after the checkpoint are redone: drop their lines
-                kept = [x for x in (run / "log.jsonl").read_text().splitlines(keepends=True)
-                        if x.strip().startswith("{") and x.endswith("\n") and json.loads(x)["step"] <= start]
-                (run / "log.jsonl").write_text("".join(kept))
-        else:
-            print(f"no readable checkpoint in {run/'ckpt'}; starting from step 0")
-
-    def save_checkpoint(step):
-        if not is_main_process():
-            return
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(), "step": step}
-        atomic_save(state, run / "ckpt" / f"step_{step}.pt")
-        for old in step_checkpoints(run)[:-2]:
-            old.unlink()  # keep the two newest: one may be mid-write when a job is killed
-
-    def stream(images, global_batch, seed, pin):
-        sampler = StepBatchSampler(len(images), global_batch, args.grad_accum, rank, world, seed, start, args.steps)
-        return iter(torch.utils.data.DataLoader(TransformedImages(images, env.train_tf), batch_sampler=sampler,
-                                                num_workers=args.workers, collate_fn=collate_skipping_bad,
-                                                pin_memory=pin, persistent_workers=args.workers > 0))
-
-    def to_device(batch):
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    batch_iter = stream(task.train.images, args.batch_size, args.seed, device.type == "cuda")
-    extra = {name: stream(images, bs, args.seed + 1 + i, False) for i, (name, (images, bs)) in enumerate((streams or {}).items())}
-    log = open(run / "log.jsonl", "a") if is_main_process() else None
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not is_main_process(), dynamic_ncols=True)
-    bad_images = {}  # "training" / stream name -> indices of unreadable images drawn
-    stepper = LossOf(model, loss_fn)
-    if world > 1:  # gradients averaged in buckets during backward; the parameters are broadcast from rank 0
-        stepper = nn.parallel.DistributedDataParallel(stepper, broadcast_buffers=False, gradient_as_bucket_view=True)
-    accum = args.grad_accum
-
-    def synced_unless(last: bool):  # gradient accumulation: average across processes only on the step's last backward
-        return stepper.no_sync() if world > 1 and not last else contextlib.nullcontext()
-
-    def check_finite(loss, terms, step):
-        if not torch.isfinite(loss):
-            last = step_checkpoints(run)
-            raise NonFiniteLoss(
-                f"loss is {loss.item()} at step {step} (terms: { {k: float(v) for k, v in terms.items()} }). "
-                f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
-
-    def scalars(loss, terms, parts=1) -> dict:
-        return {k: float(v.detach() if torch.is_tensor(v) else v) / parts for k, v in {"loss": loss, **terms}.items()}
-
-    def backward_mean(micro: list, step: int) -> dict:
-        """A loss that is a mean over images: each micro-batch's share, backpropagated in turn."""
-        terms_sum = {}
-        for j, batch in enumerate(micro):
-            with synced_unless(j == accum - 1):
-                with autocast(device):
-                    loss, terms = stepper(batch, step)
-                check_finite(loss, terms, step)
-                (loss / accum).backward()
-            for k, v in scalars(loss, terms, accum).items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v
-        return terms_sum
-
-    def backward_global_batch(micro: list, step: int) -> dict:
-        """A ContrastiveLoss: the rows of every micro-batch of every process, open_clip's feature cache."""
-        cached = []
-        if accum > 1:
-            with torch.no_grad(), autocast(device):
-                cached = [stepper(b, step) for b in micro]
-        for j, batch in enumerate(micro):
-            with synced_unless(j == accum - 1):
-                with autocast(device):
-                    own = stepper(batch, step)  # this micro-batch's rows, with gradient
-                    parts = [own if i == j else c for i, c in enumerate(cached)] or [own]
-                    rows = {k: torch.cat([p[k] for p in parts]) for k in own}
-                    rows = gather_rows(rows) if world > 1 else rows
-                    scale = model.scale  # its gradient counted once per step, not once per pass:
-                    scale = scale.detach() + (scale - scale.detach()) / accum if accum > 1 else scale
-                    loss, terms = loss_fn.loss(rows, scale)
-                check_finite(loss, terms, step)
-                loss.backward()
-        return scalars(loss, terms)  # every pass computes the same full-batch loss
-
-    select = args.select == "heldout"  # keep the weights of the best held-out step
-    best_file = run / "ckpt" / "best.pt"
-    best = {"acc": -1.0, "step": None}
-    if select and start and best_file.is_file():  # a resumed run knows its best step so far
-        best.update({k: v for k, v in torch.load(best_file, map_location="cpu", weights_only=False).items() if k != "model"})
-    model.train()
-    peers = watch_peers(run, rank, world)  # under torchrun: a lost process stops this one with a message
-    try:
-        for step in bar:
-            micro = []
-            for _ in range(accum):
-                batch = next(batch_iter)
-                for name, it in extra.items():
-                    batch[name] = next(it)
-                    bad_images.setdefault(name, []).extend(pop_unreadable(batch[name]))
-                    batch[name] = to_device(batch[name])
-                bad_images.setdefault("training", []).extend(pop_unreadable(batch))
-                micro.append(to_device(batch))
-            terms_sum = (backward_global_batch if isinstance(loss_fn, ContrastiveLoss) else backward_mean)(micro, step)
-            if args.clip_grad > 0:
-                terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if scale_trains:
-                with torch.no_grad():
-                    model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            if ema is not None:
-                ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
-            record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms_sum}
-            due = args.eval_every and (step + 1) % args.eval_every == 0
-            if due and (step + 1 < args.steps or select):  # every process: sharded; --select scores the last step too
-                if head_from_text:
-                    rebuild_head_from_text(model, task)
-                scored = ema if ema is not None else model
-                record["heldout_acc"] = evaluate_split(scored, task.heldout, task, env.eval_tf, device, args.eval_batch_size)["acc"]
-                if is_main_process():
-                    bar.write(f"step {step+1}: held-out acc {100*record['heldout_acc']:.2f}")
-                if select and record["heldout_acc"] > best["acc"]:  # strictly better: the earliest of equals wins
-                    best.update(acc=record["heldout_acc"], step=step + 1)
-                    if is_main_process():
-                        atomic_save({**best, "model": scored.state_dict()}, best_file)
-                    barrier()
-                model.train()
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
-                save_checkpoint(step + 1)
-    except KeyboardInterrupt:
-        ckpts = step_checkpoints(run)
-        raise SystemExit(f"interrupted. Last checkpoint: {ckpts[-1] if ckpts else 'none (nothing to resume)'}; "
-                         f"continue with the same command and --resume (run folder {run}).") from None
-    except (RuntimeError, SystemExit) as e:  # a collective whose peer died, or the launcher's SIGTERM
-        if peers is None or isinstance(e, NonFiniteLoss) or not (str(e) == LOST or lost_ranks(rank, peers)
-                                                                 or is_collective_failure(e)):
-            raise
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM may follow: let the message out first
-        PEERS_LOST.append(rank)
-        raise SystemExit(lost_process_message(run, rank, peers)) from None
-    finally:
-        if peers is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    for what, indices in bad_images.items():
-        if indices and is_main_process():
-            print(name_unreadable(task.train.images if what == "training" else streams[what][0], indices, what))
-    if log:
-        log.close()
-    result = ema if ema is not None else model
-    if select:  # the weights to evaluate are the best held-out step's; the rows will say which
-        result.load_state_dict(torch.load(best_file, map_location="cpu", weights_only=False)["model"])
-        env.selected_step = best["step"]
-        if is_main_process():
-            print(f"--select heldout: step {best['step']} (held-out acc {100 * best['acc']:.2f}) is evaluated")
-    elif head_from_text:
-        rebuild_head_from_text(model, task)
-    model.eval()
-    return result.eval()
-
-
-def finish(env, args, model: Optional[nn.Module] = None, tag: str = "", step: Optional[int] = None) -> list:
-    """The end of every method's main: final.pt, evaluation on every test split, results.jsonl."""
-    model = model or env.model
-    start_run(env, args)
-    if is_main_process():
-        meta = checkpoint_meta(args, env.method, env.task, getattr(env, "head_from_text", False))
-        atomic_save({"model": model.state_dict(), "meta": meta}, env.run / "final.pt")
-        print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
-    rows = evaluate_task(model, env.task, env.eval_tf, env.device, args.eval_batch_size, args.workers)  # sharded
-    if not is_main_process():
-        return []
-    selected = getattr(env, "selected_step", None)
-    if selected is not None:  # --select heldout: the rows are the chosen step's
-        rows = [{**r, "selected_step": selected, "select": "heldout"} for r in rows]
-    log_results(env.run, env.method, args, rows, selected or (args.steps if step is None else step), tag)
-    print(f"{env.method}: final.pt and results.jsonl in {env.run}")
-    return rows
-
-
-def setup(args, method: str, run_dir: bool = True):
-    """The start of every method's main: seed, device, task, CLIP, transforms, zero-shot classifier,
-    run directory (none with run_dir=False: a step that trains nothing). Returns a namespace."""
-    device = get_device(args.device)
-    seed_everything(args.seed, device)
-    args.workers = min(args.workers, os.cpu_count() or 1)
-    init_distributed(device)
-    resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
-    run = check_run(args, method) if run_dir else None  # and a run folder that is taken
-    resumed = json.loads((run / "args.json").read_text()).get("threads", 0) if args.resume and run and (run / "args.json").is_file() else 0
-    args.threads = set_threads(args.threads, resumed)  # args.json records the count used
-    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data)
-    clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
-    train_tf, eval_tf = image_transforms(pp, args.crop_scale)
-    try:
-        head = zeroshot_head(clip, tokenizer, task.classnames, task.templates, device)
-        for split in task.tests:  # the test splits' own prompts must tokenize too, before training, not after
-            if split.templates != task.templates or split.classnames != task.classnames:
-                tokenizer([t(c) for t in as_template_fns(split.templates) for c in split.classnames])
-    except ValueError as e:  # the word-level miniclip tokenizer knows miniworld's words only
-        if resolve_model(args.model, args.pretrained) != "miniclip":
-            raise
-        raise SystemExit(f"error: --model miniclip only knows the miniworld's words, and the class names or templates of "
-                         f"--data {args.data}{' or --zeroshot-data' if args.zeroshot_data else ''} use others ({e}). Pass a real CLIP: --model ViT-B-16 --pretrained openai, "
-                         "or any open_clip model and tag (python -c \"import open_clip; print(open_clip.list_pretrained())\").") from None
-    model = ClipClassifier(clip, head, tokenizer).to(device)
-    return argparse.Namespace(device=device, clip=clip, tokenizer=tokenizer, task=task, train_tf=train_tf,
-                              eval_tf=eval_tf, model=model, run=run, method=method)

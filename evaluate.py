@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (TrainArgs, check_data, evaluate_task, get_device, load_run, log_results, plot_id_vs_ood,
+from common import (TrainArgs, check_data, defaults, evaluate_task, get_device, load_run, log_results, plot_id_vs_ood,
                     run_log_args, set_threads, setup, start_run)
 
 
@@ -134,11 +134,12 @@ def plot(rows: list, out: str) -> list:
 def evaluate_command(a):
     if not a.ckpt:  # the zero-shot model: same path as `baselines.py --method zeroshot`
         check_data(a.data)
-        args = TrainArgs(data=a.data, data_root=a.data_root, model=a.model, pretrained=a.pretrained, device=a.device,
-                         out=a.out, eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0,
-                         zeroshot_data=a.zeroshot_data, threads=a.threads)
+        values = dict(data=a.data, data_root=a.data_root, model=a.model, pretrained=a.pretrained, device=a.device, out=a.out,
+                      eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0,
+                      zeroshot_data=a.zeroshot_data, threads=a.threads)
+        args = TrainArgs(**{**defaults(TrainArgs, a.data, {}), **values})  # the rest as FT's recipe has it; nothing trains
         env = setup(args, "zeroshot")
-        rows = evaluate_task(env.model, env.task, env.eval_tf, env.device, a.eval_batch_size, a.workers)
+        rows = evaluate_task(env.model, env.task, env.eval_tf, env.device, a.eval_batch_size, env.workers)
         start_run(env, args)
         log_results(env.run, "zeroshot", args, rows, step=0)
         return rows
@@ -163,7 +164,7 @@ def main(argv=None):
                         "run's own --zeroshot-data)")):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
     p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
-    p.add_argument("--workers", type=int, default=TrainArgs.workers, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the zero-shot model (a random-weight --model)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
     for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):

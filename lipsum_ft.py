@@ -1,7 +1,7 @@
 """Lipsum-FT: fine-tune CLIP's image tower while keeping its energies on random texts.
 
-Paper: Nam, Heo, Lee & Lee, "Lipsum-FT: Robust Fine-Tuning of Zero-Shot Models Using Random Text
-Guidance", ICLR 2024 (seeds/001_*; official JAX code github.com/cs-giung/lipsum-ft).
+Paper: Nam, Heo & Lee, "Lipsum-FT: Robust Fine-Tuning of Zero-Shot Models Using Random Text
+Guidance", ICLR 2024 (official JAX code github.com/cs-giung/lipsum-ft). METHODS.md, "Lipsum-FT".
 
 Idea. Fine-tuning the image tower weakens its pretrained link to the text tower, and the size of that
 change (the energy gap) tracks the robustness lost under distribution shift. Lipsum-FT keeps the link:
@@ -18,7 +18,7 @@ s = exp(logit_scale) is the model's own temperature (100 for OpenAI CLIP, the pa
 CLIP sits near 20, where a hard-coded 100 would make R 25x too strong). The energy gap (paper eq. 6) is
 R's expectation, measured with 10,000 random texts: `--report-energy-gap CKPT`.
 
-Choices where the paper is silent (METHODS.md "choose"):
+Choices where the paper is silent:
   * A random text is [SOT] + L ids uniform over the vocabulary without padding (0), SOT and EOT,
     + [EOT], then padding. (The official code draws ids from [0, SOT), i.e. it includes 0.) The texts
     are a function of (seed, step): new every step, the same on every process, and the same again
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (TrainArgs, append_lines, cosine_logits, encode_text, finish, frozen_copy, get_device, load_run,
-                    parse_args, predict, run_theta0, set_trainable, setup, special_token_ids, template_embeddings, train)
+                    parse_args, predict, run_theta0, set_trainable, setup, template_embeddings, train)
 
 NUM_TEXTS = 80  # M, random texts per step (paper: 80; its Table 8 finds 10-320 equivalent)
 TEXT_LENGTH = 8  # L, random tokens per text (paper: 8; much shorter or longer texts do worse)
@@ -104,6 +104,12 @@ def random_texts(num_texts: int, length: int, sot: int, eot: int, vocab_size: in
     return tokens
 
 
+def special_token_ids(tokenizer) -> tuple[int, int, int]:
+    """(sot, eot, vocab_size) of an open_clip SimpleTokenizer or the miniworld word tokenizer."""
+    vocab_size = getattr(tokenizer, "vocab_size", None) or len(tokenizer.encoder)
+    return tokenizer.sot_token_id, tokenizer.eot_token_id, vocab_size
+
+
 def model_random_texts(clip, tokenizer, num_texts: int, length: int, generator: torch.Generator) -> torch.Tensor:
     """random_texts with the special ids, vocabulary and context length of this model's tokenizer: [M, context]."""
     sot, eot, vocab_size = special_token_ids(tokenizer)
@@ -160,9 +166,9 @@ def main(argv=None):
     if args.text_guidance == "fixed":  # CAR-FT's contexts: per template, n(mean over classes of n(g(prompt)))
         prompts = template_embeddings(env.clip, env.tokenizer, env.task.classnames, env.task.templates, env.device)
         fixed = F.normalize(prompts.mean(0), dim=-1)  # [T, D]
-    train(env, make_loss_fn(model, args.lam, args.seed, fixed, args.reg_loss), args)
+    trained = train(env, make_loss_fn(model, args.lam, args.seed, fixed, args.reg_loss), args)
     ablation = [a for a, default in ((args.reg_loss, "mse"), (args.text_guidance, "random")) if a != default]
-    return finish(env, args, tag=" ".join([f"lam={args.lam:g}", *ablation]))  # ablations get their own rows
+    return finish(env, args, trained, tag=" ".join([f"lam={args.lam:g}", *ablation]))  # ablations get their own rows
 
 
 # ----------------------------------------------------------------------------------------------

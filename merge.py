@@ -19,13 +19,13 @@ shared initialisation. Uniform soup = plain average; greedy soup = sort runs by 
 and add a run only if the soup's held-out accuracy strictly improves. Output ensembles average the
 logits instead (greedy variant selected the same way), at N times the inference cost.
 
-Choices where the papers are silent (METHODS.md asks to state them):
+Choices where the papers are silent (METHODS.md, "Weight-space methods and ensembles"):
   * θ0 is rebuilt exactly as `common.setup` built it for the run (same seed, same zero-shot head), so
     α = 0 reproduces a zero-shot run bit for bit; α = 0 / 1 and saturated radii select the endpoint
     tensors themselves instead of computing them, so the endpoints are exact.
   * Non-float tensors (BatchNorm counters) take the value of the nearer endpoint.
   * Runs that classify with their text tower's head (FLYP, ARF) are evaluated on every split with the
-    head rebuilt from the merged text tower, not the merged head tensor (common.load_run_weights);
+    head rebuilt from the merged text tower, not the merged head tensor (load_run_weights);
     TPGM fits its radii with the projected head tensor (no text forward per step), then evaluates so.
   * TPGM uses the L2 norm per tensor, radii start at ‖Δ‖/2 (the official code's init), are kept in
     [0, ‖Δ‖] by projection after each Adam step, and see held-out images through the eval transform.
@@ -36,22 +36,21 @@ Choices where the papers are silent (METHODS.md asks to state them):
 
 Run (any run directory written by a method file; RESULTS.md has measured numbers):
   python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1
-  python merge.py tpgm --ckpt runs/ft-miniworld-miniclip-s0
-  python merge.py tpgm-c --ckpt runs/ft-miniworld-miniclip-s0 --reg 1.0
-  python merge.py soup --kind greedy --ckpt runs/ft-*-s0 runs/ft-lr3e-5-s0 ...
-  python merge.py ensemble --kind output --ckpt RUN1 RUN2 RUN3
+  python merge.py tpgm --ckpt runs/ft-miniworld-miniclip-s0      (tpgm-c ... --reg 1.0: with the penalty)
+  python merge.py soup --kind greedy --ckpt RUN1 RUN2 ...       (ensemble --kind output: the same for logits)
 """
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (autocast, check_compatible, check_same_init, classification_metrics, effective_robustness_margin,
-                    evaluate_split, evaluate_task, get_device, load_run, load_run_weights, log_results, parse_alphas,
-                    plot_id_vs_ood, run_endpoints, run_log_args, save_run, shuffled_batches, split_logits, summary)
+from common import (TransformedImages, atomic_save, autocast, classification_metrics, collate_skipping_bad, evaluate_split,
+                    evaluate_task, get_device, load_clip, load_run, log_results, plot_id_vs_ood, rebuild_head_from_text,
+                    run_log_args, run_theta0, seed_everything, split_logits)
 
 WISE_ALPHAS = "0:1:0.1"  # the paper's sweep; α = 0.5 is its default operating point
 TPGM_LR = 1e-2  # Adam on the radii (Tian et al.)
@@ -62,8 +61,21 @@ TPGM_C_REG = 1.0  # μ: weight of TPGM-C's mean-ratio penalty (the Lipsum-FT pap
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions over state dicts
+# Pure functions over state dicts, and over the (ID, OOD) points of a curve
 # ----------------------------------------------------------------------------------------------
+def check_compatible(states: list, names: list):
+    """Same keys, shapes and dtypes, or a message naming the first difference."""
+    ref = states[0]
+    for state, name in zip(states[1:], names[1:]):
+        if state.keys() != ref.keys():
+            diff = sorted(set(state) ^ set(ref))[:3]
+            raise SystemExit(f"error: {name} and {names[0]} are different architectures (parameters {diff} differ)")
+        for k, v in ref.items():
+            if state[k].shape != v.shape or state[k].dtype != v.dtype:
+                raise SystemExit(f"error: {name} and {names[0]} are different architectures: {k} is "
+                                 f"{tuple(state[k].shape)} {state[k].dtype} vs {tuple(v.shape)} {v.dtype}")
+
+
 def wise(state0: dict, state1: dict, alpha: float) -> dict:
     """θ_α = (1 − α)·θ0 + α·θ1 on every float tensor; α = 0 and 1 return the endpoints' own values."""
     check_compatible([state0, state1], ["θ0", "θ_ft"])
@@ -100,11 +112,6 @@ def tpgm_project(state0: dict, state1: dict, radii: dict) -> dict:
     return out
 
 
-def tpgm_penalty(ratios: torch.Tensor, reg: float) -> torch.Tensor:
-    """TPGM-C: μ · mean_l γ_l/‖Δ_l‖ over the projected tensors [L]; 0 for plain TPGM (μ = 0)."""
-    return reg * ratios.mean()
-
-
 def uniform_soup(states: list) -> dict:
     """Average of the states as a running mean, so N copies of one model give that model exactly."""
     check_compatible(states, [f"ingredient {i}" for i in range(len(states))])
@@ -135,13 +142,43 @@ def greedy_select(scores: list, score_of) -> tuple:
     return chosen, best, trace
 
 
+def parse_alphas(spec: str) -> list:
+    """"0:1:0.1" (start:stop:step, stop included) or "0,0.5,1"."""
+    if ":" in spec:
+        start, stop, step = (float(s) for s in spec.split(":"))
+        values = np.arange(start, stop + step / 2, step)
+    else:
+        values = [float(s) for s in spec.split(",")]
+    return [round(float(a), 6) for a in values]
+
+
+def summary(rows: list) -> tuple:
+    """(ID acc, OOD mean, zero-shot-transfer mean) in % from evaluation rows."""
+    mean = lambda kind: 100 * float(np.mean([r["acc"] for r in rows if r["kind"] == kind] or [np.nan]))  # noqa: E731
+    return mean("id"), mean("ood"), mean("zeroshot")
+
+
+def effective_robustness_margin(points_curve: list, point: tuple) -> float:
+    """OOD margin of `point` = (ID, OOD) over the piecewise-linear WiSE-FT curve through `points_curve`
+    [(ID, OOD), ...] in α order, at equal ID (METHODS.md, Evaluation). Where the curve crosses that ID
+    more than once (ID is not monotone in α), the highest curve OOD is the bar. NaN when the ID lies
+    outside the curve's ID range: the curve is not extrapolated."""
+    x, y = point
+    bars = [y0 for x0, y0 in points_curve if x0 == x]
+    for (x0, y0), (x1, y1) in zip(points_curve, points_curve[1:]):
+        if x0 != x1 and min(x0, x1) <= x <= max(x0, x1):
+            bars.append(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return y - max(bars) if bars else math.nan
+
+
 # ----------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------
 def cmd_wise(a, device):
-    alphas, tasks, curves = parse_alphas(a.alphas), {}, {}
+    alphas, tasks, curves, dirs = parse_alphas(a.alphas), {}, {}, []
     for path in a.ckpt:
         run = load_run(path, device, a.data_root, tasks)
+        dirs.append(run.dir)
         state0, state1 = run_endpoints(run, device)
         print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
         for alpha in alphas:
@@ -150,9 +187,7 @@ def cmd_wise(a, device):
             log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}")
             curves.setdefault(run.method, {}).setdefault(alpha, []).append(summary(rows))
             print(f"α={alpha:<4g} ID {summary(rows)[0]:6.2f}  OOD mean {summary(rows)[1]:6.2f}  ZS mean {summary(rows)[2]:6.2f}")
-    first = Path(a.ckpt[0])
-    first = first.parent if first.is_file() else first
-    report_wise(curves, a.plot or str(first / "wise_curve.png" if len(a.ckpt) == 1 else first.parent / "wise_curve.png"))
+    report_wise(curves, a.plot or str((dirs[0] if len(dirs) == 1 else dirs[0].parent) / "wise_curve.png"))
 
 
 def report_wise(curves: dict, out: str):
@@ -198,7 +233,7 @@ def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: floa
         with autocast(device):
             logits = torch.func.functional_call(model, params, (batch["image"].to(device),))  # [B, K]
         ce = F.cross_entropy(logits.float(), batch["label"].to(device))
-        loss = ce + tpgm_penalty(ratio, reg)
+        loss = ce + reg * ratio.mean()  # TPGM-C's penalty μ · mean_l γ_l/‖Δ_l‖ (μ = 0: TPGM)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -344,6 +379,80 @@ def main(argv=None):
         raise SystemExit(f"error: {a.command} projects one fine-tuned run; got {len(a.ckpt)}")
     commands = {"wise": cmd_wise, "tpgm": cmd_tpgm, "tpgm-c": cmd_tpgm, "soup": cmd_soup, "ensemble": cmd_ensemble}
     return commands[a.command](a, get_device(a.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs in and out: θ0 and θ_ft of a run, merged weights loaded and saved as a run of their own
+# ----------------------------------------------------------------------------------------------
+def run_endpoints(run, device) -> tuple:
+    """(θ0, θ_ft) state dicts of a loaded run, what weight-space methods combine; θ0 is rebuilt as
+    `setup` built it. If the model name or weights file changed since the run was trained (say, a
+    rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match: said."""
+    state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
+    state0 = run_theta0(run, device).state_dict()
+    if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
+        print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
+              f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "
+              "weights changed since the run, and the merge would interpolate towards the wrong θ0.")
+    return state0, state1
+
+
+def load_run_weights(run, state: dict) -> dict:
+    """Loads weights made from a run (a merge) into run.model; a run that classifies with its text tower's
+    head (FLYP, ARF: meta["head_from_text"]) gets the head rebuilt from the merged text tower, not the
+    merged head tensor. Returns the state as evaluated (and saved)."""
+    run.model.load_state_dict(state)
+    if run.meta.get("head_from_text"):
+        rebuild_head_from_text(run.model, run.task)
+    return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+def save_run(out: Path, state: dict, run, method: str, extra: dict):
+    """final.pt + args.json for weights made from a loaded `run` (a merge), so they are a run themselves that
+    evaluate.py and merge.py accept."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": state, "meta": {**run.meta, "method": method}}, out / "final.pt")
+    (out / "args.json").write_text(json.dumps({**run.args, "method": method, "out": str(out), **extra}, indent=2))
+
+
+def check_same_init(runs: list):
+    """Soups average weights, which only makes sense from one initialisation and architecture: the same
+    model, weights file, classes and state-dict layout, and (for a randomly initialised model) the same
+    initial weights whatever the seeds."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r.meta["model"] != first.meta["model"]:
+            raise SystemExit(f"error: {r.dir} is a {r.meta['model']} and {first.dir} a {first.meta['model']}: "
+                             "weights of different architectures cannot be averaged")
+        if r.meta["pretrained"] != first.meta["pretrained"]:
+            raise SystemExit(f"error: {r.dir} starts from pretrained={r.meta['pretrained']!r} and {first.dir} from "
+                             f"{first.meta['pretrained']!r}: soups need one shared initialisation")
+        if r.meta["classnames"] != first.meta["classnames"]:
+            raise SystemExit(f"error: {r.dir} and {first.dir} were fine-tuned on different class lists")
+    check_compatible([r.model.state_dict() for r in runs], [str(r.dir) for r in runs])
+    seeds = sorted({r.seed for r in runs})
+    if len(seeds) > 1:  # a random-init architecture differs per seed: compare the actual θ0 weights
+        ref = None
+        for s in seeds:
+            seed_everything(s)
+            clip = load_clip(first.meta["model"], first.meta["pretrained"], "cpu")[0].state_dict()
+            ref = clip if ref is None else ref
+            if any(not torch.equal(ref[k], clip[k]) for k in ref):
+                raise SystemExit(f"error: runs with seeds {seeds[0]} and {s} start from different weights "
+                                 f"({first.meta['model']} with pretrained={first.meta['pretrained']!r} is initialised "
+                                 "randomly per seed): soups need one shared initialisation")
+        print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
+              "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
+
+
+def shuffled_batches(images, transform, batch_size: int, seed: int, workers: int = 0):
+    """Endless full batches of `images` (unreadable ones skipped), reshuffled every pass from `seed`."""
+    loader = torch.utils.data.DataLoader(TransformedImages(images, transform), shuffle=True,
+                                         batch_size=min(batch_size, len(images)), num_workers=workers,
+                                         collate_fn=collate_skipping_bad, drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    while True:
+        yield from loader
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""ARF's retrieval cost: faiss (common.build_index) vs exact torch search on synthetic pools.
+"""ARF's retrieval cost: faiss (arf.build_index) vs exact torch search on synthetic pools.
 
   python bench/retrieval.py                 # pools of 10k, 100k and 1M x 512: build, query time, recall@10
   python bench/retrieval.py --n 1000000     # one size
@@ -22,7 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import common  # noqa: E402
+import arf  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Retrieval (ARF)"
@@ -82,10 +82,10 @@ def bench_search(args):
     for n in sizes:
         pool = synthetic(n, args.d, seed=1)
         t = time.perf_counter()
-        index = common.build_index(pool)
+        index = arf.build_index(pool)
         build = time.perf_counter() - t
         t = time.perf_counter()
-        approx = common.search(index, queries, args.k)
+        approx = arf.search(index, queries, args.k)
         t_faiss = time.perf_counter() - t
         pool_t, q_t = torch.from_numpy(pool), torch.from_numpy(queries)
         exact_topk(pool_t, q_t[:8], args.k)  # warm-up
@@ -103,7 +103,7 @@ def bench_search(args):
         f"Synthetic pools x {args.d} (float32, clustered; see bench/retrieval.py), {args.queries:,} queries, k = {args.k}, "
         f"{args.threads} CPU threads, {time.strftime('%Y-%m-%d')}, faiss {faiss.__version__}, torch {torch.__version__}.",
         f"Command: `python bench/retrieval.py --n {args.n} --queries {args.queries}`. The index is what ARF builds "
-        "(`common.build_index`: exact below 1M rows, IVF from there); exact = torch `q @ poolᵀ` + top-k.",
+        "(`arf.build_index`: exact below 1M rows, IVF from there); exact = torch `q @ poolᵀ` + top-k.",
         "",
         "| pool rows | faiss index | build (s) | exact ms / query | faiss ms / query | recall@10 vs exact | speed-up |",
         "|---|---|---|---|---|---|---|",

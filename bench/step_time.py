@@ -204,7 +204,7 @@ def main(argv=None):
         import tempfile
 
         root = Path(tempfile.mkdtemp(prefix="step-time-data-"))
-        # 4 classes, 10% of them held out (common.heldout_split): at least one full batch must stay in train
+        # 4 classes, 10% of them held out (tasks.heldout_split): at least one full batch must stay in train
         a.arf_args = fake_data(root, a.fake_data, n_train=max(8, a.batch_size // 3 + 1))
         a.data, a.data_root = "folder", str(root)
     if a.threads:

@@ -36,33 +36,10 @@ The downstream task (load_task), shaped like ImageNet and its shifts (chance lev
   zs_scene    kind zeroshot  1.5k, 8-way: where the object is ("on the grass", "at night", ...), read from
                           the background, which the task never needs and varies at random (12.5%).
 
-What changed from RENDER_VERSION 2 (issue #18), and why:
-  * No shortcut. The old task trained and tested on 20 shape x colour classes with 90% of each class on its
-    own background: colour + background named the class, and FT's +26 ID points came from that cue (on
-    random backgrounds FT was *worse* than zero-shot). Backgrounds are now random in every split; the
-    cue-reversed `anticue` split went with the cue.
-  * Headroom by real features. Classes are (shape, colour, pattern) triples, so classes differ in the
-    fill pattern alone: the pattern is drawn (not a cue); two thirds of the captions name it, but only 11%
-    as the class's own phrase ("a striped yellow diamond"; the rest "a yellow diamond with stripes", "a
-    banded ..."), and zero-shot reads it poorly, so FT has a real feature to learn. The
-    classes were chosen by the new checkpoint's zero-shot accuracy on fresh renders alone
-    (bench/choose_classes.py, docs/choose_classes.md), before any fine-tuning run on them.
-  * The pattern is legible in every style: the sketch style inks the pattern (it used to hatch the whole
-    object, which hid it; zero-shot sketch accuracy on pattern classes sat near its floor).
-  * A richer text space: a LIGHT attribute with its phrases, pattern-detail sentences, a joint embedding
-    of 256 (was 128) and 3 text layers (was 2). Measured, it did not widen what random texts probe
-    (participation ratio 10.2, was 10.0; bench/diagnostics.py in RESULTS.md).
-  * Zero-shot transfer: `zs_pattern` (the pattern is now the task) gave way to `zs_scene`.
-
-Measured with the repo's own recipes (`python bench/reproduce.py --workers 2`, RESULTS.md; FT = baselines.py
---method ft: image tower + head initialised from the zero-shot head, 300 steps x batch 128, lr 1e-4,
-RandomResizedCrop scale (0.5, 1); mean of seeds 0, 1, 2):
-                 id    sketch cartoon painting pixel | OOD mean | zs_classes zs_scene
-  zero-shot      59.8  45.3   47.5    46.6     54.1  | 48.4     | 71.7       91.5
-  FT (3 seeds)   77.4  37.7   32.3    52.7     55.4  | 44.5     | 70.5       88.1
-  FT - ZS       +17.7  -7.6  -15.2    +6.1     +1.3  | -3.9     | -1.2       -3.4
-FT gains by reading the pattern, forgets sketch and cartoon, and carries its pattern reading into painting
-and pixel; RESULTS.md checks these numbers against the issue's bars.
+Measured on this task: RESULTS.md (`python reproduce/reproduce.py --workers 2`, with the text-space
+diagnostics of reproduce/diagnostics.py). The classes were chosen by the checkpoint's zero-shot accuracy
+on fresh renders alone (studies/choose_classes.py, docs/choose_classes.md). Why the world looks as it does,
+what changed from RENDER_VERSION 2 (issue #18) and the probes behind it: docs/miniworld.md.
 
 Other entry points: write_pool(out_dir) (ARF retrieval pool, PNG + TSV), `python -m miniworld pool --out
 DIR`, `python -m miniworld show --out grid.png`. load_miniclip() never pretrains: a missing checkpoint is

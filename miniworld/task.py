@@ -16,7 +16,7 @@ from .world import (BACKGROUNDS, COLOURS, PATTERNS, SHAPES, STYLES, _digest, cac
 # Knobs
 # The task's classes are fine-grained: (shape, colour, fill pattern) triples, so two classes can differ in
 # the pattern alone, which the captions seldom name as the class's own phrase ("a yellow diamond with stripes").
-# Chosen by bench/choose_classes.py (zero-shot accuracy of the committed mini CLIP on fresh renders only;
+# Chosen by studies/choose_classes.py (zero-shot accuracy of the committed mini CLIP on fresh renders only;
 # docs/choose_classes.md): the best 4 x 2 x 3 set, zero-shot ~63% photo / ~52% other styles there.
 TASK_SHAPES = ["diamond", "ring", "heart", "bar"]
 TASK_COLOURS = ["yellow", "blue"]

@@ -164,8 +164,8 @@ def test_resume_continues_the_anchor_stream(tmp_path, tiny_model, folder_data, m
 PREPARE = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
-import arf, common
-common.EMBED_CHUNK = arf.CAPTION_CHUNK = 8  # several chunks on a tiny dataset
+import arf
+arf.EMBED_CHUNK = arf.CAPTION_CHUNK = 8  # several chunks on a tiny dataset
 arf.main(json.loads(sys.argv[1]))
 """
 
@@ -205,7 +205,7 @@ def test_prepare_killed_midway_resumes_at_the_first_unfinished_chunk(tmp_path, t
     from transformers import Blip2ForConditionalGeneration
 
     pool = make_pool(tmp_path / "pool", sorted((Path(folder_data) / "train" / "cat").iterdir())[:3])
-    monkeypatch.setattr(common, "EMBED_CHUNK", 8)
+    monkeypatch.setattr(arf, "EMBED_CHUNK", 8)
     argv = prepare_argv(folder_data, tiny_model, blip2_dir, pool, tmp_path / "cache")
     generate, calls = Blip2ForConditionalGeneration.generate, []
 
@@ -269,3 +269,48 @@ def test_an_unreachable_captioner_stops_at_once_with_what_to_pass(tmp_path, fold
     assert proc.returncode != 0 and "Traceback" not in out and time.time() - start < 60, out[-2000:]
     assert "is not a local folder, not in the Hugging Face cache" in out and "--captions FILE" in out and "--no-cap" in out
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------ retrieval pools and faiss
+def test_search_returns_the_known_neighbours(monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16))
+    pool = centres[rng.integers(0, 40, 5000)] + 0.3 * rng.normal(size=(5000, 16))  # clustered, like embeddings
+    pool = (pool / np.linalg.norm(pool, axis=1, keepdims=True)).astype(np.float32)
+    picked = rng.choice(5000, 200, replace=False)
+    queries = pool[picked] + 0.01 * rng.normal(size=(200, 16)).astype(np.float32)
+    top = arf.search(arf.build_index(pool), queries, 3)
+    assert "Flat (exact)" in capsys.readouterr().out
+    assert (top[:, 0] == picked).all()
+    exact = np.argsort(-(queries @ pool.T), axis=1)[:, :3]
+    assert (top == exact).all()
+    monkeypatch.setattr(arf, "EXACT_MAX", 1000)  # the approximate path a >1M pool takes
+    top = arf.search(arf.build_index(pool), queries, 3)
+    assert "IVF256,Flat" in capsys.readouterr().out
+    assert (top[:, 0] == picked).mean() >= 0.97
+
+
+def test_pool_bad_rows_retrieval_and_embedding_cache(tmp_path, tiny_model):
+    clip, _, pp = common.load_clip(tiny_model)
+    _, eval_tf = common.image_transforms(pp, 0.5)
+    write_images(tmp_path / "train", 6, seed=5)
+    train = FileImages(sorted(str(p) for p in (tmp_path / "train").iterdir()), [0] * 6)
+    pool_tsv = make_pool(tmp_path / "pool", train.paths[:4])
+    images, captions, bad = arf.read_pool(str(pool_tsv), "filepath", "title", "\t")
+    assert bad == 4 and len(images) == 4 + 30 + 1 and captions[0] == "a copy of image 0"
+
+    cache = tmp_path / "pool-emb.npy"
+    emb, ok = arf.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
+    assert emb.dtype == np.float16 and isinstance(emb, np.memmap) and ok.sum() == 34 and not ok[-1]
+    rows = np.flatnonzero(ok)
+    query, _ = arf.embed_images(clip, train, eval_tf, tmp_path / "q.npy", 4, torch.device("cpu"))
+    top = arf.search(arf.build_index(rows_emb := np.asarray(emb[rows], dtype=np.float32)), query[:4], 1)
+    assert (rows[top[:, 0]] == np.arange(4)).all()  # each training image finds its own copy
+    assert rows_emb.shape == (34, 32)
+
+    def fail(*_):
+        raise AssertionError("the cached embeddings should have been reused")
+
+    clip.encode_image = fail
+    again, ok2 = arf.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
+    assert np.array_equal(np.asarray(again), np.asarray(emb)) and np.array_equal(ok, ok2)

@@ -1,6 +1,6 @@
-"""common.py: metrics against hand computations, zero-shot heads, dataset layouts, the training loop
-(resume, DDP equivalence, the logit-scale clamp), the one FT recipe, actionable errors on bad input,
-CLIP's contrastive loss, retrieval pools and faiss, and run loading."""
+"""common.py: metrics against hand computations, zero-shot heads, the training loop (resume, held-out
+selection, the logit-scale clamp), the one FT recipe, actionable errors on bad input, CLIP's contrastive
+loss, threads, and the rule that common.py holds only what the method files share."""
 import json
 import math
 import os
@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from conftest import REPO, make_pool, run_script, write_images
+from conftest import REPO, run_script, write_images
 
 import common
-from common import FileImages, image_transforms, load_clip
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -86,142 +84,12 @@ def test_encode_text_cut_padding_equals_full_context(tiny_model, custom_text):
         clip.text.pool_type = "last"
     assert torch.allclose(common.encode_text(clip, tokens), clip.encode_text(tokens, normalize=True), atol=1e-6)
 
-# ------------------------------------------------------------------------------------- datasets
-def make_imagenet_tree(root: Path, r_wnids: list):
-    wnids = common.imagenet_wnids()
-    for w in wnids:
-        write_images(root / "train" / w, 1, seed=int(w[1:]), size=(8, 8))
-    for w in wnids[:5]:
-        write_images(root / "val" / w, 1, seed=1, size=(8, 8))
-    for idx in (2, 10):  # ImageNet-V2 folders are class indices
-        write_images(root / "imagenetv2" / str(idx), 2, seed=idx, size=(8, 8))
-    for w in r_wnids:
-        write_images(root / "imagenet-r" / w, 2, seed=3, size=(8, 8))
-    return wnids
-
-
-def test_imagenet_layout_v2_by_integer_and_r_subset(tmp_path, capsys):
-    wnids = common.imagenet_wnids()
-    make_imagenet_tree(tmp_path, r_wnids=[wnids[7], wnids[100], wnids[999]])
-    (tmp_path / "imagenetv2" / ".ipynb_checkpoints").mkdir()  # stray folders a notebook or a copy leaves
-    (tmp_path / "imagenetv2" / "notes").mkdir()
-    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
-    task = common.load_task("imagenet", str(tmp_path))
-    out = capsys.readouterr().out
-    assert "ignoring hidden folder(s) .ipynb_checkpoints" in out and "not class indices 0-999: notes" in out
-    assert len(task.classnames) == 1000 and len(task.train.images) + len(task.heldout.images) == 1000
-    splits = {s.name: s for s in task.tests}
-    assert splits["val"].kind == "id"
-    v2 = splits["imagenet-v2"]
-    assert sorted(set(v2.images.labels.tolist())) == [2, 10]  # folder "10" is class 10, not class 2
-    assert all(f"/{lab}/" in p for p, lab in zip(v2.images.paths, v2.images.labels))
-    r = splits["imagenet-r"]  # 3 of the 1000 classes: scored as 3 groups, labels renumbered into them
-    assert r.class_groups == [[7], [100], [999]] and sorted(set(r.images.labels.tolist())) == [0, 1, 2]
-    assert all(f"/{wnids[[7, 100, 999][lab]]}/" in p for p, lab in zip(r.images.paths, r.images.labels))
-    assert "objectnet" not in splits  # optional: scored only when its folder exists
-
-
-def test_imagenet_train_folders_must_be_imagenet_wnids(tmp_path):
-    make_imagenet_tree(tmp_path, r_wnids=[])
-    wnids = common.imagenet_wnids()
-    (tmp_path / "train" / wnids[3]).rename(tmp_path / "train" / "n99999999")  # one fake name among 1000 folders
-    with pytest.raises(SystemExit, match=rf"1 folder\(s\) are not ImageNet-1k wnids: n99999999. 1 wnid\(s\) have no folder: {wnids[3]}"):
-        common.load_task("imagenet", str(tmp_path))
-
-
-def make_objectnet(root: Path, border_colour=(255, 0, 0), inside=(0, 0, 255)):
-    """ObjectNet 1.0's layout: images/<folder>/*.png with a 1-px red frame, and its mapping files. The
-    pytorch-to-2012 index map is a permutation (p -> 7p + 3 mod 1000), so a loader that skips it fails."""
-    maps = root / "mappings"
-    maps.mkdir(parents=True)
-    (maps / "imagenet_to_label_2012_v2").write_text("".join(f"label {i}\n" for i in range(1000)))
-    (maps / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps({str(p): (7 * p + 3) % 1000 for p in range(1000)}))
-    (maps / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
-        {"Alarm clock": "label 5", "Banana": "label 20; label 21", "Chair": "label 999"}))
-    folders = {"alarm_clock": "Alarm clock", "banana": "Banana", "chair": "Chair", "zebra_toy": "Zebra toy"}
-    (maps / "folder_to_objectnet_label.json").write_text(json.dumps(folders))
-    rng = np.random.default_rng(0)
-    for k, (folder, n) in enumerate(zip(folders, (2, 3, 2, 2))):
-        (root / "images" / folder).mkdir(parents=True)
-        for i in range(n):
-            arr = np.zeros((12, 12, 3), dtype=np.uint8) + np.array(border_colour, dtype=np.uint8)
-            arr[1:-1, 1:-1] = (0.5 * rng.integers(0, 255, (10, 10, 3)) + 0.5 * np.array(inside)).astype(np.uint8)
-            Image.fromarray(arr).save(root / "images" / folder / f"{i}.png")
-    pytorch_of = {(7 * p + 3) % 1000: p for p in range(1000)}
-    return [[pytorch_of[5]], sorted([pytorch_of[20], pytorch_of[21]]), [pytorch_of[999]]]
-
-
-def test_objectnet_frame_cut_and_scored_on_the_mapped_classes(tmp_path, tiny_model):
-    make_imagenet_tree(tmp_path, r_wnids=[])
-    groups = make_objectnet(tmp_path / "objectnet-1.0")
-    task = common.load_task("imagenet", str(tmp_path))
-    split = next(s for s in task.tests if s.name == "objectnet")
-    assert split.kind == "ood" and split.class_groups == groups and len(split.images) == 7  # zebra_toy is not mapped
-    assert split.images.labels.tolist() == [0, 0, 1, 1, 1, 2, 2]
-    img = np.asarray(split.images.load(0))
-    assert img.shape == (8, 8, 3) and not ((img[..., 0] > 200) & (img[..., 1] < 50)).any()  # no red left
-    clip, tok, pp = common.load_clip(tiny_model)
-    torch.manual_seed(0)
-    model = common.ClipClassifier(clip, F.normalize(torch.randn(1000, 32), dim=-1), tok)
-    eval_tf = common.image_transforms(pp, 1.0)[1]
-    m = common.evaluate_split(model, split, task, eval_tf, torch.device("cpu"))
-    logits, y, _ = common.predict(model, split.images, eval_tf, torch.device("cpu"))  # [7, 1000], frame cut
-    projected = torch.stack([logits[:, g].max(1).values for g in groups], 1)  # [7, 3]: the reference's projection
-    assert m["n"] == 7 and m["acc"] == pytest.approx((projected.argmax(1) == y).float().mean().item())
-    assert m["nll"] == pytest.approx(F.cross_entropy(projected, y).item(), abs=1e-5)
-    uncut = common.FileImages(split.images.paths, split.images.labels)  # scoring with the frame gives other logits
-    assert not torch.allclose(common.predict(model, uncut, eval_tf, torch.device("cpu"))[0], logits, atol=1e-4)
-    (tmp_path / "objectnet-1.0" / "mappings" / "objectnet_to_imagenet_1k.json").write_text('{"Banana": "no such label"}')
-    with pytest.raises(SystemExit, match="mapping files .* do not agree"):
-        common.load_task("imagenet", str(tmp_path))
-
-
-def test_subset_scoring_equals_argmax_over_subset_classes(tmp_path, tiny_model):
-    """Scoring ImageNet-R on its subset == argmax restricted to those classes of the full head."""
-    clip, tok, pp = common.load_clip(tiny_model)
-    torch.manual_seed(0)
-    model = common.ClipClassifier(clip, torch.nn.functional.normalize(torch.randn(10, 32), dim=-1), tok)
-    subset = [1, 4, 7]
-    paths, labels = [], []
-    for k in subset:
-        write_images(tmp_path / str(k), 4, seed=k)
-        paths += [str(p) for p in sorted((tmp_path / str(k)).iterdir())]
-        labels += [k] * 4
-    images, groups = common.subset_groups(common.FileImages(paths, labels), 10)
-    classnames = [f"c{i}" for i in range(10)]
-    split = common.Split("r", "ood", images, classnames, ["{}"], class_groups=groups)
-    task = common.Task("t", classnames, ["{}"], split, split, [split])
-    eval_tf = common.image_transforms(pp, 1.0)[1]
-    m = common.evaluate_split(model, split, task, eval_tf, torch.device("cpu"))
-    logits, y, _ = common.predict(model, images, eval_tf, torch.device("cpu"))
-    pred = torch.tensor(subset)[logits[:, subset].argmax(-1)]
-    assert torch.equal(torch.tensor(subset)[y], torch.tensor(labels))  # labels index the groups
-    assert m["acc"] == pytest.approx((pred == torch.tensor(labels)).float().mean().item())
-    assert m["n"] == 12
-
-
-def test_domainnet_class_order_from_split_files_whatever_folder_case(tmp_path):
-    classes = ["aircraft_carrier", "The_Eiffel_Tower", "zebra"]
-    for domain in ("real", "sketch"):
-        lines = []
-        for label, name in enumerate(classes):
-            folder = name.lower() if domain == "sketch" else name  # different case per domain
-            write_images(tmp_path / domain / folder, 2, seed=label, size=(8, 8))
-            lines += [f"{domain}/{folder}/img{i}.jpg {label}" for i in range(2)]
-        for part in ("train", "test"):
-            (tmp_path / f"{domain}_{part}.txt").write_text("\n".join(lines) + "\n")
-    task = common.load_task("domainnet", str(tmp_path))
-    assert task.classnames == ["aircraft carrier", "the eiffel tower", "zebra"]
-    sketch = next(s for s in task.tests if s.name == "sketch")
-    assert sketch.kind == "ood" and sketch.classnames == task.classnames
-    assert sketch.images.labels.tolist() == [0, 0, 1, 1, 2, 2]
-
 
 # --------------------------------------------------------------------------------- training loop
 def micro_args(root, model, out, **kw):
-    base = dict(data="folder", data_root=root, model=model, steps=6, batch_size=8, lr=1e-3, eval_every=0,
-                ckpt_every=3, out=str(out), workers=0, crop_scale=0.5)
-    return common.TrainArgs(**{**base, **kw})
+    base = dict(data_root=root, model=model, steps=6, batch_size=8, lr=1e-3, eval_every=0, ckpt_every=3, out=str(out),
+                workers=0, crop_scale=0.5)
+    return common.make_args(common.TrainArgs, "folder", **{**base, **kw})
 
 
 def ft_loss(model, batch, step):
@@ -255,6 +123,26 @@ def test_resume_gives_identical_weights(tmp_path, folder_data, tiny_model):
         assert torch.equal(straight[k], resumed[k]), k
     changed = train_run(micro_args(folder_data, tiny_model, tmp_path / "c", seed=1))
     assert not torch.equal(changed["head"], straight["head"])
+
+
+def test_setup_train_finish_rewrite_no_argument_and_env_stays_as_setup_made_it(tmp_path, folder_data, tiny_model):
+    """No hidden state: the parsed arguments come out as they went in (the thread count used is recorded
+    apart, under "machine"), Env cannot be changed, and train hands finish what it needs."""
+    import dataclasses
+
+    args = micro_args(folder_data, tiny_model, tmp_path / "a", steps=2, threads=0)
+    before = dataclasses.asdict(args)
+    env = common.setup(args, "ft")
+    common.set_trainable(env.model)
+    trained = common.train(env, ft_loss, args)
+    assert (trained.step, trained.selected, trained.head_from_text, trained.model is env.model) == (2, False, False, True)
+    common.finish(env, args, trained)
+    assert dataclasses.asdict(args) == before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        env.run = None
+    saved = json.loads((tmp_path / "a" / "args.json").read_text())
+    assert saved["threads"] == 0 and saved["machine"] == {"threads": env.threads, "workers": 0, "processes": 1}
+    assert env.threads >= 1
 
 
 def test_trained_logit_scale_is_clamped_after_every_step(tmp_path, folder_data, tiny_model):
@@ -340,34 +228,10 @@ def test_weights_file_that_is_not_a_checkpoint(tmp_path, tiny_model):
         common.load_clip(tiny_model, str(junk))
 
 
-def test_odd_images_are_converted_and_broken_ones_skipped_and_counted(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rgb = np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)
-    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
-    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
-    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
-    Image.fromarray((np.arange(400).reshape(20, 20) * 100).astype(np.uint16)).save(folder / "deep.png")
-    Image.fromarray(rgb).save(folder / "ok.jpg")
-    (folder / "truncated.jpg").write_bytes((folder / "ok.jpg").read_bytes()[:100])
-    paths = sorted(str(p) for p in folder.iterdir())
-    images = common.FileImages(paths, [0] * len(paths))
-    for p in paths:
-        img = common.load_rgb(p)
-        assert (img is None) == p.endswith("truncated.jpg")
-        if img is not None:
-            assert img.mode == "RGB" and img.size == (20, 20)
-    deep = np.asarray(common.load_rgb(str(folder / "deep.png")))
-    assert deep.max() == 255 and deep.min() == 0  # rescaled, not clipped to white
-    tf = common.image_transforms({"size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3}, 1.0)[1]
-    forward = lambda x: x.flatten(1)[:, :2]  # noqa: E731
-    logits, labels, bad = common.predict(forward, images, tf, torch.device("cpu"), batch_size=4)
-    assert bad == 1 and len(labels) == len(paths) - 1
-
 
 def test_class_list_mismatch_between_checkpoint_and_data(tmp_path, folder_data, tiny_model):
-    env = common.setup(micro_args(folder_data, tiny_model, tmp_path / "b", steps=0), "ft")
-    common.finish(env, micro_args(folder_data, tiny_model, tmp_path / "b", steps=0))
+    env = common.setup(micro_args(folder_data, tiny_model, tmp_path / "b"), "ft")
+    common.finish(env, micro_args(folder_data, tiny_model, tmp_path / "b"))  # the untrained model is the run's
     other = tmp_path / "other"
     for split in ("train", "test"):
         for k, name in enumerate(["ant", "bee"]):
@@ -376,61 +240,6 @@ def test_class_list_mismatch_between_checkpoint_and_data(tmp_path, folder_data, 
     with pytest.raises(SystemExit, match="different classes"):
         common.load_classifier(tmp_path / "b", task=task)
 
-
-def test_empty_class_folder_is_reported_not_fatal(tmp_path, capsys):
-    for name in ("a", "b"):
-        write_images(tmp_path / "train" / name, 3, seed=1)
-        write_images(tmp_path / "test" / name, 2, seed=2)
-    (tmp_path / "train" / "c").mkdir()
-    (tmp_path / "test" / "c").mkdir()
-    task = common.load_task("folder", str(tmp_path))
-    assert "dropping 1 class(es) with no training images from the label space: c" in capsys.readouterr().out
-    assert task.classnames == ["a", "b"]  # issue #20: an empty class leaves the label space (it used to stay in it)
-
-
-# ------------------------------------------------------------------------ retrieval pools and faiss
-def test_search_returns_the_known_neighbours(monkeypatch, capsys):
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(40, 16))
-    pool = centres[rng.integers(0, 40, 5000)] + 0.3 * rng.normal(size=(5000, 16))  # clustered, like embeddings
-    pool = (pool / np.linalg.norm(pool, axis=1, keepdims=True)).astype(np.float32)
-    picked = rng.choice(5000, 200, replace=False)
-    queries = pool[picked] + 0.01 * rng.normal(size=(200, 16)).astype(np.float32)
-    top = common.search(common.build_index(pool), queries, 3)
-    assert "Flat (exact)" in capsys.readouterr().out
-    assert (top[:, 0] == picked).all()
-    exact = np.argsort(-(queries @ pool.T), axis=1)[:, :3]
-    assert (top == exact).all()
-    monkeypatch.setattr(common, "EXACT_MAX", 1000)  # the approximate path a >1M pool takes
-    top = common.search(common.build_index(pool), queries, 3)
-    assert "IVF256,Flat" in capsys.readouterr().out
-    assert (top[:, 0] == picked).mean() >= 0.97
-
-
-def test_pool_bad_rows_retrieval_and_embedding_cache(tmp_path, tiny_model):
-    clip, _, pp = load_clip(tiny_model)
-    _, eval_tf = image_transforms(pp, 0.5)
-    write_images(tmp_path / "train", 6, seed=5)
-    train = FileImages(sorted(str(p) for p in (tmp_path / "train").iterdir()), [0] * 6)
-    pool_tsv = make_pool(tmp_path / "pool", train.paths[:4])
-    images, captions, bad = common.read_pool(str(pool_tsv), "filepath", "title", "\t")
-    assert bad == 4 and len(images) == 4 + 30 + 1 and captions[0] == "a copy of image 0"
-
-    cache = tmp_path / "pool-emb.npy"
-    emb, ok = common.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
-    assert emb.dtype == np.float16 and isinstance(emb, np.memmap) and ok.sum() == 34 and not ok[-1]
-    rows = np.flatnonzero(ok)
-    query, _ = common.embed_images(clip, train, eval_tf, tmp_path / "q.npy", 4, torch.device("cpu"))
-    top = common.search(common.build_index(rows_emb := np.asarray(emb[rows], dtype=np.float32)), query[:4], 1)
-    assert (rows[top[:, 0]] == np.arange(4)).all()  # each training image finds its own copy
-    assert rows_emb.shape == (34, 32)
-
-    def fail(*_):
-        raise AssertionError("the cached embeddings should have been reused")
-
-    clip.encode_image = fail
-    again, ok2 = common.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
-    assert np.array_equal(np.asarray(again), np.asarray(emb)) and np.array_equal(ok, ok2)
 
 
 # ------------------------------------------------------------------------ CLIP's contrastive loss
@@ -468,37 +277,6 @@ def test_contrastive_loss_closed_forms():
     prompts = eye[[0, 0, 2, 2]]
     grouped = common.clip_contrastive_loss(prompts, prompts, 100.0, labels).item()
     assert abs(grouped - math.log(2)) < 1e-4  # the mass is split over two equal positives, nothing else
-
-
-# ------------------------------------------------------------------------ runs and their θ0, reporting
-def test_run_endpoints_warn_when_the_rebuilt_init_shares_no_tensor(capsys, monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    s0 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
-    s1 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
-    as_module = lambda state: type("M", (), {"state_dict": lambda self: state})()  # noqa: E731
-    run = type("Run", (), {"dir": "r", "method": "ft", "meta": {"model": "m", "pretrained": ""}, "model": as_module(s1)})
-    monkeypatch.setattr(common, "run_theta0", lambda run, device: as_module(s0))
-    got0, got1 = common.run_endpoints(run, "cpu")
-    assert "differs from the rebuilt θ0" in capsys.readouterr().out
-    assert all(torch.equal(got0[k], s0[k]) and torch.equal(got1[k], s1[k]) for k in s0)
-    run.model = as_module({**s1, "b": s0["b"]})  # a frozen tensor equal to θ0's: the init is the run's own
-    common.run_endpoints(run, "cpu")
-    assert capsys.readouterr().out == ""
-
-
-def test_effective_robustness_margin():
-    curve = [(60.0, 50.0), (70.0, 52.0), (80.0, 48.0)]  # zero-shot -> FT
-    assert common.effective_robustness_margin(curve, (65.0, 55.0)) == pytest.approx(55.0 - 51.0)
-    assert common.effective_robustness_margin(curve, (75.0, 47.0)) == pytest.approx(47.0 - 50.0)
-    assert common.effective_robustness_margin(curve, (70.0, 52.0)) == pytest.approx(0.0)
-    assert math.isnan(common.effective_robustness_margin(curve, (85.0, 60.0)))  # no extrapolation
-    bent = [(60.0, 50.0), (80.0, 60.0), (75.0, 40.0)]  # ID not monotone in α: the higher bar counts
-    assert common.effective_robustness_margin(bent, (77.0, 59.0)) == pytest.approx(59.0 - 58.5)  # not 59 - 48
-
-
-def test_parse_alphas():
-    assert common.parse_alphas("0:1:0.1") == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    assert common.parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]
 
 
 # ------------------------------------------------------------------------ a first hour without surprises
@@ -632,7 +410,7 @@ def test_threads_follow_the_free_cores_and_the_flag(tmp_path, folder_data, tiny_
     out = run_script(["baselines.py", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "1",
                       "--batch-size", "4", "--threads", "1", "--out", str(tmp_path / "run")], cwd=REPO).stdout
     assert "CPU threads: 1 (--threads)" in out
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["threads"] == 1  # the count used, recorded
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["machine"]["threads"] == 1  # the count used, recorded
     (tmp_path / "run" / "final.pt").unlink()  # as if killed after its checkpoint: a resume keeps the run's count
     out = run_script(["baselines.py", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "1",
                       "--batch-size", "4", "--out", str(tmp_path / "run"), "--resume"], cwd=REPO, env_extra={"OMP_NUM_THREADS": "2"}).stdout
@@ -643,3 +421,54 @@ def test_threads_follow_the_free_cores_and_the_flag(tmp_path, folder_data, tiny_
 def test_every_method_file_offers_zeroshot_data_and_threads(script):
     out = run_script([script, "--help"], cwd=REPO).stdout
     assert "--zeroshot-data" in out and "--threads" in out and "--select" in out
+
+
+# ------------------------------------------------------------------------ the house rule
+METHOD_FILES = ("lipsum_ft.py", "car_ft.py", "arf.py", "baselines.py", "merge.py", "evaluate.py")
+
+
+def public_names(path: Path) -> list:
+    """The top-level functions, classes and constants a file defines, without a leading underscore."""
+    import ast
+
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    return [n for n in names if not n.startswith("_")]
+
+
+def test_common_holds_only_what_the_method_files_share():
+    """Every public name of common.py is used by common.py itself (the run and its loop) or by at least two
+    of the files that import it; the dataset layer (tasks/) is imported by common.py alone."""
+    import re
+
+    text = {f: (REPO / f).read_text() for f in ("common.py", *METHOD_FILES)}
+    lonely = {}
+    for name in public_names(REPO / "common.py"):
+        word = re.compile(rf"\b{name}\b")
+        inside = len(word.findall(text["common.py"])) > 1  # its definition is one mention
+        users = [f for f in METHOD_FILES if word.search(text[f])]
+        if not inside and len(users) < 2:
+            lonely[name] = users
+    assert not lonely, f"used by one file only (move it there): {lonely}"
+    assert "from tasks" in text["common.py"]
+    for f in METHOD_FILES:
+        assert not re.search(r"^\s*(from|import) (tasks|miniworld)\b", text[f], re.M), f"{f} imports the dataset layer"
+
+
+def test_the_rule_finds_a_name_only_one_file_uses(tmp_path, monkeypatch):
+    """The house rule can fail: a helper that only arf.py calls is reported."""
+    import shutil
+
+    for f in ("common.py", *METHOD_FILES):
+        shutil.copy(REPO / f, tmp_path / f)
+    with open(tmp_path / "common.py", "a") as f:
+        f.write("\n\ndef only_arf_needs_this():\n    return 1\n")
+    with open(tmp_path / "arf.py", "a") as f:
+        f.write("\nonly_arf_needs_this()\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    with pytest.raises(AssertionError, match="only_arf_needs_this"):
+        test_common_holds_only_what_the_method_files_share()

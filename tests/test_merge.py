@@ -1,6 +1,7 @@
 """merge.py: exact endpoints of WiSE-FT / TPGM, soups and ensembles of one model, greedy selection,
 effective robustness, and the CLI on tiny fine-tuned runs."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -227,8 +228,8 @@ def test_cli_smoke(runs):
 def test_wise_on_flyp_rebuilds_the_head_from_the_interpolated_text_tower(runs):
     merge.main(["wise", "--ckpt", runs["flyp"], "--alphas", "0,0.5,1", "--plot", "curve.png"])
     run = common.load_run(runs["flyp"], "cpu")
-    assert common.head_is_from_text(run.meta)
-    state0, state1 = common.run_endpoints(run, "cpu")
+    assert run.meta["head_from_text"]
+    state0, state1 = merge.run_endpoints(run, "cpu")
     run.model.load_state_dict(merge.wise(state0, state1, 0.5))
     merged_head = run.model.head.detach().clone()
     run.model.head.data = common.zeroshot_head(run.model.clip, run.model.tokenizer, run.task.classnames, run.task.templates)
@@ -242,3 +243,34 @@ def test_wise_on_flyp_rebuilds_the_head_from_the_interpolated_text_tower(runs):
     a0, a1 = results(runs["flyp"], "wise a=0"), results(runs["flyp"], "wise a=1")
     for split in zs:  # the endpoints are still exact: α = 0 is the zero-shot run, α = 1 the FLYP run
         assert all(a0[split][m] == zs[split][m] and a1[split][m] == flyp[split][m] for m in ("acc", "ece", "nll")), split
+
+
+# ------------------------------------------------------------------------ runs and their θ0, curves
+def test_run_endpoints_warn_when_the_rebuilt_init_shares_no_tensor(capsys, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    s0 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    s1 = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    as_module = lambda state: type("M", (), {"state_dict": lambda self: state})()  # noqa: E731
+    run = type("Run", (), {"dir": "r", "method": "ft", "meta": {"model": "m", "pretrained": ""}, "model": as_module(s1)})
+    monkeypatch.setattr(merge, "run_theta0", lambda run, device: as_module(s0))
+    got0, got1 = merge.run_endpoints(run, "cpu")
+    assert "differs from the rebuilt θ0" in capsys.readouterr().out
+    assert all(torch.equal(got0[k], s0[k]) and torch.equal(got1[k], s1[k]) for k in s0)
+    run.model = as_module({**s1, "b": s0["b"]})  # a frozen tensor equal to θ0's: the init is the run's own
+    merge.run_endpoints(run, "cpu")
+    assert capsys.readouterr().out == ""
+
+
+def test_effective_robustness_margin():
+    curve = [(60.0, 50.0), (70.0, 52.0), (80.0, 48.0)]  # zero-shot -> FT
+    assert merge.effective_robustness_margin(curve, (65.0, 55.0)) == pytest.approx(55.0 - 51.0)
+    assert merge.effective_robustness_margin(curve, (75.0, 47.0)) == pytest.approx(47.0 - 50.0)
+    assert merge.effective_robustness_margin(curve, (70.0, 52.0)) == pytest.approx(0.0)
+    assert math.isnan(merge.effective_robustness_margin(curve, (85.0, 60.0)))  # no extrapolation
+    bent = [(60.0, 50.0), (80.0, 60.0), (75.0, 40.0)]  # ID not monotone in α: the higher bar counts
+    assert merge.effective_robustness_margin(bent, (77.0, 59.0)) == pytest.approx(59.0 - 58.5)  # not 59 - 48
+
+
+def test_parse_alphas():
+    assert merge.parse_alphas("0:1:0.1") == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert merge.parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]

@@ -89,7 +89,7 @@ def test_nan_names_last_good_checkpoint(tmp_path, folder_data, tiny_model):
     sys.path.insert(0, str(REPO))
     import common
 
-    args = common.TrainArgs(data="folder", data_root=folder_data, model=tiny_model, steps=6, batch_size=8,
+    args = common.make_args(common.TrainArgs, "folder", data_root=folder_data, model=tiny_model, steps=6, batch_size=8,
                             eval_every=0, ckpt_every=2, out=str(tmp_path / "run"))
     env = common.setup(args, "ft")
     common.set_trainable(env.model)
@@ -109,7 +109,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops(tmp_path
 
     import common
 
-    args = common.TrainArgs(data="folder", data_root=folder_data, model=tiny_model, steps=6, batch_size=8,
+    args = common.make_args(common.TrainArgs, "folder", data_root=folder_data, model=tiny_model, steps=6, batch_size=8,
                             eval_every=0, ckpt_every=2, workers=0, out=str(tmp_path / "run"))
     env = common.setup(args, "ft")
     common.set_trainable(env.model)

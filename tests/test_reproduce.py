@@ -1,12 +1,14 @@
-"""bench/reproduce.py end to end on a micro config: every method, WiSE-FT, TPGM, soup, energy gaps,
-and a RESULTS.md whose table has every row and whose numbers come from results.jsonl."""
+"""reproduce/ end to end on a micro config: reproduce.py (every method, WiSE-FT, TPGM, soup, energy gaps,
+and a RESULTS.md whose table has every row and whose numbers come from results.jsonl), sweep.py, diagnostics.py."""
 import json
 import re
 import sys
 
+import pytest
+
 from conftest import REPO, write_images
 
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "reproduce"))
 
 
 def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, monkeypatch):
@@ -64,7 +66,7 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
     reproduce.main(argv)
     assert sorted(p.name for p in (tmp_path / "runs" / ".done").iterdir()) == done
 
-    # bench/sweep.py on the same FT reference: λ = 0 is FT exactly, and the choice follows the held-out rule
+    # reproduce/sweep.py on the same FT reference: λ = 0 is FT exactly, and the choice follows the held-out rule
     import sweep
 
     chosen = sweep.main(["lipsum_ft", "--flag", "lam", "--values", "0,1", "--seeds", "0,1", "--extra", extra,
@@ -78,3 +80,29 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
     ft_state = torch.load(tmp_path / "runs" / "ft-s0" / "final.pt", weights_only=False)["model"]
     lam0_state = torch.load(tmp_path / "sweep" / "lipsum_ft-lam0-s0" / "final.pt", weights_only=False)["model"]
     assert all(torch.equal(ft_state[k], lam0_state[k]) for k in ft_state)  # Lipsum-FT at λ = 0 is FT, bit for bit
+
+
+def test_diagnostics_closed_forms_and_runs(tmp_path, folder_data, tiny_model, capsys):
+    """Participation ratio and k90 of known spectra; on runs, FT against itself is 1 and LP (a frozen image
+    tower) moves no feature."""
+    import torch
+
+    import baselines
+    import diagnostics
+
+    eye = torch.eye(8)
+    for k in (1, 4, 8):  # rows spread evenly over k orthogonal directions: PR = k, and k90 = ceil(0.9 k)
+        values, _ = diagnostics.spectrum(eye[:k].repeat(5, 1))
+        assert diagnostics.participation(values) == (pytest.approx(k), -(-9 * k // 10))
+    values, _ = diagnostics.spectrum(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 1.0, 0]]))
+    assert diagnostics.participation(values)[0] == pytest.approx(1 / (0.25 ** 2 + 0.75 ** 2))  # (Σλ)²/Σλ², λ = (¾, ¼)
+    micro = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "2", "--batch-size", "8",
+             "--lr", "1e-3", "--eval-every", "0"]
+    for method in ("ft", "lp"):
+        baselines.main(["--method", method, *micro, "--out", str(tmp_path / "runs" / f"{method}-s0")])
+    space, change = diagnostics.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "diag.md")])
+    assert set(change) == {"ft", "lp"} and change["lp"][0][0] == 0.0 and change["ft"][0][0] > 0
+    assert 0 < change["ft"][0][1] < 1 and 1 <= space["random"][0] <= space["dim"]
+    table = (tmp_path / "diag.md").read_text()
+    assert "| ft | 1 |" in table and table.split("| ft | 1 |")[1].split("\n")[0].strip().endswith("| 1 |")
+    assert "| lp | 1 | 0 |" in table and "participation ratio" in table

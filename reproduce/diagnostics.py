@@ -1,8 +1,8 @@
 """Text-space diagnostics of a world (issue #18's probe): how much of the text space do random texts
 probe, and where does each method move the image features?
 
-  python bench/diagnostics.py --runs runs/reproduce              # every finished run under RUNS
-  python bench/diagnostics.py --runs runs/reproduce --out docs/diagnostics.md
+  python reproduce/diagnostics.py --runs runs/reproduce              # every finished run under RUNS
+  python reproduce/diagnostics.py --runs runs/reproduce --out docs/diagnostics.md
 
 Text space, of θ0's text tower (unit-norm embeddings t):
   * participation ratio PR = (Σλ)² / Σλ² of the second moment M = E[t tᵀ] (eigenvalues λ), and k90, the
@@ -100,7 +100,7 @@ def finished_runs(runs: Path) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", default="runs/reproduce", help="folder of finished runs (bench/reproduce.py's)")
+    p.add_argument("--runs", default="runs/reproduce", help="folder of finished runs (reproduce/reproduce.py's)")
     p.add_argument("--out", default="", help="write the markdown here too (printed either way)")
     p.add_argument("--device", default="", help="cuda | cpu")
     a = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Does a world with more named concepts widen the text space and leave Lipsum-FT room? (issue #18)
 
-  python bench/concept_probe.py --out runs/concept_probe                 # pretrain (~12 min), then probe (~8 min)
-  python bench/concept_probe.py --out runs/concept_probe --extra-shapes 0 # the same pipeline on today's 12 shapes
+  python studies/concept_probe.py --out runs/concept_probe                 # pretrain (~12 min), then probe (~8 min)
+  python studies/concept_probe.py --out runs/concept_probe --extra-shapes 0 # the same pipeline on today's 12 shapes
 
 The hypothesis (docs/world_probe.md): Lipsum-FT costs ID here because the mini CLIP's embedding has about
 a dozen directions, the ones the task's head and FT's feature change lie in; a world with more named
@@ -9,7 +9,7 @@ concepts than its task uses should have more. This script tests it without touch
 world: in this process only, it adds --extra-shapes procedural shapes (EXTRA_SHAPES: a pentagon, stars,
 flowers, letters, ... each under a made-up name with one fact phrase) to miniworld, pretrains a mini CLIP
 with the committed recipe and config (only the vocabulary grows) into OUT/miniclip.pt, and runs
-bench/world_probe.py's `task` variant (miniworld.task's 24 classes, which use none of the new shapes)
+studies/world_probe.py's `task` variant (miniworld.task's 24 classes, which use none of the new shapes)
 with --errors and --diagnostics on it into OUT/task. Compare with `world_probe.py --variants task`
 on the committed CLIP (docs/world_probe.md).
 """
@@ -24,7 +24,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "reproduce"))
 
 import miniworld  # noqa: E402
 from miniworld import model as mw_model  # noqa: E402

@@ -1,12 +1,12 @@
 """Sweep one coefficient of one method on miniworld, choose it on the held-out slice, report every attempt.
 
-  python bench/sweep.py lipsum_ft --flag lam --values 0.25,0.5,1,2
-  python bench/sweep.py car_ft --flag beta --values 1,4,16
-  python bench/sweep.py baselines --extra "--method kd" --flag kd-lambda --values 0.25,1,4
+  python reproduce/sweep.py lipsum_ft --flag lam --values 0.25,0.5,1,2
+  python reproduce/sweep.py car_ft --flag beta --values 1,4,16
+  python reproduce/sweep.py baselines --extra "--method kd" --flag kd-lambda --values 0.25,1,4
 
 Each (value, seed) trains with the method file's miniworld preset and `--FLAG value` into
-RUNS/<method>-<flag><value>-s<seed> (a rerun skips finished runs, like bench/reproduce.py). The FT
-reference is bench/reproduce.py's (`--ref`, default runs/reproduce): its FT runs and their WiSE-FT curves.
+RUNS/<method>-<flag><value>-s<seed> (a rerun skips finished runs, like reproduce/reproduce.py). The FT
+reference is reproduce/reproduce.py's (`--ref`, default runs/reproduce): its FT runs and their WiSE-FT curves.
 
 Choice rule (held-out data only, never a test split): the largest value, i.e. the strongest
 regularisation, whose mean held-out accuracy is at most MAX_HELDOUT_DROP points below FT's mean
@@ -22,7 +22,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "reproduce"))
 import reproduce  # noqa: E402
 
 MAX_HELDOUT_DROP = 1.0  # points of held-out accuracy the chosen value may give up against FT (the papers claim none;
@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--extra", default="", help="more arguments for every run (quoted), e.g. '--method kd'")
     p.add_argument("--runs", default="runs/sweep")
-    p.add_argument("--ref", default="runs/reproduce", help="bench/reproduce.py's runs: FT and its WiSE-FT curves")
+    p.add_argument("--ref", default="runs/reproduce", help="reproduce/reproduce.py's runs: FT and its WiSE-FT curves")
     p.add_argument("--out", default="", help="markdown report (default docs/sweep_<module>_<flag>.md)")
     cli = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(cli)
@@ -54,7 +54,7 @@ def main(argv=None):
     ft_runs = [ref / f"ft-s{s}" for s in seeds]
     missing = [str(r) for r in ft_runs if not (r / "final.pt").is_file()]
     if missing:
-        raise SystemExit(f"error: no FT reference run {', '.join(missing)}: run `python bench/reproduce.py --methods ft` first")
+        raise SystemExit(f"error: no FT reference run {', '.join(missing)}: run `python reproduce/reproduce.py --methods ft` first")
     extra = a.extra.split()
     name = extra[extra.index("--method") + 1] if "--method" in extra else a.module  # baselines --method kd -> kd
     failed = []
@@ -71,9 +71,9 @@ def main(argv=None):
     ft_heldout = float(np.mean([heldout_acc(r) for r in ft_runs]))
     ref_rows = [r for r in evaluate.read_results(ref / "results.jsonl") if r["method"] == "ft" and r["seed"] in seeds]
     lines = [f"# Sweep of `--{a.flag}` for {name} on miniworld", "",
-             f"Written by `python bench/sweep.py {shlex.join(cli)}` (seeds {a.seeds}). FT reference: {ref} (held-out "
+             f"Written by `python reproduce/sweep.py {shlex.join(cli)}` (seeds {a.seeds}). FT reference: {ref} (held-out "
              f"{ft_heldout:.1f}%). Δ columns are against FT of the same seed, mean ± std; margin = OOD-mean margin over "
-             "that seed's FT WiSE-FT curve at equal ID (bench/reproduce.py). SE: standard error of the Δ over the "
+             "that seed's FT WiSE-FT curve at equal ID (reproduce/reproduce.py). SE: standard error of the Δ over the "
              "split's images (paired per image, seed-mean), the sampling noise of a finite split.", "",
              f"Choice rule, held-out slice only: the largest value whose mean held-out accuracy is at most {MAX_HELDOUT_DROP} "
              "points below FT's.", "",

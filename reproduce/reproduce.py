@@ -3,13 +3,13 @@
 Runs every method with every seed (and the ablations of ARF's anchors, FLYP's single prompt and
 Lipsum-FT's Table 3), then WiSE-FT on FT, Lipsum-FT, FLYP and ARF, TPGM on FT, FLYP and ARF, a greedy
 soup of the FT seeds, the energy gap of every fine-tuned run and the text-space diagnostics
-(bench/diagnostics.py), and writes RESULTS.md (Table-1-shaped table, mean ± std over seeds; the
+(reproduce/diagnostics.py), and writes RESULTS.md (Table-1-shaped table, mean ± std over seeds; the
 papers' ImageNet numbers beside ours as a shape comparison; the ordering claims checked) with two
 figures: ID vs OOD with the WiSE-FT curves (Lipsum-FT paper Figure 5 shape) and energy gap vs relative
 OOD accuracy (its Figure 4 shape).
 
-  python bench/reproduce.py                         # 3 seeds, the presets of each method file
-  python bench/reproduce.py --seeds 0 --steps 20    # a quick look
+  python reproduce/reproduce.py                         # 3 seeds, the presets of each method file
+  python reproduce/reproduce.py --seeds 0 --steps 20    # a quick look
 A rerun skips the jobs already done (RUNS/.done/<job>) and resumes an interrupted training run.
 """
 import argparse
@@ -29,7 +29,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "reproduce"))
 
 # (row, file, arguments): every method of the papers' tables.
 METHODS = [
@@ -132,12 +132,12 @@ def wise_alpha(tag: str):
 def run_points(rows: list) -> tuple[dict, dict]:
     """({(method, tag, seed): (ID, OOD mean, ZS mean) in %}, {(method, tag, seed): run folder}) from
     evaluation rows, one entry per run or merge."""
-    import common
+    import merge
 
     points = defaultdict(list)  # (method, tag, seed) -> that run's rows
     for r in rows:
         points[(r["method"], r.get("tag", ""), r["seed"])].append(r)
-    return ({key: common.summary(rs) for key, rs in points.items()},
+    return ({key: merge.summary(rs) for key, rs in points.items()},
             {key: str(Path(rs[0]["run"])) for key, rs in points.items()})
 
 
@@ -153,9 +153,9 @@ def ft_wise_curves(point: dict) -> dict:
 def paired_with_ft(rows: list, gaps: list) -> dict:
     """{(method, tag): {column: [value per seed]}}: ID, OOD mean and zero-shot-transfer mean relative to
     FT of the same seed (points), the OOD margin over that seed's FT WiSE-FT curve at equal ID
-    (common.effective_robustness_margin, NaN where the ID is outside the curve's range), and the run's
+    (merge.effective_robustness_margin, NaN where the ID is outside the curve's range), and the run's
     energy gap on the OOD splits."""
-    import common
+    import merge
 
     point, run_of = run_points(rows)
     curves = ft_wise_curves(point)
@@ -169,7 +169,7 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
         cols["id"].append(i - ft_id)
         cols["ood"].append(o - ft_ood)
         cols["zs"].append(z - ft_zs)
-        cols["margin"].append(common.effective_robustness_margin([c[1:] for c in curves[seed]], (i, o)))
+        cols["margin"].append(merge.effective_robustness_margin([c[1:] for c in curves[seed]], (i, o)))
         if not tag.startswith(MERGED) and run_of[(method, tag, seed)] in gap:
             cols["gap"].append(gap[run_of[(method, tag, seed)]])
     return table
@@ -379,7 +379,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
 
     lines += world_bars(runs, rows, seeds)
     if (runs / "diagnostics.md").exists():
-        lines += ["## Text-space diagnostics (`bench/diagnostics.py`)", "",
+        lines += ["## Text-space diagnostics (`reproduce/diagnostics.py`)", "",
                   "How much of θ0's text space random texts probe, and where each method moved the image features: "
                   "Δ = n(f_θ(x)) − n(f_θ0(x)) on the ID and OOD test images, its share along the top random-text "
                   "directions (the rest lies where random texts barely read), and its size relative to FT's.", "",
@@ -506,7 +506,7 @@ def main(argv=None):
     wall = time.time() - wall_start + (float(wall_file.read_text()) if wall_file.exists() else 0.0)
     wall_file.write_text(f"{wall:.1f}\n")
     job_time = sum(float(f.read_text()) for f in (runs / ".done").glob("*"))  # every job's own time, across reruns
-    command = " ".join(["python bench/reproduce.py", shlex.join(cli)]).strip()
+    command = " ".join(["python reproduce/reproduce.py", shlex.join(cli)]).strip()
     write_results(runs, Path(a.out), Path(a.figures), seeds, wall, job_time, a.workers, command)
     if failed:
         raise SystemExit(f"{len(failed)} jobs failed (see {runs / 'reproduce.log'}): {', '.join(failed)}")

@@ -1,6 +1,6 @@
 """Choose miniworld.task's classes from the pretrained mini CLIP's zero-shot accuracy alone (issue #18).
 
-  python bench/choose_classes.py                 # writes docs/choose_classes.md
+  python studies/choose_classes.py                 # writes docs/choose_classes.md
 
 Renders IMAGES_PER_COMBO fresh images (RENDER_SEED, a stream no split uses) of every (shape, colour,
 pattern) the task may use (the zero-shot-transfer shapes and colours excluded) in every style, embeds them
@@ -56,7 +56,7 @@ def main(argv=None):
         return {s: 100 * float(((f[keep] @ heads[ids].t()).argmax(1) == target).float().mean()) for s, f in feats.items()}
 
     lines = ["# Choosing miniworld.task's classes by zero-shot accuracy", "",
-             f"Written by `python bench/choose_classes.py` ({IMAGES_PER_COMBO} images per (shape, colour, pattern) and style, render "
+             f"Written by `python studies/choose_classes.py` ({IMAGES_PER_COMBO} images per (shape, colour, pattern) and style, render "
              f"seed {RENDER_SEED}, committed mini CLIP). Ranked by min(ID, 70) + OOD mean; the best {SHOW} per size.", "",
              "| shapes x colours x patterns | classes | zero-shot photo (ID) | OOD mean | worst style | shapes | colours | patterns |",
              "|---|---|---|---|---|---|---|---|"]

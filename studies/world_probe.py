@@ -2,11 +2,11 @@
 papers' regime): zero-shot, FT, Lipsum-FT, KD and FT's WiSE-FT curve on a task whose classes differ from
 miniworld.task's, without pretraining anything.
 
-  python bench/world_probe.py --variants shape-colour,pattern --seeds 0
-  python bench/world_probe.py --variants pattern --extra "--steps 50"     # a quick look
-  python bench/world_probe.py --variants task --extra "--pretrained OTHER_MINICLIP.pt" --diagnostics
-  python bench/world_probe.py --variants task --train-images 1000 --runs runs/world_probe_train1000
-  python bench/world_probe.py --variants task --methods zeroshot,ft,lipsum_ft,lipsum_ft-noobj --errors
+  python studies/world_probe.py --variants shape-colour,pattern --seeds 0
+  python studies/world_probe.py --variants pattern --extra "--steps 50"     # a quick look
+  python studies/world_probe.py --variants task --extra "--pretrained OTHER_MINICLIP.pt" --diagnostics
+  python studies/world_probe.py --variants task --train-images 1000 --runs runs/world_probe_train1000
+  python studies/world_probe.py --variants task --methods zeroshot,ft,lipsum_ft,lipsum_ft-noobj --errors
 
 Each variant is rendered like miniworld.task (same styles as OOD splits, same zero-shot splits), handed to
 the method files through miniworld.load_task, and trained with each method file's miniworld preset into
@@ -32,7 +32,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "reproduce"))
 
 import miniworld  # noqa: E402
 from miniworld import task as mw_task  # noqa: E402
@@ -153,7 +153,7 @@ def main(argv=None):
     p.add_argument("--train-images", type=int, default=0, help="size of the train split (0: miniworld.task's)")
     p.add_argument("--errors", action="store_true", help="also zero-shot vs FT errors on ID, and their output ensemble")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--diagnostics", action="store_true", help="also bench/diagnostics.py on each variant's runs")
+    p.add_argument("--diagnostics", action="store_true", help="also reproduce/diagnostics.py on each variant's runs")
     a = p.parse_args(argv)
     if a.train_images < 0:
         raise SystemExit(f"error: --train-images {a.train_images}: give a number of images, or 0 for miniworld.task's")
@@ -168,7 +168,7 @@ def main(argv=None):
 
     for variant in a.variants.split(","):
         task = variant_task(variant, a.train_images)
-        miniworld.load_task = lambda seed=0, task=task: task  # what common.load_miniworld asks for
+        miniworld.load_task = lambda seed=0, task=task: task  # what tasks.miniworld.load_miniworld asks for
         out = Path(a.runs) / variant
         for seed in [int(s) for s in a.seeds.split(",")]:
             for name, module, argv in [m for m in METHODS if m[0] in a.methods.split(",")]:
