@@ -13,31 +13,23 @@ similarity (image-text anchors, CC3M in the paper).
     L_ARF = W_FT · L(x, "a photo of a y") + W_CAP · L(x, caption(x)) + W_RET · L(x_r, t_r)
     L(I, T) = ½ [CE(s·n(f(I)) n(g(T))ᵀ, ids) + CE(s·n(g(T)) n(f(I))ᵀ, ids)]      (symmetric InfoNCE)
 
-Choices where the paper is silent: weights 1:1:1; retrieval by image-image cosine
-similarity of the frozen tower, k nearest per training image, deduplicated by pool row; one retrieved
-batch of --ret-batch-size pairs per step (half the batch: keeps ARF's step within 2x FT's on
-ViT-B/16); duplicate class prompts (and identical captions) in a batch are positives of each other,
-not false negatives (targets uniform over the duplicates: common.clip_contrastive_loss's "positive"
-rule); each InfoNCE is over the global batch, every process's micro-batches (common.ContrastiveLoss:
-gathered with gradient; under --grad-accum open_clip's feature cache, exact at the cost of one extra
-no-grad forward of every micro-batch); the logit scale
-trains and is clamped at 100 like open_clip's (common.train); the head is rebuilt from the fine-tuned
-text tower for every evaluation. The retrieved batch of step t
-is micro-batch t of its own data stream (common.train's `streams`, a StepBatchSampler stream over the
-retrieved pairs with seed + 1): a function of (seed, step) like the training batch, and so resumed
-exactly. The anchors are prepared before training, below `main`: captions (the data's, a TSV, or
-BLIP-2) and retrieval from the pool (--pool, or the one the dataset offers: miniworld's generated pool).
-Preparation scales: under torchrun every process captions and embeds its own share (equal chunks,
-shard_chunks), every finished batch of captions and chunk of embeddings is on disk at once (a
-killed run resumes there), and only the faiss search runs on one process. So no process waits in a
-collective for much longer than the slowest share or the search; `--prepare` does just this and
-exits, so that ImageNet's hours of BLIP-2 captioning can run (and be resumed) as a job of its own,
-after which training under any number of processes reads the caches.
+Choices where the paper is silent:
+  * Weights 1:1:1. Retrieval by the frozen image tower's cosine similarity, k nearest per training image,
+    deduplicated by pool row. One retrieved batch of --ret-batch-size pairs per step (half the batch: ARF's
+    step stays within 2x FT's on ViT-B/16), from its own StepBatchSampler stream: resumed exactly.
+  * Duplicate class prompts (and identical captions) in a batch are positives of each other, not false
+    negatives; each InfoNCE is over the global batch, exact under torchrun and --grad-accum
+    (common.ContrastiveLoss). The logit scale trains, clamped at 100 like open_clip's; the head is
+    rebuilt from the fine-tuned text tower for every evaluation.
+  * The anchors are prepared before training (below `main`): captions (the data's, a TSV, or BLIP-2) and
+    retrieval from --pool or the dataset's own pool (miniworld's). Under torchrun every process captions
+    and embeds its share; each finished batch of captions and chunk of embeddings is on disk at once (a
+    killed run resumes there); only the faiss search runs on one process. `--prepare` does just this, so
+    that ImageNet's hours of BLIP-2 captioning run (and resume) as a job of their own.
 
-Run:  python arf.py                                   (miniworld: dataset captions, generated 50k pool)
+Run:  python arf.py               (miniworld: dataset captions, generated 50k pool; --no-cap / --no-ret: ablations)
       python arf.py --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai \
           --captioner blip2 --captioner-model Salesforce/blip2-opt-2.7b --pool cc3m.tsv
-      python arf.py --no-cap / --no-ret               (ablations: one anchor switched off)
 """
 import csv
 import hashlib
@@ -88,11 +80,8 @@ class Args(TrainArgs):
 # ARF trains with FT's recipe (common.FT_RECIPES) so that ARF and FT differ only in the loss. Real data
 # has no captions of its own: BLIP-2 writes them (the paper); ImageNet's 1.28M images need fewer
 # neighbours each to give a pool of anchors of the paper's size.
-PRESETS = {
-    "imagenet": dict(captioner="blip2", retrieve_k=4),
-    "domainnet": dict(captioner="blip2"),
-    "folder": dict(captioner="blip2"),
-}
+PRESETS = {"imagenet": dict(captioner="blip2", retrieve_k=4), "domainnet": dict(captioner="blip2"),
+           "folder": dict(captioner="blip2")}
 
 
 def arf_loss(image_emb, class_emb, labels, logit_scale, caption_emb=None, caption_ids=None,
@@ -147,12 +136,9 @@ def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None
 
 def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
-    if args.cap and args.captioner == "blip2":
-        check_captioner(args.captioner_model)  # before anything slow: offline, the hub would be retried for minutes
-    tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
     ret_batch = args.ret_batch_size or args.batch_size // 2
-    if args.ret:
-        check_batch("--ret-batch-size", ret_batch, args.grad_accum)
+    check_anchor_args(args, ret_batch)  # before anything slow
+    tag = ",".join(name for name, on in (("no-cap", args.cap), ("no-ret", args.ret)) if not on)
     env = setup(args, "arf", run_dir=not args.prepare, run_name="arf" + ("-" + tag.replace(",", "-") if tag else ""))
     captions = train_captions(args, env) if args.cap else None
     ret_images, ret_captions = retrieve_anchors(args, env) if args.ret else (None, None)
@@ -211,6 +197,20 @@ def all_chunks(n: int, chunk: int) -> list:
     return [range(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
 
+def check_anchor_args(args, ret_batch: int):
+    """ARF's own inputs, checked before anything slow (offline, the hub would be retried for minutes)."""
+    if args.captions and args.captioner != "dataset":
+        raise SystemExit(f"error: --captions {args.captions} is read by --captioner dataset, and --captioner is "
+                         f"{args.captioner!r} (the default for --data {args.data}): pass --captioner dataset too")
+    for flag, path, used in (("--captions", args.captions, args.cap), ("--pool", args.pool, args.ret)):
+        if used and path and not os.path.isfile(path):
+            raise SystemExit(f"error: {flag} {path}: no such file")
+    if args.cap and args.captioner == "blip2":
+        check_captioner(args.captioner_model)
+    if args.ret:
+        check_batch("--ret-batch-size", ret_batch, args.grad_accum)
+
+
 def check_captioner(name: str):
     """Stops at once, with what to pass instead, unless BLIP-2 `name` is a local folder, is in the local
     Hugging Face cache, or the hub answers (HF_HUB_OFFLINE=1: never asked)."""
@@ -243,7 +243,7 @@ def read_caption_file(path, relative: bool = False) -> dict:
     for line in Path(path).read_text().split("\n")[:-1]:
         key, sep, text = line.partition("\t")
         if sep:
-            out[str(base / key) if relative and not os.path.isabs(key) else key] = text
+            out[os.path.abspath(base / key) if relative else key] = text  # normalised like image_keys ('../', './')
     return out
 
 

@@ -55,12 +55,14 @@ def context_head(clip, tokenizer, classnames, templates, device=None) -> torch.T
 
 
 def car_regularizer(image_features, image_features_init, context_head, scale) -> torch.Tensor:
-    """KL(p_ctx(θ0) ‖ p_ctx(θ)), batch mean, with p_ctx = softmax(s · n(f) W_ctxᵀ), in at least float32."""
+    """KL(p_ctx(θ0) ‖ p_ctx(θ)), batch mean, with p_ctx = softmax(s · n(f) W_ctxᵀ), in at least float32
+    with autocast off (bf16 context logits would round away a KL near θ0)."""
     dtype = torch.promote_types(image_features.dtype, torch.float32)
-    w = context_head.to(dtype)  # [C, D]
-    logp = cosine_logits(F.normalize(image_features.to(dtype), dim=-1), w, scale).log_softmax(-1)  # [B, C]
-    logp0 = cosine_logits(F.normalize(image_features_init.to(dtype), dim=-1), w, scale).log_softmax(-1)  # [B, C]
-    return F.kl_div(logp, logp0, reduction="batchmean", log_target=True)  # Σ_c p0 (log p0 − log p)
+    with torch.autocast(image_features.device.type, enabled=False):
+        w, s = context_head.to(dtype), torch.as_tensor(scale, dtype=dtype, device=image_features.device)  # [C, D], 0-d
+        logp = cosine_logits(F.normalize(image_features.to(dtype), dim=-1), w, s).log_softmax(-1)  # [B, C]
+        logp0 = cosine_logits(F.normalize(image_features_init.to(dtype), dim=-1), w, s).log_softmax(-1)  # [B, C]
+        return F.kl_div(logp, logp0, reduction="batchmean", log_target=True)  # Σ_c p0 (log p0 − log p)
 
 
 def car_ft_loss(logits, labels, image_features, image_features_init, context_head, scale, beta: float):

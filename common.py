@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -50,6 +51,12 @@ ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
 FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads)
 KEEP_CHECKPOINTS = 2  # newest step checkpoints kept while training: one may be mid-write when a job is killed
+# arguments a --resume may change (the others change the result: refused)
+RESUME_MAY_CHANGE = ("resume", "threads", "workers", "eval_batch_size", "device", "out", "ckpt_every", "keep_checkpoints")
+# arguments that are not part of a run's identity (run_config): the seed, how and where it ran, plumbing
+NOT_CONFIG = ("seed", "method", "machine", "out", "resume", "threads", "workers", "device", "eval_batch_size", "ckpt_every",
+              "keep_checkpoints", "grad_accum", "zeroshot_data", "cache", "prepare", "caption_batch_size",
+              "report_energy_gap", "lp_run", "merge", "source", "members")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +87,8 @@ class TrainArgs:
     select: str = "final"  # final | heldout: evaluate the last weights, or the held-out-best evaluated step's (never a test split)
     eval_batch_size: int = 512  # batch size for evaluation
     out: str = ""  # run directory (default runs/<method>-<data>-<model>-s<seed>)
-    resume: bool = False  # continue from the newest readable checkpoint in --out
+    resume: bool = False  # continue from the newest readable checkpoint in --out (a trained run without its rows: evaluate it)
+    keep_checkpoints: bool = False  # keep ckpt/step_*.pt once the run is finished (final.pt holds its weights)
     device: str = ""  # cuda | cpu (default: cuda when available)
     threads: int = 0  # torch CPU threads (0 = a resumed run's own, else $OMP_NUM_THREADS, else the free cores / processes per node)
 
@@ -247,6 +255,8 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
                       batch[name], from its own StepBatchSampler stream (seed + 1 + i)."""
     model, device, run = env.model, env.device, env.run
     start_run(env, args)
+    if args.resume and (run / "final.pt").is_file():  # trained, but stopped before its rows were written
+        return trained_before(run, model, args.steps)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
@@ -279,7 +289,7 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
                 ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
             record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms}
-            if args.eval_every and (step + 1) % args.eval_every == 0 and (step + 1 < args.steps or best.on):
+            if heldout_due(args, step + 1, best.on):
                 record["heldout_acc"] = best.score(env, args, ema if ema is not None else model, head_from_text, step + 1, bar)
                 model.train()
             if log:
@@ -306,20 +316,39 @@ def finish(env: Env, args, trained: Optional[Trained] = None, tag: str = "") -> 
         start_run(env, args)
         trained = Trained(env.model, 0, False, False)
     if is_main_process():
-        meta = checkpoint_meta(args, env.method, env.task, trained.head_from_text)
+        meta = {"method": env.method, "model": args.model, "pretrained": args.pretrained, "data": args.data,
+                "classnames": env.task.classnames, "head_from_text": trained.head_from_text, "step": trained.step,
+                "selected": trained.selected}
         atomic_save({"model": trained.model.state_dict(), "meta": meta}, env.run / "final.pt")
         print(f"{env.method} on {env.task.name}: evaluating {len(env.task.tests)} splits")
-    rows = evaluate_task(trained.model, env.task, env.eval_tf, env.device, args.eval_batch_size, env.workers)  # sharded
+    try:
+        rows = evaluate_task(trained.model, env.task, env.eval_tf, env.device, args.eval_batch_size, env.workers)  # sharded
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted during the final evaluation. {env.run / 'final.pt'} holds the trained weights: "
+                         "rerun the same command with --resume to evaluate them.") from None
     if not is_main_process():
         return []
     if trained.selected:  # --select heldout: the rows are the chosen step's
         rows = [{**r, "selected_step": trained.step, "select": "heldout"} for r in rows]
-    log_results(env.run, env.method, args, rows, trained.step, tag)
-    print(f"{env.method}: final.pt and results.jsonl in {env.run}")
+    log_results(env.run, env.method, args, rows, trained.step, tag)  # the run is finished: its rows are written
+    done = [] if args.keep_checkpoints else [*step_checkpoints(env.run), *(env.run / "ckpt").glob("best.pt")]
+    for f in done:
+        f.unlink()
+    print(f"{env.method}: final.pt and results.jsonl in {env.run}"
+          + (f" (removed {len(done)} checkpoint(s) it no longer needs; --keep-checkpoints keeps them)" if done else ""))
     return rows
 
 
 # The loop's helpers, in the order train uses them
+def trained_before(run: Path, model, steps: int) -> Trained:
+    """The weights of a run that finished training but stopped before its rows were written (final.pt)."""
+    ckpt = torch.load(run / "final.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    print(f"{run / 'final.pt'} holds the trained weights: evaluating them")
+    meta = ckpt["meta"]
+    return Trained(model.eval(), meta.get("step", steps), meta.get("selected", False), meta.get("head_from_text", False))
+
+
 def resume(run: Path, model, opt, sched, ema, steps: int) -> int:
     """Loads the newest readable checkpoint into the model, optimiser, scheduler, EMA and RNGs and returns
     its step (0 when there is none); the log's lines of the steps after it are dropped (they are redone)."""
@@ -465,6 +494,15 @@ class HeldoutBest:
         model.load_state_dict(torch.load(self.file, map_location="cpu", weights_only=False)["model"])
         if is_main_process():
             print(f"--select heldout: step {self.step} (held-out acc {100 * self.acc:.2f}) is evaluated")
+
+
+def heldout_due(args, step: int, select: bool) -> bool:
+    """Whether the held-out slice is scored after optimiser step `step` (1-based): every --eval-every steps
+    but the last (finish scores the test splits there), and under --select heldout the last step too, so
+    the run always has a step to select even with --steps below --eval-every."""
+    if step == args.steps:
+        return select
+    return bool(args.eval_every) and step % args.eval_every == 0
 
 
 def save_checkpoint(run: Path, step: int, model, opt, sched, ema):
@@ -1033,14 +1071,25 @@ def append_lines(path: Path, text: str):
 
 def check_run(args, name: str) -> Path:
     """The run directory's path, refusing (before anything slow) to overwrite a started run unless
-    --resume, or to resume a finished one. Nothing is created: start_run does that."""
+    --resume, or to resume a finished one (final.pt and its rows written). Nothing is created: start_run
+    does that."""
     run = Path(args.out or f"runs/{name}-{args.data}-{Path(args.model).stem}-s{args.seed}")
     if is_main_process():
         if (run / "args.json").exists() and not args.resume:
             raise SystemExit(f"error: {run} already holds a run. Pass --resume to continue it, or --out NEW_DIR.")
-        if args.resume and (run / "final.pt").exists():
+        if args.resume and not (run / "args.json").exists():
+            raise SystemExit(f"error: --resume: {run} holds no run to resume (no args.json). Drop --resume to start it "
+                             "there, or pass the --out of the run to resume.")
+        if args.resume and (run / "final.pt").exists() and (run / "results.jsonl").exists():
             raise SystemExit(f"error: {run} is finished (final.pt; its rows are in {run / 'results.jsonl'}): nothing to "
                              "resume. Evaluate it with `python evaluate.py eval --ckpt RUN`, or train anew with --out NEW_DIR.")
+        if args.resume:
+            saved = json.loads((run / "args.json").read_text())
+            changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(args).items()
+                       if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+            if changed:
+                raise SystemExit(f"error: --resume would change the run in {run}: {'; '.join(changed)}. Resume with the "
+                                 f"arguments in {run / 'args.json'}, or train anew with --out NEW_DIR.")
     return run
 
 
@@ -1064,21 +1113,32 @@ def recorded_threads(run: Path) -> int:
     return saved.get("machine", {}).get("threads", saved.get("threads", 0))  # before "machine": args.threads was the count used
 
 
-def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = ""):
-    """Appends one line per split to run/results.jsonl and to the runs root's results.jsonl."""
+def run_config(args, method: str, merge: Optional[dict] = None) -> dict:
+    """The run's identity: every argument that changes its numbers (the data, the model, the recipe, the
+    selection rule, the method's own knobs; for a zero-shot model only what it is), plus a merge's own
+    parameters (WiSE-FT's α, ...). Not the seed (rows keep it apart), nor how or where it ran."""
+    values = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+    if method == "zeroshot":
+        values = {k: values.get(k) for k in ("data", "data_root", "model", "pretrained")}
+    if values.get("select") != "heldout":  # the held-out checks then only log: they change no number
+        values.pop("eval_every", None)
+    return {**{k: v for k, v in sorted(values.items()) if k not in NOT_CONFIG}, **(merge or {})}
+
+
+def log_results(run: Path, method: str, args, rows: list, step: int, tag: str = "", merge: Optional[dict] = None):
+    """Appends one line per split to run/results.jsonl and to the runs root's results.jsonl. Each row
+    carries the run's configuration (run_config) and its short id, by which tables group runs; the tag
+    is for display only."""
     if not is_main_process():
         return
+    config = run_config(args, method, merge)
+    config_id = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     common = {"run": str(run), "method": method, "tag": tag, "data": args.data, "model": args.model,
-              "pretrained": args.pretrained, "step": step, "seed": args.seed, "commit": git_commit(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "pretrained": args.pretrained, "step": step, "seed": args.seed, "config": config, "config_id": config_id,
+              "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     lines = "".join(json.dumps({**common, **row}) + "\n" for row in rows)
     for path in {run / "results.jsonl", run.parent / "results.jsonl"}:
         append_lines(path, lines)
-
-
-def checkpoint_meta(args, method: str, task: Task, head_from_text: bool = False) -> dict:
-    return {"method": method, "model": args.model, "pretrained": args.pretrained, "data": args.data,
-            "classnames": task.classnames, "head_from_text": head_from_text}
 
 
 def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
@@ -1131,9 +1191,10 @@ def run_theta0(run, device) -> ClipClassifier:
 
 
 def run_log_args(run, seed=None):
-    """The fields `log_results` reads, from a loaded run (for rows written after training: merges, evals)."""
-    return argparse.Namespace(data=run.args["data"], model=run.meta["model"], pretrained=run.meta["pretrained"],
-                              seed=run.seed if seed is None else seed)
+    """A loaded run's arguments (its args.json) for `log_results` (rows written after training: merges,
+    evals), with the model it was trained from."""
+    return argparse.Namespace(**{**run.args, "model": run.meta["model"], "pretrained": run.meta["pretrained"],
+                                 "seed": run.seed if seed is None else seed})
 
 
 def rng_state() -> dict:

@@ -7,8 +7,10 @@ then markdown tables and ID-vs-OOD plots from results.jsonl.
   python evaluate.py table runs/results.jsonl                          # markdown, mean ± std over seeds
   python evaluate.py plot runs/results.jsonl --out id_vs_ood.png
 
-Rows of the table are (method, tag, data, model) groups, averaged over seeds; for every (run, tag,
-split) only the newest evaluation counts. Columns: ID accuracy, each OOD split, the OOD mean, each
+Rows of the table are runs of one configuration (every argument that changes the numbers:
+common.run_config), averaged over seeds, named by method and tag and, where two rows of a method would
+share a name, by the fields in which they differ; for every (run, tag, split) only the newest
+evaluation counts. Columns: ID accuracy, each OOD split, the OOD mean, each
 zero-shot transfer split and their mean, then ECE and NLL on ID and averaged over OOD splits.
 """
 import argparse
@@ -46,13 +48,27 @@ def read_results(path) -> list:
     return list(latest.values())
 
 
-def summarise(rows: list) -> tuple[list, dict]:
-    """Groups rows into (method, tag, data, model) and returns (split order, {group: {column: [values per seed]}})."""
+def identity(row: dict) -> tuple:
+    """A row's group: (method, tag, data, model, config_id). Rows of runs that differ in any argument that
+    changes the numbers (common.run_config) never share a group; rows written before configs existed
+    group by the first four."""
+    return row["method"], row.get("tag", ""), row["data"], row["model"], row.get("config_id", "")
+
+
+def summarise(rows: list) -> tuple:
+    """(split order, {group: {column: [values per run]}}, {group: config}, {group: {seed: run}}). Two runs
+    of one configuration and seed are both counted, with a warning naming them."""
     runs = defaultdict(dict)  # (group, run) -> split -> row
-    order, kinds = [], {}
+    order, kinds, configs, seeds, twins = [], {}, {}, defaultdict(dict), set()
     for r in rows:
-        group = (r["method"], r.get("tag", ""), r["data"], r["model"])
+        group = identity(r)
         runs[(group, r["run"])][r["split"]] = r
+        configs[group] = r.get("config", {})
+        first = seeds[group].setdefault(r.get("seed"), r["run"])
+        if first != r["run"] and (first, r["run"]) not in twins:
+            twins.add((first, r["run"]))
+            print(f"warning: {first} and {r['run']} have one configuration and seed ({r.get('seed')}): both count in "
+                  f"the row of {group[0]}{' (' + group[1] + ')' if group[1] else ''}")
         if r["split"] not in kinds:
             order.append(r["split"])
             kinds[r["split"]] = r["kind"]
@@ -75,7 +91,7 @@ def summarise(rows: list) -> tuple[list, dict]:
             cols["ZS mean"].append(100 * np.mean([s["acc"] for s in zs]))
     columns = ([s for s in order if kinds[s] == "id"] + [s for s in order if kinds[s] == "ood"] + ["OOD mean"]
                + [s for s in order if kinds[s] == "zeroshot"] + ["ZS mean", "ECE ID", "ECE OOD", "NLL ID", "NLL OOD"])
-    return columns, table
+    return columns, table, configs, seeds
 
 
 def fmt(values: list, decimals: int) -> str:
@@ -87,46 +103,60 @@ def fmt(values: list, decimals: int) -> str:
     return f"{mean:.{decimals}f} ± {float(np.std(values, ddof=1)):.{decimals}f}"
 
 
-def row_name(method: str, tag: str, data: str, model: str, mixed: bool) -> str:
-    """A table row's (or plot point's) name; the data and model are named when a table holds several."""
-    name = f"{method} ({tag})" if tag else method
-    return f"{name} [{data}, {Path(model).stem}]" if mixed else name
+def row_names(groups: list, configs: dict) -> dict:
+    """{group: its name}: the method and its tag; the data and model when a table holds several; and where
+    groups would still share a name, the configuration fields in which they differ ("ft (lr=3e-05)")."""
+    mixed = len({(g[2], g[3]) for g in groups}) > 1
+
+    def name(g, shown=""):
+        inner = "; ".join(x for x in (g[1], shown) if x)
+        return (f"{g[0]} ({inner})" if inner else g[0]) + (f" [{g[2]}, {Path(g[3]).stem}]" if mixed else "")
+
+    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    names = {}
+    for g in groups:
+        twins = [h for h in groups if name(h) == name(g)]
+        keys = sorted({k for h in twins for k in {**configs[h], **configs[g]} if configs[h].get(k) != configs[g].get(k)})
+        names[g] = name(g, ", ".join(f"{k}={show(configs[g].get(k))}" for k in keys))
+    return names
 
 
 def markdown_table(rows: list) -> str:
-    columns, table = summarise(rows)
+    columns, table, configs, seeds = summarise(rows)
     columns = [c for c in columns if any(table[g].get(c) for g in table)]
-    mixed = len({(data, model) for _, _, data, model in table}) > 1
+    names = row_names(list(table), configs)
     lines = ["| method | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for (method, tag, data, model), cols in table.items():
-        name = row_name(method, tag, data, model, mixed)
-        seeds = max(len(v) for v in cols.values())
+    for group, cols in table.items():
         cells = [fmt(cols.get(c, []), 4 if c.startswith(("ECE", "NLL")) else 1) for c in columns]
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {names[group]} | {len(seeds[group])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list, out: str) -> list:
-    """ID vs OOD mean of every (method, tag) row, with seed error bars; WiSE-FT rows ("wise a=α", written
-    by merge.py) joined into one curve per method. One figure per (data, model): `out` itself when the
-    rows hold one, OUT-<data>-<model>.png for each when they hold several. Returns the files written."""
+    """ID vs OOD mean of every row of the table, with seed error bars; WiSE-FT rows (written by merge.py,
+    α in their configuration) joined into one curve per run configuration. One figure per (data, model):
+    `out` itself when the rows hold one, OUT-<data>-<model>.png for each when they hold several. Returns
+    the files written."""
     groups = sorted({(r["data"], Path(r["model"]).stem) for r in rows})
     if len(groups) > 1:
         stem = Path(out)
         return [plot([r for r in rows if (r["data"], Path(r["model"]).stem) == g],
                      str(stem.with_name(f"{stem.stem}-{g[0]}-{g[1]}{stem.suffix}")))[0] for g in groups]
-    columns, table = summarise(rows)
+    columns, table, configs, _ = summarise(rows)
     id_col = columns[0]
+    names = row_names(list(table), configs)
     points, curves = [], defaultdict(list)
-    for (method, tag, _, _), cols in table.items():
+    for group, cols in table.items():
         if not cols.get(id_col) or not cols.get("OOD mean"):
             continue
         x, y = np.mean(cols[id_col]), np.mean(cols["OOD mean"])
-        if tag.startswith("wise"):
-            curves[f"WiSE-FT on {method}"].append((float(tag.split("=")[1]), x, y))
+        if configs[group].get("merge") == "wise":
+            source = {k: v for k, v in configs[group].items() if k not in ("merge", "alpha")}
+            of = next((names[h] for h in table if h[0] == group[0] and configs[h] == source), group[0])
+            curves[f"WiSE-FT on {of}"].append((configs[group]["alpha"], x, y))
             continue
         err = lambda v: np.std(v, ddof=1) if len(v) > 1 else 0  # noqa: E731
-        points.append((f"{method} ({tag})" if tag else method, x, y, err(cols[id_col]), err(cols["OOD mean"])))
+        points.append((names[group], x, y, err(cols[id_col]), err(cols["OOD mean"])))
     plot_id_vs_ood(points, curves, out, id_label=f"ID ({id_col})")
     return [out]
 
@@ -169,19 +199,24 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
     for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("results", help="a results.jsonl (runs append to <runs root>/results.jsonl)")
+        p.add_argument("results", help="a results.jsonl, or a folder holding one: a runs root or a run folder")
         if name == "plot":
             p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
     a = parser.parse_args(argv)
     if a.command == "eval":
         return evaluate_command(a)
-    if not Path(a.results).is_file():
-        raise SystemExit(f"error: {a.results} does not exist (runs append to runs/results.jsonl)")
-    rows = read_results(a.results)
+    path = Path(a.results) / "results.jsonl" if Path(a.results).is_dir() else Path(a.results)
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist (every run appends its rows to its own folder's and to "
+                         "<runs root>/results.jsonl, e.g. runs/results.jsonl)")
+    rows = read_results(path)
+    if not rows:
+        raise SystemExit(f"error: {path} holds no results rows: nothing to {'tabulate' if a.command == 'table' else 'plot'}")
     if a.command == "table":
         print(markdown_table(rows))
     else:
-        plot(rows, a.out)
+        written = plot(rows, a.out)
+        print(f"{len(written)} figure(s): {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ Choices where the paper is silent:
     are a function of (seed, step): new every step, the same on every process, and the same again
     after --resume, so a resumed run is bit-identical.
   * θ0 is a frozen copy of the image tower in eval mode, run on the same augmented batch under no_grad;
-    text features come from the (frozen) text tower once per step; energies are computed in float32.
+    text features come from the (frozen) text tower once per step; energies, R and the energy gap are
+    computed in float32 with autocast off (bf16 would round away the differences R measures near θ0).
   * Energy gap: on up to ENERGY_GAP_IMAGES images of every test split (eval transform); every
     checkpoint sees the same 10,000 texts (ENERGY_GAP_SEED); each model scores the texts with its own
     text tower and scale. Written to <run>/energy_gap.json and appended to <runs root>/energy_gap.jsonl
@@ -65,20 +66,25 @@ PRESETS = {}
 
 
 def energies(image_features: torch.Tensor, text_features: torch.Tensor, scale) -> torch.Tensor:
-    """v = s · n(f) n(g)ᵀ, in at least float32 whatever the autocast dtype."""
-    f = F.normalize(image_features.to(torch.promote_types(image_features.dtype, torch.float32)), dim=-1)  # [B, D]
-    g = F.normalize(text_features.to(f.dtype), dim=-1)  # [M, D]
-    return scale * f @ g.t()  # [B, M]
+    """v = s · n(f) n(g)ᵀ in at least float32, with autocast off: under bf16 autocast the product would
+    round v to 3 significant digits, more than the differences R measures near θ0."""
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    with torch.autocast(image_features.device.type, enabled=False):
+        f = F.normalize(image_features.to(dtype), dim=-1)  # [B, D]
+        g = F.normalize(text_features.to(dtype), dim=-1)  # [M, D]
+        return torch.as_tensor(scale, dtype=dtype, device=f.device) * f @ g.t()  # [B, M]
 
 
 def lipsum_regularizer(image_features, image_features_init, text_features, scale, loss: str = "mse") -> torch.Tensor:
-    """R = mean_x 1/(2M) Σ_m (v_m(θ) − v_m(θ0))²  (eq. 7), or the KL ablation KL(softmax(v0) ‖ softmax(v))."""
+    """R = mean_x 1/(2M) Σ_m (v_m(θ) − v_m(θ0))²  (eq. 7), or the KL ablation KL(softmax(v0) ‖ softmax(v));
+    in at least float32 with autocast off (`energies`)."""
     v = energies(image_features, text_features, scale)  # [B, M]
     v0 = energies(image_features_init, text_features, scale)  # [B, M]
-    if loss == "mse":
-        return (v - v0).pow(2).sum(-1).div(2 * v.shape[-1]).mean()
-    if loss == "kld":
-        return F.kl_div(v.log_softmax(-1), v0.log_softmax(-1), reduction="batchmean", log_target=True)
+    with torch.autocast(v.device.type, enabled=False):
+        if loss == "mse":
+            return (v - v0).pow(2).sum(-1).div(2 * v.shape[-1]).mean()
+        if loss == "kld":
+            return F.kl_div(v.log_softmax(-1), v0.log_softmax(-1), reduction="batchmean", log_target=True)
     raise ValueError(f"unknown regulariser loss {loss!r} (mse | kld)")
 
 

@@ -35,8 +35,7 @@ Choices where the papers are silent (METHODS.md, "Weight-space methods and ensem
     ensembles only need the same task (logits of any architectures can be averaged).
 
 Run (any run directory written by a method file; RESULTS.md has measured numbers):
-  python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1
-  python merge.py tpgm --ckpt runs/ft-miniworld-miniclip-s0      (tpgm-c ... --reg 1.0: with the penalty)
+  python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1   (and tpgm, tpgm-c --reg 1.0)
   python merge.py soup --kind greedy --ckpt RUN1 RUN2 ...       (ensemble --kind output: the same for logits)
 """
 import argparse
@@ -175,19 +174,23 @@ def effective_robustness_margin(points_curve: list, point: tuple) -> float:
 # Subcommands
 # ----------------------------------------------------------------------------------------------
 def cmd_wise(a, device):
-    alphas, tasks, curves, dirs = parse_alphas(a.alphas), {}, {}, []
+    alphas, tasks, curves, first = parse_alphas(a.alphas), {}, {}, None
     for path in a.ckpt:
         run = load_run(path, device, a.data_root, tasks)
-        dirs.append(run.dir)
+        first = run if first is None else first
+        if differ := [k for k in ("data", "data_root", "model", "pretrained") if run.args.get(k) != first.args.get(k)]:
+            raise SystemExit(f"error: {run.dir} and {first.dir} differ in {', '.join(differ)}: their WiSE-FT curves "
+                             "would share one table. Run merge.py wise on each.")
         state0, state1 = run_endpoints(run, device)
         print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
         for alpha in alphas:
             load_run_weights(run, wise(state0, state1, alpha))
             rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
-            log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}")
+            log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}",
+                        merge={"merge": "wise", "alpha": alpha})
             curves.setdefault(run.method, {}).setdefault(alpha, []).append(summary(rows))
             print(f"α={alpha:<4g} ID {summary(rows)[0]:6.2f}  OOD mean {summary(rows)[1]:6.2f}  ZS mean {summary(rows)[2]:6.2f}")
-    report_wise(curves, a.plot or str((dirs[0] if len(dirs) == 1 else dirs[0].parent) / "wise_curve.png"))
+    report_wise(curves, a.plot or str((first.dir if len(a.ckpt) == 1 else first.dir.parent) / "wise_curve.png"))
 
 
 def report_wise(curves: dict, out: str):
@@ -203,10 +206,9 @@ def report_wise(curves: dict, out: str):
     for m, c in means.items():
         if 0 in c and 0.5 in c and 1 in c:
             print(f"{m}: WiSE α=0.5 vs α=1: OOD {c[0.5][1] - c[1][1]:+.2f}; vs α=0 (zero-shot): ID {c[0.5][0] - c[0][0]:+.2f}")
-        for al in (0.5, 1) if m != ref else ():
-            if al in c:
-                margin = effective_robustness_margin(ref_curve, (c[al][0], c[al][1]))
-                print(f"{m} α={al:g}: OOD margin over the WiSE curve of {ref} at equal ID: {margin:+.2f}")
+        for al in [al for al in (0.5, 1) if al in c and m != ref]:
+            margin = effective_robustness_margin(ref_curve, (c[al][0], c[al][1]))
+            print(f"{m} α={al:g}: OOD margin over the WiSE curve of {ref} at equal ID: {margin:+.2f}")
     points = [(f"{m} (α=1)", *c[1][:2], 0, 0) for m, c in means.items() if 1 in c]
     first = next(iter(means.values()))
     if 0 in first:
@@ -266,7 +268,8 @@ def cmd_tpgm(a, device):
     (out / "radii.json").write_text(json.dumps({k: {"dist": dist[k], "radius": radii[k], "ratio": radii[k] / dist[k]}
                                                 for k in names}, indent=1))
     rows = evaluate_task(model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
-    log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=tag)
+    log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=tag,
+                merge={"merge": a.command, "tpgm_reg": reg, "tpgm_steps": a.steps, "tpgm_lr": a.lr, "tpgm_batch": a.batch_size})
     print(f"{tag}: ID {summary(rows)[0]:.2f}  OOD mean {summary(rows)[1]:.2f}  ZS mean {summary(rows)[2]:.2f}; "
           f"radii and final.pt in {out}")
     return rows, radii
@@ -290,7 +293,7 @@ def combined_run(a, runs, chosen: list, what: str) -> tuple:
 def log_combined(out: Path, method: str, runs, members: list, rows: list, tag: str):
     """A combination's rows: seed -1 (it has none of its own) and the member list on every row."""
     log_results(out, method, run_log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
-                runs[0].args.get("steps", 0), tag=tag)
+                runs[0].args.get("steps", 0), tag=tag, merge={"merge": tag, "candidates": len(runs)})
 
 
 def cmd_soup(a, device):
@@ -390,6 +393,9 @@ def run_endpoints(run, device) -> tuple:
     rebuilt assets/miniclip.pt), not even the frozen tensors (the text tower for FT) match: said."""
     state1 = {k: v.clone() for k, v in run.model.state_dict().items()}
     state0 = run_theta0(run, device).state_dict()
+    if all(torch.equal(v, state1[k]) for k, v in state0.items()):
+        raise SystemExit(f"error: {run.dir} ({run.method}) holds θ0 itself: nothing to combine with θ0 (WiSE-FT and TPGM "
+                         "need a fine-tuned run)")
     if not any(torch.equal(v, state1[k]) for k, v in state0.items()):
         print(f"warning: every tensor of {run.dir} differs from the rebuilt θ0 ({run.meta['model']}, "
               f"pretrained={run.meta['pretrained']!r}). Fine if {run.method} trains all of CLIP; otherwise those "

@@ -62,7 +62,7 @@ ABLATION_WORDS = {"prompt=single", "no-cap", "no-ret", "kld", "fixed"}  # a tag 
 WISE_ON = ("ft", "lipsum_ft", "flyp", "arf")  # WiSE-FT curves drawn on top of these (FLYP, ARF: heads rebuilt from the merged text tower)
 TPGM_ON = ("ft", "flyp", "arf")  # TPGM projections of these
 MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
-TABLE_ALPHA = "0.5"  # the WiSE-FT operating point shown in the table
+TABLE_ALPHA = 0.5  # the WiSE-FT operating point shown in the table
 
 # Lipsum-FT paper, ViT-B/16 on ImageNet (IN / V2 / R / A / S); ARF from its own paper (METHODS.md).
 PAPER = {
@@ -124,9 +124,15 @@ def ood_mean(rows: list) -> float:
     return float(np.mean([r["acc"] for r in rows if r["kind"] == "ood"]))
 
 
-def wise_alpha(tag: str):
-    """α of a WiSE-FT row's tag ("wise a=0.5" -> 0.5), None for any other tag."""
-    return float(tag[len("wise a="):]) if tag.startswith("wise a=") else None
+def wise_alpha(row: dict):
+    """α of a WiSE-FT row (from its configuration, never its display tag), None for any other row."""
+    config = row.get("config", {})
+    return config.get("alpha") if config.get("merge") == "wise" else None
+
+
+def wise_alphas(rows: list) -> dict:
+    """{(method, tag): α} of the WiSE-FT rows."""
+    return {(r["method"], r.get("tag", "")): wise_alpha(r) for r in rows if wise_alpha(r) is not None}
 
 
 def run_points(rows: list) -> tuple[dict, dict]:
@@ -141,12 +147,12 @@ def run_points(rows: list) -> tuple[dict, dict]:
             {key: str(Path(rs[0]["run"])) for key, rs in points.items()})
 
 
-def ft_wise_curves(point: dict) -> dict:
-    """seed -> [(α, ID, OOD)] of WiSE-FT on FT, by α, from run_points' summaries."""
+def ft_wise_curves(point: dict, alphas: dict) -> dict:
+    """seed -> [(α, ID, OOD)] of WiSE-FT on FT, by α, from run_points' summaries and wise_alphas."""
     curves = defaultdict(list)
     for (method, tag, seed), (i, o, _) in point.items():
-        if method == "ft" and wise_alpha(tag) is not None:
-            curves[seed].append((wise_alpha(tag), i, o))
+        if method == "ft" and (method, tag) in alphas:
+            curves[seed].append((alphas[(method, tag)], i, o))
     return {seed: sorted(c) for seed, c in curves.items()}
 
 
@@ -158,7 +164,7 @@ def paired_with_ft(rows: list, gaps: list) -> dict:
     import merge
 
     point, run_of = run_points(rows)
-    curves = ft_wise_curves(point)
+    curves = ft_wise_curves(point, wise_alphas(rows))
     gap = {str(Path(g["checkpoint"])): g["ood_mean"] for g in gaps}  # by run: ablations share a method name
     table = defaultdict(lambda: defaultdict(list))
     for (method, tag, seed), (i, o, z) in point.items():
@@ -261,7 +267,7 @@ def world_bars(runs: Path, rows: list, seeds: list) -> list:
              f"| FT OOD mean ≤ zero-shot − 5 | {fo - zo:+.1f} ({stat([f[1] for f in ft])}) | {ok(fo - zo <= -5)} |",
              f"| FT zero-shot transfer ≤ zero-shot − 5 | {fz - zz:+.1f} ({stat([f[2] for f in ft])}) | {ok(fz - zz <= -5)} |"]
     bulges, alphas = [], []
-    curves = ft_wise_curves(point)
+    curves = ft_wise_curves(point, wise_alphas(rows))
     for seed in seeds:
         below = [(i, al) for al, i, _ in curves.get(seed, []) if al < 1]  # (ID, α) of the curve's points short of FT
         if below:
@@ -288,7 +294,8 @@ def world_bars(runs: Path, rows: list, seeds: list) -> list:
                      f"(SE {se['ood']:.1f}), ΔZS {cell(cols['zs'])} (SE {se['zeroshot']:.1f}), margin {cell(cols['margin'])} | "
                      + ("required: ΔOOD ≥ +3 with ΔID ≥ −1.5; goal: margin > +1 with ΔID ≥ −0.5 | " if required else "reported | ")
                      + (f"{ok(d_ood >= 3 and d_id >= -1.5)}; goal {ok(margin > 1 and d_id >= -0.5)} |" if required else "– |"))
-    wise_lipsum = [np.nanmean(c["margin"]) for (m, t), c in table.items() if m == "lipsum_ft" and 0 < (wise_alpha(t) or 0) < 1]
+    alphas = wise_alphas(rows)
+    wise_lipsum = [np.nanmean(c["margin"]) for (m, t), c in table.items() if m == "lipsum_ft" and 0 < alphas.get((m, t), 0) < 1]
     if wise_lipsum:
         lines.append(f"| WiSE-FT on Lipsum-FT above WiSE-FT on FT at equal ID (mean margin of its 0 < α < 1 points) | "
                      f"{np.nanmean(wise_lipsum):+.2f} | {ok(np.nanmean(wise_lipsum) > 0)} |")
@@ -300,11 +307,12 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     import evaluate
 
     rows = evaluate.read_results(runs / "results.jsonl")
-    table_rows = [r for r in rows if not r.get("tag", "").startswith("wise") or r["tag"] == f"wise a={TABLE_ALPHA}"]
+    table_rows = [r for r in rows if wise_alpha(r) in (None, TABLE_ALPHA)]
+    table_tag = next((r["tag"] for r in rows if wise_alpha(r) == TABLE_ALPHA), "")  # the display tag of those rows
     figures.mkdir(parents=True, exist_ok=True)
     evaluate.plot(rows, str(figures / "reproduce_id_vs_ood.png"))
-    columns, summary = evaluate.summarise(rows)
-    by_method = {(m, t): cols for (m, t, _, _), cols in summary.items()}
+    columns, summary, _, _ = evaluate.summarise(rows)
+    by_method = {(group[0], group[1]): cols for group, cols in summary.items()}
     id_col = columns[0]
 
     def mean(method, col, tag=None):
@@ -326,7 +334,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         "",
         "ID = the fine-tuning distribution; OOD columns are domain shifts of the same classes (their mean is",
         "*OOD mean*); ZS columns are zero-shot transfer tasks (classes / attributes never fine-tuned on, scored",
-        f"with heads from the model's current text tower). mean ± std over seeds. WiSE-FT rows are α = {TABLE_ALPHA}.",
+        f"with heads from the model's current text tower). mean ± std over seeds. WiSE-FT rows are α = {TABLE_ALPHA:g}.",
         "",
         evaluate.markdown_table(table_rows),
         "",
@@ -416,9 +424,9 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         *[(f"Lipsum-FT (random texts, MSE) beats its variant lipsum_ft ({ABLATIONS[run][1]}) on OOD (paper Table 3)",
            mean("lipsum_ft", "OOD mean") > mean("lipsum_ft", "OOD mean", ABLATIONS[run][1]))
           for run in ("lipsum-kld", "lipsum-fixed", "lipsum-fixed-kld")],
-        ("WiSE-FT α=0.5 on FT beats FT on OOD", mean("ft", "OOD mean", f"wise a={TABLE_ALPHA}") > mean("ft", "OOD mean")),
+        ("WiSE-FT α=0.5 on FT beats FT on OOD", mean("ft", "OOD mean", table_tag) > mean("ft", "OOD mean")),
         ("WiSE on Lipsum-FT beats WiSE on FT on OOD (α=0.5)",
-         mean("lipsum_ft", "OOD mean", f"wise a={TABLE_ALPHA}") > mean("ft", "OOD mean", f"wise a={TABLE_ALPHA}")),
+         mean("lipsum_ft", "OOD mean", table_tag) > mean("ft", "OOD mean", table_tag)),
     ]
     lines += ["", "## The papers' ordering claims, checked on these numbers", "",
               "| claim | holds here |", "|---|---|"]

@@ -186,14 +186,15 @@ def main(argv=None):
         rows = evaluate.read_results(out / "results.jsonl")
         if (out / "noobj" / "results.jsonl").is_file():
             rows += [dict(r, method="lipsum_ft-noobj") for r in evaluate.read_results(out / "noobj" / "results.jsonl")]
-        columns, table = evaluate.summarise(rows)
+        columns, table, configs, _ = evaluate.summarise(rows)
         print(f"\n## {variant}: {len(task['classnames'])} classes, e.g. {task['classnames'][:3]}")
         wise = {}
-        for (method, tag, _, _), cols in table.items():
+        for group, cols in table.items():
+            (method, tag), config = group[:2], configs[group]
             mean = lambda c: float(np.mean(cols[c])) if cols.get(c) else float("nan")  # noqa: E731
             print(f"{method:<15} {tag:<12} ID {mean('id'):5.1f}  OOD {mean('OOD mean'):5.1f}  ZS {mean('ZS mean'):5.1f}")
-            if method == "ft" and tag.startswith("wise a="):
-                wise[float(tag.split("=")[1])] = mean("id")
+            if method == "ft" and config.get("merge") == "wise":
+                wise[config["alpha"]] = mean("id")
         below = {al: v for al, v in wise.items() if al < 1}
         if below and 1.0 in wise:
             best = max(below, key=below.get)

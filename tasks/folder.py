@@ -37,6 +37,9 @@ def load_folder(root: str, seed: int):
         tests.append(Split(sub.name, kind, FileImages(*scan_class_folders(sub, index, empty)), classnames, templates))
     if not tests:
         missing_root("folder", root, "a test folder beside train/", LAYOUT)
+    if not any(t.kind == "id" for t in tests):
+        print(f"warning: {base} has no test/ or val/ folder, so the run has no in-distribution (ID) split: "
+              f"{', '.join(t.name for t in tests)} are scored as OOD")
     tests.sort(key=lambda s: s.kind != "id")
     return task_of("folder", classnames, templates, train, heldout, tests)
 

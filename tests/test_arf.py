@@ -99,6 +99,23 @@ def test_dataset_captions_file(tmp_path):
     (tmp_path / "data" / "caps.tsv").write_text(f"train/cat/{Path(images.paths[0]).name}\tonly one\n")
     with pytest.raises(SystemExit, match="no caption for 2 of 3"):
         arf.train_captions(args, env)
+    (tmp_path / "lists").mkdir()  # paths written relative to the captions file with '../' and './' match too
+    (tmp_path / "lists" / "caps.tsv").write_text("".join(f"../data/./train/cat/{Path(p).name}\tcat {i}\n"
+                                                         for i, p in enumerate(images.paths)))
+    args.captions = str(tmp_path / "lists" / "caps.tsv")
+    assert arf.train_captions(args, env) == ["cat 0", "cat 1", "cat 2"]
+
+
+def test_anchor_inputs_that_cannot_work_stop_with_one_message(tmp_path, folder_data, tiny_model):
+    """A missing --captions or --pool file, and --captions where the captioner is BLIP-2 (it would be
+    ignored), each stop before anything slow with one message."""
+    base = [str(REPO / "arf.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--out", "r"]
+    for extra, message in ((["--captioner", "dataset", "--captions", "gone.tsv"], "--captions gone.tsv: no such file"),
+                           (["--captioner", "dataset", "--captions", __file__, "--pool", "gone.tsv"], "--pool gone.tsv: no such file"),
+                           (["--captions", __file__], "is read by --captioner dataset")):
+        proc = run_script([*base, *extra], cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+        assert not (tmp_path / "r").exists()
 
 
 def test_end_to_end_blip2_pool_and_rerun(tmp_path, tiny_model, folder_data, blip2_dir, capsys):

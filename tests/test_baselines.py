@@ -195,7 +195,7 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     runs = tmp_path / "runs"
     micro = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
              "--batch-size", "8", "--eval-every", "2", "--ckpt-every", "2", "--crop-scale", "0.5"]
-    extra = {"lpft": ["--lp-run", str(runs / "lp")], "ema": ["--ema-decay", "1"], "lp": ["--lr", "1e-2"]}
+    extra = {"lpft": ["--lp-run", str(runs / "lp")], "ema": ["--ema-decay", "1", "--keep-checkpoints"], "lp": ["--lr", "1e-2"]}
     argvs = [["--method", m, *micro, "--out", str(runs / m), *extra.get(m, [])] for m in baselines.METHODS]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", DRIVER.format(script=str(REPO / "baselines.py")), json.dumps(argvs)],
@@ -231,7 +231,8 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     zs = common.load_run(runs / "zeroshot", "cpu")
     zs_heldout = common.evaluate_split(zs.model, zs.task.heldout, zs.task, zs.eval_tf, torch.device("cpu"))["acc"]
     assert logs["ema"][1]["heldout_acc"] == zs_heldout
-    live = torch.load(runs / "ema" / "ckpt" / "step_2.pt", weights_only=False)["model"]
+    assert not list((runs / "ft" / "ckpt").glob("step_*.pt"))  # a finished run keeps final.pt, not its step checkpoints
+    live = torch.load(runs / "ema" / "ckpt" / "step_2.pt", weights_only=False)["model"]  # kept: --keep-checkpoints
     assert not torch.equal(live["clip.visual.conv1.weight"], theta0["clip.visual.conv1.weight"])
     # FLYP: the text tower trained and the saved head is the zero-shot head of that text tower.
     assert not torch.equal(final["flyp"]["clip.token_embedding.weight"], theta0["clip.token_embedding.weight"])

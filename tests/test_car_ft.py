@@ -27,6 +27,16 @@ def test_car_regularizer_is_teacher_first_kl_at_scale_s():
     assert lipsum_ft.lipsum_regularizer(f, f0, w, s, loss="kld").item() == pytest.approx(expected.item(), abs=1e-10)
 
 
+def test_car_regularizer_stays_float32_under_bf16_autocast():
+    f = randn(16, 32, seed=30)
+    f0 = f + 1e-3 * randn(16, 32, seed=31)
+    w = F.normalize(randn(14, 32, seed=32), dim=-1)
+    want = car_ft.car_regularizer(f, f0, w, 20.0).item()  # float64: the reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = car_ft.car_regularizer(f.float(), f0.float(), w.float(), torch.tensor(20.0))
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=2e-2)  # float32 round-off; bf16: 100x off
+
+
 def test_loss_adds_the_weighted_regularizer_to_cross_entropy():
     logits, labels = randn(6, 3, seed=9), torch.tensor([0, 1, 2, 0, 1, 2])
     f, f0, t = randn(6, 8, seed=10), randn(6, 8, seed=11), randn(5, 8, seed=12)

@@ -332,6 +332,24 @@ def test_resume_of_a_finished_run_says_it_is_finished_and_a_resumed_log_has_each
         common.setup(micro_args(folder_data, tiny_model, tmp_path / "a", steps=4, resume=True), "ft")
 
 
+def test_resume_refuses_arguments_that_change_the_run_and_a_run_that_is_not_there(tmp_path, folder_data, tiny_model):
+    """--resume with other flags would silently train on with the old lr and a jumping schedule: every
+    difference that changes the result is refused and named; threads, workers and the evaluation batch may
+    change. --resume where no run is says so instead of starting fresh."""
+    base = [str(REPO / "baselines.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+            "--batch-size", "8", "--ckpt-every", "4", "--eval-every", "0", "--out", str(tmp_path / "x")]
+    run_script([*base, "--steps", "12", "--keep-checkpoints"], cwd=tmp_path)
+    for f in ("final.pt", "results.jsonl"):  # as if killed after its last checkpoint
+        (tmp_path / "x" / f).unlink()
+    proc = run_script([*base, "--steps", "20", "--lr", "1e-3", "--resume"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--resume would change the run" in proc.stderr and "--steps 12 -> 20" in proc.stderr and "--lr 1e-05 -> 0.001" in proc.stderr
+    proc = run_script([*base, "--steps", "12", "--resume", "--threads", "1", "--eval-batch-size", "7"], cwd=tmp_path)
+    assert "resuming from" in proc.stdout and (tmp_path / "x" / "results.jsonl").is_file()
+    proc = run_script([*base[:-1], str(tmp_path / "nothing"), "--steps", "12", "--resume"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "holds no run to resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_unreadable_training_images_are_named_once_and_empty_classes_leave_the_label_space(tmp_path, tiny_model, capsys):
     root = tmp_path / "data"
     for split, n in (("train", 6), ("test", 2)):
@@ -388,6 +406,13 @@ def test_select_heldout_evaluates_the_best_held_out_step_and_says_which(tmp_path
     assert common.evaluate_split(run.model, run.task.heldout, run.task, run.eval_tf, torch.device("cpu"))["acc"] == max(accs)
     proc = run_script([str(REPO / "baselines.py"), "--select", "heldout", "--eval-every", "0"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "choose final, or heldout with --eval-every > 0" in proc.stderr
+    short = tmp_path / "short"  # --steps below --eval-every: the last step is scored, so there is one to select
+    proc = run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", str(root), "--model",
+                       tiny_model, "--steps", "3", "--batch-size", "8", "--eval-every", "5", "--select", "heldout",
+                       "--out", str(short)], cwd=tmp_path)
+    assert "Traceback" not in proc.stderr
+    assert [("heldout_acc" in json.loads(x)) for x in (short / "log.jsonl").read_text().splitlines()] == [False, False, True]
+    assert {json.loads(x)["selected_step"] for x in (short / "results.jsonl").read_text().splitlines()} == {3}
 
 
 def test_threads_follow_the_free_cores_and_the_flag(tmp_path, folder_data, tiny_model, monkeypatch):

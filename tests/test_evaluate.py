@@ -60,6 +60,43 @@ def test_table_and_plot_keep_data_and_model_apart_and_skip_garbage_lines(tmp_pat
     out = run_script([str(REPO / "evaluate.py"), "plot", str(tmp_path / "results.jsonl"), "--out", "p.png"], cwd=tmp_path).stdout
     for name in ("p-folder-ViT-B-16.png", "p-miniworld-miniclip.png"):  # one figure per (data, model)
         assert (tmp_path / name).stat().st_size > 1000 and f"wrote {name}" in out
+    assert "2 figure(s): p-folder-ViT-B-16.png, p-miniworld-miniclip.png" in out
+
+
+def test_table_rows_are_configurations_named_by_what_differs_and_count_seeds(tmp_path, folder_data, tiny_model):
+    """Runs that differ in lr are two rows (named by the lr), not two "seeds" of one; a second seed joins its
+    configuration's row; two runs of one configuration and seed are named in a warning."""
+    base = [str(REPO / "baselines.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+            "--steps", "1", "--batch-size", "8", "--eval-every", "0"]
+    for out, extra in (("a", ["--lr", "1e-5"]), ("b", ["--lr", "3e-5"]), ("c", ["--lr", "1e-5"]),
+                       ("d", ["--lr", "1e-5", "--seed", "1"])):
+        run_script([*base, *extra, "--out", f"runs/{out}"], cwd=tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert all(r["config"]["lr"] in (1e-5, 3e-5) and "seed" not in r["config"] and "out" not in r["config"] for r in rows)
+    assert len({r["config_id"] for r in rows}) == 2
+    out = run_script([str(REPO / "evaluate.py"), "table", "runs"], cwd=tmp_path).stdout
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| ft")}
+    assert table == {"ft (lr=1e-05)": "2", "ft (lr=3e-05)": "1"}, out
+    assert "warning: runs/a and runs/c have one configuration and seed (0)" in out
+
+
+def test_table_takes_a_folder_and_an_empty_results_file_is_one_message(tmp_path):
+    """A runs root or run folder holds its results.jsonl; an empty one (or a missing one) stops with one
+    message and a non-zero exit, not a malformed table."""
+    run = tmp_path / "runs" / "ft-s0"
+    run.mkdir(parents=True)
+    row = {"run": str(run), "method": "ft", "tag": "", "data": "folder", "model": "m", "split": "test", "kind": "id",
+           "acc": 0.25, "ece": 0.1, "nll": 1.0, "seed": 0}
+    for folder in (run, run.parent):
+        (folder / "results.jsonl").write_text(json.dumps(row) + "\n")
+        out = run_script([str(REPO / "evaluate.py"), "table", str(folder)], cwd=tmp_path).stdout
+        assert "| ft | 1 | 25.0 |" in out
+    (run / "results.jsonl").write_text("")
+    for argv, message in ((["table", str(run)], "holds no results rows: nothing to tabulate"),
+                          (["plot", str(run / "results.jsonl")], "holds no results rows: nothing to plot"),
+                          (["table", str(tmp_path / "nowhere")], "does not exist")):
+        proc = run_script([str(REPO / "evaluate.py"), *argv], cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1000:]
 
 
 def make_zeroshot_folder(root, names=True, templates=True):

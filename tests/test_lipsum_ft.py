@@ -34,6 +34,24 @@ def test_regularizer_vanishes_at_theta0():
     assert lipsum_ft.lipsum_regularizer(f, f.clone(), t, 20.0, loss="kld").item() == 0.0
 
 
+def test_regularizer_and_energies_stay_float32_under_bf16_autocast():
+    """Near θ0 (features 1e-3 apart) R is ~1e-5 of the energies' scale: bf16 products would round it away
+    (issue #27: 8.2e-5 read instead of 9.4e-6). Under CPU bf16 autocast R and v must be float32 and match
+    a float64 computation."""
+    f = randn(16, 32, seed=20)
+    f0 = f + 1e-3 * randn(16, 32, seed=21)
+    t, s = randn(80, 32, seed=22), torch.tensor(20.0)
+    want = lipsum_ft.lipsum_regularizer(f, f0, t, float(s)).item()  # float64 inputs: the reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lipsum_ft.lipsum_regularizer(f.float(), f0.float(), t.float(), s)
+        v = lipsum_ft.energies(f.float(), t.float(), s.bfloat16())
+        kld = lipsum_ft.lipsum_regularizer(f.float(), f0.float(), t.float(), s, loss="kld")
+    assert got.dtype == v.dtype == kld.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=1e-4)
+    assert torch.allclose(v.double(), lipsum_ft.energies(f, t, 20.0), atol=1e-4)
+    assert lipsum_ft.lipsum_regularizer(f.float(), f.float(), t.float(), s).item() == 0.0  # θ0 against itself
+
+
 def test_loss_adds_the_weighted_regularizer_to_cross_entropy():
     logits, labels = randn(6, 3, seed=9), torch.tensor([0, 1, 2, 0, 1, 2])
     f, f0, t = randn(6, 8, seed=10), randn(6, 8, seed=11), randn(5, 8, seed=12)

@@ -146,6 +146,22 @@ def test_wise_cli_endpoints_reproduce_zeroshot_and_ft_runs(runs):
     assert all(torch.equal(built[k], saved[k]) for k in saved)
 
 
+def test_wise_refuses_runs_that_do_not_belong_together_and_a_zero_shot_run(runs, tmp_path):
+    """One curve through runs of two datasets, or "WiSE-FT" of θ0 with itself, would exit 0 with numbers
+    that mean nothing: each stops with one message."""
+    import shutil
+
+    other = tmp_path / "other-data"
+    shutil.copytree(runs["common"][3], other)
+    micro = [*runs["common"][:3], str(other), *runs["common"][4:]]
+    baselines.main(["--method", "ft", *micro, "--steps", "1", "--out", str(tmp_path / "ft-other")])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for ckpts, message in (([runs["a"], str(tmp_path / "ft-other")], "differ in data_root"), ([runs["zs"]], "holds θ0 itself")):
+        proc = subprocess.run([sys.executable, str(REPO / "merge.py"), "wise", "--ckpt", *ckpts, "--alphas", "0,1"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
 def test_learn_radii_penalty_and_descent(runs):
     run = common.load_run(runs["a"], "cpu")
     state1 = {k: v.clone() for k, v in run.model.state_dict().items()}

@@ -62,7 +62,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, folder_data, tiny_mo
 
 def test_resume_passes_over_a_torn_checkpoint(tmp_path, folder_data, tiny_model):
     out = tmp_path / "run"
-    run(ft_command(folder_data, tiny_model, out, "--steps", "4"), tmp_path)
+    run(ft_command(folder_data, tiny_model, out, "--steps", "4", "--keep-checkpoints"), tmp_path)
     ckpt = out / "ckpt"
     good = ckpt / "step_2.pt"
     assert good.exists()
@@ -72,6 +72,42 @@ def test_resume_passes_over_a_torn_checkpoint(tmp_path, folder_data, tiny_model)
     proc = run(ft_command(folder_data, tiny_model, out, "--steps", "4", "--resume"), tmp_path)
     assert "step_3.pt is unreadable" in proc.stdout
     assert "resuming from" in proc.stdout and "step_2.pt" in proc.stdout
+
+
+DRIVER_INTERRUPTED_EVAL = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import baselines, common
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while the test splits are scored
+common.evaluate_task = interrupted
+baselines.main(sys.argv[2:])
+"""
+
+
+def test_ctrl_c_in_the_final_evaluation_then_resume_evaluates_without_training(tmp_path, folder_data, tiny_model):
+    """A run is finished when its rows are written: Ctrl-C during the final evaluation says how to go on
+    (no traceback), --resume evaluates final.pt without training again, and a third --resume is refused."""
+    out = tmp_path / "run"
+    cmd = ft_command(folder_data, tiny_model, out, "--steps", "4")
+    (tmp_path / "driver.py").write_text(DRIVER_INTERRUPTED_EVAL)
+    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(REPO), *cmd[2:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "interrupted during the final evaluation" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "final.pt").is_file() and not (out / "results.jsonl").exists()
+    weights, log = torch.load(out / "final.pt", weights_only=False)["model"], (out / "log.jsonl").read_text()
+    resumed = run(ft_command(folder_data, tiny_model, out, "--steps", "4", "--resume"), tmp_path)
+    assert "holds the trained weights: evaluating them" in resumed.stdout
+    assert (out / "log.jsonl").read_text() == log  # no step trained again
+    again = torch.load(out / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert {json.loads(x)["split"] for x in (out / "results.jsonl").read_text().splitlines()} == {"test", "sketch"}
+    assert {json.loads(x)["step"] for x in (out / "results.jsonl").read_text().splitlines()} == {4}
+    assert not list((out / "ckpt").glob("step_*.pt"))  # finished: its step checkpoints are gone
+    third = subprocess.run(ft_command(folder_data, tiny_model, out, "--steps", "4", "--resume"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert third.returncode != 0 and "is finished" in third.stderr and "Traceback" not in third.stderr
 
 
 def test_same_seed_same_loss_curve(tmp_path, folder_data, tiny_model):

@@ -180,3 +180,20 @@ def test_empty_class_folder_is_reported_not_fatal(tmp_path, capsys):
     assert "dropping 1 class(es) with no training images from the label space: c" in capsys.readouterr().out
     assert task.classnames == ["a", "b"]  # issue #20: an empty class leaves the label space (it used to stay in it)
 
+
+def test_a_dropped_class_names_its_unscored_test_images_and_a_tree_without_id_split_says_so(tmp_path, tiny_model):
+    """An empty training class leaves the label space: its test images vanish from every split, so the run
+    says how many, per split; without test/ or val/ there is no ID split, said at start."""
+    from conftest import run_script
+
+    for name in ("a", "b"):
+        write_images(tmp_path / "d" / "train" / name, 3, seed=1)
+        write_images(tmp_path / "d" / "sketch" / name, 2, seed=2)
+    (tmp_path / "d" / "train" / "c").mkdir()
+    write_images(tmp_path / "d" / "sketch" / "c", 6, seed=3)
+    proc = run_script(["baselines.py", "--method", "zeroshot", "--data", "folder", "--data-root", str(tmp_path / "d"),
+                       "--model", tiny_model, "--out", str(tmp_path / "r")], cwd=Path(__file__).parents[1])
+    out = proc.stdout
+    assert "class 'c' has no training images, so its 6 image(s) in sketch/ are not scored" in out
+    assert "has no test/ or val/ folder, so the run has no in-distribution (ID) split: sketch are scored as OOD" in out
+
