@@ -994,30 +994,40 @@ def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=
     return rows
 
 
+PLOT_ALPHAS = (0.5, 0.8)  # the α written beside each WiSE-FT curve
+
+
 def plot_id_vs_ood(points: list, curves: dict, out: str, id_label: str = "ID"):
-    """One ID-vs-OOD picture. points: [(label, id, ood, id_err, ood_err)] drawn with error bars;
-    curves: {label: [(alpha, id, ood), ...]} drawn as dashed lines in alpha order (WiSE-FT), with α = 0.5
-    marked."""
+    """One ID-vs-OOD picture for many series. points: [(label, id, ood, id_err, ood_err)] with error bars;
+    curves: {"WiSE-FT on <label>": [(alpha, id, ood), ...]} as dashed lines in α order, labelled at
+    PLOT_ALPHAS. One colour per method family (the label's first word: "lipsum_ft (lam=1 kld)" is
+    lipsum_ft's), a marker per variant within it; the legend sits outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a full table has more than 10 rows
-    markers = "osD^v<>ph*X"
-    for n, (label, x, y, xerr, yerr) in enumerate(points):
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[n % len(markers)], capsize=3, label=label)
+    family = lambda label: label.removeprefix("WiSE-FT on ").split(" ")[0].split("+")[0]  # noqa: E731
+    families = list(dict.fromkeys([family(c) for c in curves] + [family(p[0]) for p in points]))  # curves' first: strong colours
+    colour = {f: plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20] for i, f in enumerate(families)}
+    variants, markers = {}, "osD^vP*Xph<>"
+    fig, ax = plt.subplots(figsize=(11, 6))
+    for label, x, y, xerr, yerr in points:
+        n = variants.setdefault(family(label), [])
+        n.append(label)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[(len(n) - 1) % len(markers)], color=colour[family(label)],
+                    capsize=3, markersize=7, label=label)
     for label, pts in curves.items():
         pts = sorted(pts)
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--.", label=label)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--", marker=".", color=colour[family(label)], label=label)
         for alpha, x, y in pts:
-            if alpha == 0.5:
-                ax.annotate("α=0.5", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            if alpha in PLOT_ALPHAS:
+                ax.annotate(f"α={alpha:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=colour[family(label)])
     ax.set_xlabel(f"{id_label} accuracy (%)")
     ax.set_ylabel("OOD accuracy (mean over shifts, %)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(points) + len(curves) <= 24 else 2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -202,6 +202,7 @@ def main(argv=None):
         p.add_argument("results", help="a results.jsonl, or a folder holding one: a runs root or a run folder")
         if name == "plot":
             p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
+            p.add_argument("--methods", default="", help="comma-separated methods to draw (default: all)")
     a = parser.parse_args(argv)
     if a.command == "eval":
         return evaluate_command(a)
@@ -215,6 +216,10 @@ def main(argv=None):
     if a.command == "table":
         print(markdown_table(rows))
     else:
+        chosen = [m for m in a.methods.split(",") if m]
+        rows = [r for r in rows if not chosen or r["method"].split("+")[0] in chosen]
+        if not rows:
+            raise SystemExit(f"error: no rows of --methods {a.methods} in {path}")
         written = plot(rows, a.out)
         print(f"{len(written)} figure(s): {', '.join(written)}")
 

@@ -25,8 +25,10 @@ Choices where the papers are silent (METHODS.md, "Weight-space methods and ensem
     tensors themselves instead of computing them, so the endpoints are exact.
   * Non-float tensors (BatchNorm counters) take the value of the nearer endpoint.
   * Runs that classify with their text tower's head (FLYP, ARF) are evaluated on every split with the
-    head rebuilt from the merged text tower, not the merged head tensor (load_run_weights);
-    TPGM fits its radii with the projected head tensor (no text forward per step), then evaluates so.
+    head rebuilt from the merged text tower, not the merged head tensor (load_run_weights). TPGM
+    fits their radii through that head too, rebuilt differentiably from the projected text tower at
+    every step (all the task's templates up to TPGM_TEMPLATES, else that many drawn per step), so the
+    text tower's radii are fitted and the fitted model is the evaluated one.
   * TPGM uses the L2 norm per tensor, radii start at ‖Δ‖/2 (the official code's init), are kept in
     [0, ‖Δ‖] by projection after each Adam step, and see held-out images through the eval transform.
   * TPGM-C's penalty is the mean projection ratio γ_l/‖Δ_l‖ over tensors, so μ does not depend on the
@@ -47,9 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (TransformedImages, atomic_save, autocast, classification_metrics, collate_skipping_bad, evaluate_split,
-                    evaluate_task, get_device, load_clip, load_run, log_results, plot_id_vs_ood, rebuild_head_from_text,
-                    run_log_args, run_theta0, seed_everything, split_logits)
+from common import (TransformedImages, as_template_fns, atomic_save, autocast, classification_metrics, collate_skipping_bad,
+                    evaluate_split, evaluate_task, get_device, load_clip, load_run, log_results, plot_id_vs_ood,
+                    rebuild_head_from_text, run_log_args, run_theta0, seed_everything, split_logits)
 
 WISE_ALPHAS = "0:1:0.1"  # the paper's sweep; α = 0.5 is its default operating point
 TPGM_LR = 1e-2  # Adam on the radii (Tian et al.)
@@ -57,6 +59,7 @@ TPGM_STEPS = 200
 TPGM_BATCH = 128  # held-out images per radius step
 TPGM_INIT = 0.5  # radii start at this fraction of ‖θ_ft − θ0‖ (official TPGM code)
 TPGM_C_REG = 1.0  # μ: weight of TPGM-C's mean-ratio penalty (the Lipsum-FT paper sweeps 0.1–5)
+TPGM_TEMPLATES = 16  # a text-head run's radii see the head of all its templates up to this many, else this many per step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,12 +219,15 @@ def report_wise(curves: dict, out: str):
     plot_id_vs_ood(points, {f"WiSE-FT on {m}": [(al, v[0], v[1]) for al, v in c.items()] for m, c in means.items()}, out)
 
 
-def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: float, reg: float, device) -> dict:
+def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: float, reg: float, device,
+                text_head=None) -> dict:
     """TPGM's inner problem: Adam on the per-tensor radii γ [L] with θ0 and θ_ft fixed, minimising the
-    held-out CE (+ TPGM-C's penalty) of the projected model. `batches` yields held-out batches."""
+    held-out CE (+ TPGM-C's penalty) of the projected model. `batches` yields held-out batches; with
+    `text_head(params, step)` the head is rebuilt from the projected text tower (the head tensor itself
+    is not projected)."""
     device = torch.device(device)
     dist = tpgm_distances(state0, state1)
-    names = list(dist)
+    names = [k for k in dist if text_head is None or k != "head"]
     norms = torch.tensor([dist[k] for k in names], device=device)  # [L]
     theta0 = {k: state0[k].to(device) for k in names}
     delta = {k: (state1[k] - state0[k]).to(device) for k in names}
@@ -233,6 +239,8 @@ def learn_radii(model, state0: dict, state1: dict, batches, steps: int, lr: floa
         ratio = gamma / norms  # [L], within [0, 1] thanks to the projection below
         params = {k: theta0[k] + ratio[i] * delta[k] for i, k in enumerate(names)}  # θ0 + (γ/‖Δ‖)Δ
         with autocast(device):
+            if text_head is not None:
+                params["head"] = text_head(params, step)  # [K, D], from the projected text tower
             logits = torch.func.functional_call(model, params, (batch["image"].to(device),))  # [B, K]
         ce = F.cross_entropy(logits.float(), batch["label"].to(device))
         loss = ce + reg * ratio.mean()  # TPGM-C's penalty μ · mean_l γ_l/‖Δ_l‖ (μ = 0: TPGM)
@@ -255,7 +263,8 @@ def cmd_tpgm(a, device):
     batches = shuffled_batches(heldout.images, run.eval_tf, a.batch_size, run.seed, a.workers)
     print(f"{tag} on {run.dir}: {a.steps} Adam steps (lr {a.lr}) on '{heldout.name}' ({len(heldout.images)} images)")
     model = run.model
-    radii = learn_radii(model, state0, state1, batches, a.steps, a.lr, reg, device)
+    text_head = differentiable_text_head(model, run.task, run.seed) if run.meta.get("head_from_text") else None
+    radii = learn_radii(model, state0, state1, batches, a.steps, a.lr, reg, device, text_head)
     dist, names = tpgm_distances(state0, state1), list(radii)
     ratios = np.array([radii[k] / dist[k] for k in names])  # per tensor in OUT/radii.json
     print(f"learned radii ({tag}): γ/‖Δ‖ mean {ratios.mean():.3f}, min {ratios.min():.3f}, max {ratios.max():.3f}")
@@ -387,6 +396,25 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Runs in and out: θ0 and θ_ft of a run, merged weights loaded and saved as a run of their own
 # ----------------------------------------------------------------------------------------------
+def differentiable_text_head(model, task, seed: int):
+    """params, step -> the head of the text tower in `params` (clip.* tensors; the others are the model's):
+    n(mean_t n(g(template_t(class_k)))) like common.zeroshot_head, with gradient; over all templates up to
+    TPGM_TEMPLATES, else TPGM_TEMPLATES of them drawn per step from (seed, step)."""
+    fns = as_template_fns(task.templates)
+    device = model.head.device
+    tokens = model.tokenizer([fn(c) for c in task.classnames for fn in fns]).to(device).view(len(task.classnames), len(fns), -1)
+
+    def head(params: dict, step: int) -> torch.Tensor:
+        used = tokens if len(fns) <= TPGM_TEMPLATES else tokens[:, torch.randperm(
+            len(fns), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))[:TPGM_TEMPLATES].to(device)]
+        out = torch.func.functional_call(model.clip, {k[len("clip."):]: v for k, v in params.items() if k.startswith("clip.")},
+                                         (None, used.flatten(0, 1)), strict=False)
+        text = F.normalize((out["text_features"] if isinstance(out, dict) else out[1]).float(), dim=-1)  # [K·T, D]
+        return F.normalize(text.view(used.shape[0], used.shape[1], -1).mean(1), dim=-1)  # [K, D]
+
+    return head
+
+
 def run_endpoints(run, device) -> tuple:
     """(θ0, θ_ft) state dicts of a loaded run, what weight-space methods combine; θ0 is rebuilt as
     `setup` built it. If the model name or weights file changed since the run was trained (say, a

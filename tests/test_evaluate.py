@@ -61,6 +61,9 @@ def test_table_and_plot_keep_data_and_model_apart_and_skip_garbage_lines(tmp_pat
     for name in ("p-folder-ViT-B-16.png", "p-miniworld-miniclip.png"):  # one figure per (data, model)
         assert (tmp_path / name).stat().st_size > 1000 and f"wrote {name}" in out
     assert "2 figure(s): p-folder-ViT-B-16.png, p-miniworld-miniclip.png" in out
+    proc = run_script([str(REPO / "evaluate.py"), "plot", str(tmp_path), "--out", "q.png", "--methods", "lp"], cwd=tmp_path,
+                      check=False)
+    assert proc.returncode != 0 and "no rows of --methods lp" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_table_rows_are_configurations_named_by_what_differs_and_count_seeds(tmp_path, folder_data, tiny_model):
@@ -78,6 +81,35 @@ def test_table_rows_are_configurations_named_by_what_differs_and_count_seeds(tmp
     table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| ft")}
     assert table == {"ft (lr=1e-05)": "2", "ft (lr=3e-05)": "1"}, out
     assert "warning: runs/a and runs/c have one configuration and seed (0)" in out
+
+
+def test_plot_for_many_series_keeps_the_legend_off_the_axes_with_a_colour_per_family(tmp_path, monkeypatch):
+    """27 series (the reproduction's count) used to bury the axes under the legend, with colours repeating:
+    the legend sits outside the axes, a family's variants share its colour with their own markers, and
+    --methods draws a subset."""
+    import matplotlib.figure
+
+    import common
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    methods = ["ft", "lp", "kd", "ema", "l2sp", "featkd", "flyp", "car_ft", "lipsum_ft", "arf", "scratch", "lpft"]
+    points = [(f"{m} (v{v})" if v else m, 60 + i + v, 45 + v, 0.1, 0.1) for i, m in enumerate(methods) for v in range(2)]
+    curves = {f"WiSE-FT on {m}": [(a, 60 + 10 * a, 48 - a) for a in (0, 0.5, 0.8, 1)] for m in ("ft", "lipsum_ft", "arf")}
+    common.plot_id_vs_ood(points, curves, str(tmp_path / "p.png"))
+    fig = saved[0]
+    ax, legend = fig.axes[0], fig.axes[0].get_legend()
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes, not over them
+    colours, markers = {}, {}
+    for bars in ax.containers:  # one errorbar container per point
+        colours.setdefault(bars.get_label().split(" ")[0], set()).add(bars.lines[0].get_color())
+        markers.setdefault(bars.get_label().split(" ")[0], []).append(bars.lines[0].get_marker())
+    assert len(colours) == len(methods) and all(len(c) == 1 for c in colours.values())
+    assert len({c.pop() for c in colours.values()}) == len(methods)  # no two families share a colour
+    assert all(len(set(m)) == 2 for m in markers.values())  # a family's variants differ by marker
+    annotated = [t.get_text() for t in ax.texts]
+    assert annotated.count("α=0.5") == 3 and annotated.count("α=0.8") == 3
 
 
 def test_table_takes_a_folder_and_an_empty_results_file_is_one_message(tmp_path):

@@ -197,6 +197,29 @@ def test_tpgm_cli_uses_heldout_and_writes_radii(runs, monkeypatch):
     common.load_run(Path(runs["a"], "tpgm-c-reg0.5"), "cpu")  # the projected model is itself a loadable run
 
 
+def test_tpgm_on_flyp_fits_the_text_tower_through_the_head_it_evaluates(runs):
+    """A FLYP run classifies with the head of its text tower: TPGM must fit the text tower's radii through
+    that head (they used to keep their start value, 0.5, while the head was rebuilt from them at the end),
+    and the model whose held-out CE is minimised is the model evaluated."""
+    merge.main(["tpgm", "--ckpt", runs["flyp"], "--steps", "30", "--lr", "0.05", "--batch-size", "8"])
+    radii = json.loads(Path(runs["flyp"], "tpgm", "radii.json").read_text())
+    text = {k: r["ratio"] for k, r in radii.items() if k.startswith(("clip.transformer", "clip.token_embedding",
+                                                                           "clip.ln_final", "clip.text_projection"))}
+    assert text and "head" not in radii
+    assert sum(abs(r - merge.TPGM_INIT) > 1e-3 for r in text.values()) >= len(text) // 2, text  # they moved
+    run = common.load_run(runs["flyp"], "cpu")
+    state0, state1 = merge.run_endpoints(run, "cpu")
+    gamma = {k: r["radius"] for k, r in radii.items()}
+    params = {k: state0[k] + min(1.0, gamma[k] / r["dist"]) * (state1[k] - state0[k]) for k, r in radii.items()}
+    head = merge.differentiable_text_head(run.model, run.task, run.seed)
+    images = torch.stack([run.eval_tf(run.task.heldout.images.load(i)) for i in range(len(run.task.heldout.images))])
+    with torch.no_grad():
+        fitted = torch.func.functional_call(run.model, {**params, "head": head(params, 0)}, (images,))  # [N, K]
+        merge.load_run_weights(run, merge.tpgm_project(state0, state1, gamma))  # what `tpgm` evaluates and saves
+        evaluated = run.model(images)
+    assert torch.allclose(fitted, evaluated, atol=1e-4)
+
+
 def test_soups_and_ensembles_on_runs(runs):
     # a soup of N copies of one run is that run; an ensemble of one run is that run
     rows, _ = merge.main(["soup", "--kind", "uniform", "--ckpt", runs["a"], runs["a"], runs["a"], "--out", "runs/soup-copies"])
