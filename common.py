@@ -995,6 +995,23 @@ def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=
 
 
 PLOT_ALPHAS = (0.5, 0.8)  # the α written beside each WiSE-FT curve
+PLOT_MARKERS = "osD^vP*Xph<>"  # one per variant of a method family
+
+
+def series_styles(labels: list) -> dict:
+    """{label: (colour, marker)} for a figure of many series: one colour per method family (a label's first
+    word, "WiSE-FT on" and "+merge" aside: "lipsum_ft (lam=1 kld)" is lipsum_ft's), in order of first
+    appearance (ten strong colours, then ten light ones), and a marker per variant within a family."""
+    import matplotlib.pyplot as plt
+
+    family = lambda label: label.removeprefix("WiSE-FT on ").split(" ")[0].split("+")[0]  # noqa: E731
+    families = list(dict.fromkeys(family(label) for label in labels))
+    colour = {f: plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20] for i, f in enumerate(families)}
+    variants = {}
+    for label in dict.fromkeys(labels):
+        variants.setdefault(family(label), []).append(label)
+    return {label: (colour[family(label)], PLOT_MARKERS[variants[family(label)].index(label) % len(PLOT_MARKERS)])
+            for label in labels}
 
 
 def plot_id_vs_ood(points: list, curves: dict, out: str, id_label: str = "ID"):
@@ -1007,23 +1024,18 @@ def plot_id_vs_ood(points: list, curves: dict, out: str, id_label: str = "ID"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    family = lambda label: label.removeprefix("WiSE-FT on ").split(" ")[0].split("+")[0]  # noqa: E731
-    families = list(dict.fromkeys([family(c) for c in curves] + [family(p[0]) for p in points]))  # curves' first: strong colours
-    colour = {f: plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20] for i, f in enumerate(families)}
-    variants, markers = {}, "osD^vP*Xph<>"
+    style = series_styles([c for c in curves] + [p[0] for p in points])  # curves' families first: the strong colours
     fig, ax = plt.subplots(figsize=(11, 6))
     for label, x, y, xerr, yerr in points:
-        n = variants.setdefault(family(label), [])
-        n.append(label)
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[(len(n) - 1) % len(markers)], color=colour[family(label)],
-                    capsize=3, markersize=7, label=label)
+        colour, marker = style[label]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=colour, capsize=3, markersize=7, label=label)
     for label, pts in curves.items():
         pts = sorted(pts)
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--", marker=".", color=colour[family(label)], label=label)
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], "--", marker=".", color=style[label][0], label=label)
         for alpha, x, y in pts:
             if alpha in PLOT_ALPHAS:
                 ax.annotate(f"α={alpha:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=colour[family(label)])
+                            color=style[label][0])
     ax.set_xlabel(f"{id_label} accuracy (%)")
     ax.set_ylabel("OOD accuracy (mean over shifts, %)")
     ax.grid(alpha=0.3)

@@ -357,20 +357,24 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
     if len(points) >= 3:
         import matplotlib
 
+        import common
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         x, y = np.array([p[1] for p in points]), np.array([p[2] for p in points])
         r = float(np.corrcoef(x, y)[0, 1])
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for method in sorted({p[0] for p in points}):
+        fig, ax = plt.subplots(figsize=(10, 5))
+        methods = sorted({p[0] for p in points})
+        style = common.series_styles(methods)  # a colour per method family, a marker per variant
+        for method in methods:
             sel = [p for p in points if p[0] == method]
-            ax.scatter([p[1] for p in sel], [p[2] for p in sel], label=method)
+            ax.scatter([p[1] for p in sel], [p[2] for p in sel], label=method, color=style[method][0], marker=style[method][1])
         ax.set_xlabel("energy gap to the zero-shot model (OOD splits, 10,000 random texts)")
         ax.set_ylabel("OOD accuracy relative to zero-shot (%)")
         ax.set_title(f"Pearson r = {r:.2f} over {len(points)} runs")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(figures / "reproduce_energy_gap.png", dpi=120)
         lines += [f"Energy gap vs relative OOD accuracy (Figure 4 shape): Pearson r = {r:.2f} over {len(points)} runs "
@@ -381,7 +385,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
               "ΔID, ΔOOD and ΔZS (zero-shot transfer mean) are differences to FT (same seed), mean ± std over seeds. *Margin* is the OOD-mean margin over the",
               "WiSE-FT curve of that seed's FT run at equal ID, interpolated between neighbouring α (METHODS.md, Evaluation): > 0",
               "means robust beyond what interpolating towards zero-shot buys; '–' (or fewer seeds in brackets) where the ID is",
-              "outside the curve's range. Energy gap: ½‖v(θ) − v(θ0)‖² over 10,000 random texts, mean over the OOD splits.", "",
+              "outside the curve's range. Energy gap: ½ (v(θ) − v(θ0))² averaged over 10,000 random texts, mean over the OOD splits.", "",
               "| method | seeds | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | energy gap (OOD) |",
               "|---|---|---|---|---|---|---|", *paired_rows(paired_with_ft(rows, list(latest.values()))), ""]
 
