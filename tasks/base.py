@@ -129,8 +129,9 @@ def scan_class_folders(folder: Path, class_index: dict, dropped=()) -> tuple[lis
     paths, labels = [], []
     for sub in subfolders(folder):
         if sub.name in dropped:
-            if image_files(sub):
-                print(f"warning: class {sub.name!r} has no training images, so its {len(image_files(sub))} image(s) in "
+            unscored = len(image_files(sub))
+            if unscored:
+                print(f"warning: class {sub.name!r} has no training images, so its {unscored} image(s) in "
                       f"{folder.name}/ are not scored")
             continue
         if sub.name not in class_index:
