@@ -40,3 +40,12 @@ def test_retrieval_micro_exact_index_has_recall_one(capsys):
     retrieval.main(["--n", "3000", "--d", "32", "--queries", "50", "--threads", "1", "--no-write"])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3,000") or line.startswith("| 3000"))
     assert "1.000" in row  # below EXACT_MAX arf.build_index is exact: recall@10 vs torch's exact search is 1
+
+
+def test_grad_checkpointing_micro_table_has_both_configurations(tiny_model, capsys):
+    import grad_checkpointing
+
+    grad_checkpointing.main(["--model", tiny_model, "--batch-size", "2", "--rounds", "1", "--no-write"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| o")]
+    assert [r[1].strip() for r in rows] == ["off", "on"] and rows[0][3].strip() == "1.00"
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)

@@ -13,51 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, close, make_pool, run_script
+from conftest import METHODS, REPO, close, run_script, train_matrix
 
-DRIVER = """
-import json, runpy, sys
-for script, argv in json.loads(sys.argv[1]):
-    sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
-"""
-METHODS = ["lp", "ft", "lpft", "scratch", "ema", "l2sp", "kd", "featkd", "flyp", "lipsum_ft", "car_ft", "arf"]
-CONFIGS = {"one": [], "accum2": ["--grad-accum", "2"], "torchrun2": None}
 TWO_NODES = ("ft", "flyp")  # also run as torchrun --nnodes 2 --nproc-per-node 1 on localhost
 
 
 @pytest.fixture(scope="module")
 def finals(tmp_path_factory, tiny_model):
     """final.pt of every method under every configuration, trained once for the module."""
-    from conftest import COLOURS, write_images
-
     base = tmp_path_factory.mktemp("scale")
-    data = base / "folder"
-    for split, n in (("train", 12), ("test", 4), ("sketch", 4)):
-        for k, name in enumerate(["cat", "dog", "red_fox", "owl"]):
-            write_images(data / split / name, n, seed=hash((split, k)) % 2**32, colour=COLOURS[k])
-    (base / "caps.tsv").write_text("".join(f"{p}\ta {p.parent.name} number {p.stem}\n"
-                                           for p in sorted((data / "train").glob("*/*.jpg"))))
-    pool = make_pool(base / "pool", sorted((data / "train" / "owl").iterdir())[:3])
-    micro = ["--data", "folder", "--data-root", str(data), "--model", tiny_model, "--steps", "3", "--batch-size", "8",
-             "--lr", "1e-3", "--eval-every", "0", "--ckpt-every", "0", "--workers", "0", "--crop-scale", "0.5"]
-    extra = {"ema": ["--ema-decay", "0.5"], "lipsum_ft": ["--lam", "10"], "car_ft": ["--beta", "10"],
-             "arf": ["--captioner", "dataset", "--captions", str(base / "caps.tsv"), "--pool", str(pool), "--retrieve-k", "2",
-                     "--ret-batch-size", "4", "--cache", str(base / "cache")]}
-    (base / "driver.py").write_text(DRIVER)
-    out = {}
-    for config, flags in CONFIGS.items():
-        runs = base / config
-        jobs = []
-        for m in METHODS:
-            script = str(REPO / (f"{m}.py" if m in ("lipsum_ft", "car_ft", "arf") else "baselines.py"))
-            method = [] if m in ("lipsum_ft", "car_ft", "arf") else ["--method", m]
-            lp = ["--lp-run", str(runs / "lp")] if m == "lpft" else []
-            jobs.append((script, [*method, *micro, *(flags or []), *extra.get(m, []), *lp, "--out", str(runs / m)]))
-        launcher = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-                    if flags is None else [])
-        run_script([*launcher, str(base / "driver.py"), json.dumps(jobs)], cwd=base, env_extra={"OMP_NUM_THREADS": "1"})
-        out[config] = {m: torch.load(runs / m / "final.pt", weights_only=False)["model"] for m in METHODS}
+    out, jobs = train_matrix(base, tiny_model, port=29541)
     # two "nodes" of one process each on localhost (static rendezvous), for one CE and one contrastive method
     jobs = [(script, [*argv[:-1], str(base / "2nodes" / Path(argv[-1]).name)]) for script, argv in jobs
             if Path(argv[-1]).name in TWO_NODES]
@@ -69,7 +34,6 @@ def finals(tmp_path_factory, tiny_model):
         stdout, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, stdout[-2000:] + stderr[-2000:]
     out["2nodes"] = {m: torch.load(base / "2nodes" / m / "final.pt", weights_only=False)["model"] for m in TWO_NODES}
-    out["init"] = torch.load(base / "one" / "lp" / "final.pt", weights_only=False)["model"]  # LP: the image tower at θ0
     return out
 
 
@@ -79,7 +43,7 @@ def test_same_weights_as_one_process(finals, method, config):
     one, other = finals["one"][method], finals[config][method]
     assert set(one) == set(other)
     assert not close(one, other), f"{method} under {config}: {close(one, other)[:4]}"
-    moved = [k for k in one if k.startswith("clip.visual") and not torch.equal(one[k], finals["init"][k])]
+    moved = [k for k in one if k.startswith("clip.visual") and not torch.equal(one[k], finals["one"]["zeroshot"][k])]
     assert moved or method == "lp", f"{method} did not train its image tower"  # not a comparison of untouched models
 
 
