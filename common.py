@@ -897,7 +897,8 @@ def check_batch_independent(env: Env, model: ClipClassifier, noise: Optional[Key
     rng = np.random.default_rng(0)
     images = torch.stack([env.eval_tf(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
                           for _ in range(PROBE_SAMPLES)]).to(env.device)  # [P, 3, H, W]
-    texts = env.tokenizer([f"a photo of a {w}." for w in ("cat", "dog", "bird")][:PROBE_SAMPLES]).to(env.device)  # [P, ctx]
+    prompts = [t(c) for c in env.task.classnames for t in as_template_fns(env.task.templates)[:1]][:PROBE_SAMPLES]
+    texts = env.tokenizer(prompts).to(env.device)  # [P, ctx]: the task's own prompts (a tokenizer may know no others)
     run = {"image": model.clip.encode_image, "text": model.clip.encode_text}
     for tower in trained_towers(model.clip):
         x = images if tower == "image" else texts

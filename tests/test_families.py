@@ -85,9 +85,10 @@ def test_a_random_layer_that_cannot_be_keyed_stops_at_once_naming_it(tmp_path, f
     assert not (tmp_path / "runs" / "pd" / "log.jsonl").exists() or not (tmp_path / "runs" / "pd" / "log.jsonl").read_text()
 
 
-def test_grad_checkpointing_gives_the_same_weights(tmp_path, folder_data, tiny_model):
-    run_script(micro(folder_data, tiny_model, "runs/plain"), cwd=tmp_path)
-    run_script(micro(folder_data, tiny_model, "runs/ckpt", "--grad-checkpointing"), cwd=tmp_path)
+@pytest.mark.parametrize("method", ["ft", "flyp"])  # the image tower; both towers
+def test_grad_checkpointing_gives_the_same_weights(tmp_path, folder_data, tiny_model, method):
+    run_script(micro(folder_data, tiny_model, "runs/plain", "--method", method), cwd=tmp_path)
+    run_script(micro(folder_data, tiny_model, "runs/ckpt", "--method", method, "--grad-checkpointing"), cwd=tmp_path)
     a, b = (torch.load(tmp_path / "runs" / r / "final.pt", weights_only=False)["model"] for r in ("plain", "ckpt"))
     assert not close(a, b, atol=1e-6)
     args = json.loads((tmp_path / "runs" / "ckpt" / "args.json").read_text())
