@@ -139,7 +139,7 @@ def test_flyp_trains_both_towers_and_scale_not_head(tiny):
     model, task, batch = tiny
     recipe = wiring("flyp", model, task)
     assert isinstance(recipe.loss_fn, common.ContrastiveLoss)  # over the global batch (tests/test_scale.py)
-    loss, terms = recipe.loss_fn.loss(recipe.loss_fn.embed(model, batch, 0), model.scale)
+    loss, terms = recipe.loss_fn.loss(recipe.loss_fn.embed(model, batch, 0), model.scale, None)  # no logit bias: InfoNCE
     loss.backward()
     assert model.clip.token_embedding.weight.grad is not None and model.clip.visual.conv1.weight.grad is not None
     assert model.clip.logit_scale.grad is not None and model.head.grad is None
