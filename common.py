@@ -717,7 +717,9 @@ def encode_text(clip, tokens: torch.Tensor) -> torch.Tensor:
     batch's last EOT cut off. Same result as clip.encode_text(tokens, normalize=True) (up to round-off)
     for CLIP's causal text tower pooled at the EOT token (its argmax id), since no position attends to
     the padding after it; cheaper in proportion: a random text of 8 words fills 10 of OpenAI CLIP's 77
-    positions. Other towers (bidirectional, 'last'/'mean' pooling) run on the full context."""
+    positions. Other towers run on the full context: a bidirectional one (every position sees the
+    padding) or one pooled elsewhere ('last', 'first', 'eos', a [CLS], an HF tower), e.g. SigLIP's,
+    bidirectional and pooled at the last position of the padded context."""
     text = getattr(clip, "text", clip)  # CustomTextCLIP keeps its tower in .text, CLIP on itself
     causal_eot = getattr(text, "attn_mask", None) is not None and getattr(
         clip, "text_pool_type", getattr(text, "pool_type", None)) == "argmax"
