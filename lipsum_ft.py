@@ -136,12 +136,11 @@ def hf_text_layout(tokenizer) -> tuple[list, list, int, torch.Tensor]:
     """(prefix, suffix, pad, vocab) of a Hugging Face tokenizer behind open_clip (HFTokenizer,
     SigLipTokenizer): the special ids it puts before and after a text's ids (found on LAYOUT_PROBE, with
     and without special tokens), its padding id, and its ids that are not special [V']."""
-    hf = getattr(tokenizer, "tokenizer", None)
-    name = type(tokenizer).__name__
-    if hf is None or not callable(hf) or getattr(hf, "pad_token_id", None) is None or getattr(tokenizer, "tokenizer_mode", ""):
-        raise SystemExit(f"error: Lipsum-FT cannot lay out random texts the way this model's tokenizer ({name}"
-                         f"{', mode ' + repr(tokenizer.tokenizer_mode) if getattr(tokenizer, 'tokenizer_mode', '') else ''}) "
-                         "lays out real text: it knows open_clip's BPE, miniclip's words and plain Hugging Face tokenizers "
+    hf, mode = getattr(tokenizer, "tokenizer", None), getattr(tokenizer, "tokenizer_mode", "")
+    name = type(tokenizer).__name__ + (f" in mode {mode!r}" if mode else "")
+    if hf is None or not callable(hf) or getattr(hf, "pad_token_id", None) is None or mode:
+        raise SystemExit(f"error: Lipsum-FT cannot lay out random texts the way this model's tokenizer ({name}) lays "
+                         "out real text: it knows open_clip's BPE, miniclip's words and plain Hugging Face tokenizers "
                          "padded to the context. Use --text-guidance fixed (template texts, any tokenizer).")
     body = hf(LAYOUT_PROBE, add_special_tokens=False)["input_ids"]
     full = hf(LAYOUT_PROBE)["input_ids"]
@@ -180,6 +179,8 @@ def model_random_texts(clip, tokenizer, num_texts: int, length: int, generator: 
         sot, eot, vocab_size = specials
         return random_texts(num_texts, length, sot, eot, vocab_size, context, generator)
     prefix, suffix, pad, vocab = hf_text_layout(tokenizer)
+    embedded = getattr(clip, "vocab_size", None)  # the ids the text tower has embeddings for
+    vocab = vocab if embedded is None else vocab[vocab < embedded]  # [V']
     body = vocab[torch.randint(len(vocab), (num_texts, length), generator=generator)]  # [M, L]
     return laid_out_texts(body, prefix, suffix, pad, context)
 
