@@ -39,19 +39,21 @@ SIGLIP_WORDS = ("itap of a bad photo the origami large in video game art small .
                 "number copy image noise caption").split()
 
 
-def write_hf_tokenizer(folder: Path) -> Path:
+def write_hf_tokenizer(folder: Path, template: str = "$A </s>") -> Path:
     """A Hugging Face tokenizer laid out like SigLIP's: lower-cased words, an EOS appended, no start token,
-    padded with [PAD] (id 0) at the right; built with `tokenizers` and saved where
+    padded with [PAD] (id 0) at the right (another `template`, e.g. BERT's "[CLS] $A </s>", puts other
+    special tokens around the words); built with `tokenizers` and saved where
     transformers.AutoTokenizer.from_pretrained (open_clip's HFTokenizer) loads it."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(SIGLIP_WORDS))}}
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, "[CLS]": 3, **{w: i + 4 for i, w in enumerate(dict.fromkeys(SIGLIP_WORDS))}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>").save_pretrained(folder)
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", 2), ("[CLS]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>",
+                            cls_token="[CLS]").save_pretrained(folder)
     return folder
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import common
 import lipsum_ft
 from conftest import (assert_gradients_reach_only_image_tower_and_head, assert_script_trains_on_folders, perturb_,
-                      randn)
+                      randn, write_hf_tokenizer)
 
 OPENAI_SPECIALS = dict(sot=49406, eot=49407, vocab_size=49408)
 
@@ -83,7 +83,7 @@ def test_random_texts_change_every_step_and_repeat_for_the_same_step():
     assert not torch.equal(texts(0, 5), texts(1, 5))
 
 
-def test_random_texts_follow_a_hugging_face_tokenizers_layout(tiny_siglip):
+def test_random_texts_follow_a_hugging_face_tokenizers_layout(tiny_siglip, tmp_path):
     """SigLIP's tokenizer (HF, through open_clip's HFTokenizer): no start token, ids then its EOS, then
     [PAD] up to the context, where its tower pools (the last position); laid out as it lays out real text."""
     from open_clip.tokenizer import HFTokenizer
@@ -100,6 +100,10 @@ def test_random_texts_follow_a_hugging_face_tokenizers_layout(tiny_siglip):
     for text in ["a photo of a cat.", "owl", "itap of the large red fox on the grass"]:  # real texts: the tokenizer's own rows
         ids = torch.tensor([hf(text, add_special_tokens=False)["input_ids"]])  # [1, L]
         assert torch.equal(lipsum_ft.laid_out_texts(ids, prefix, suffix, pad, 16), tok([text]))
+    bert = HFTokenizer(str(write_hf_tokenizer(tmp_path / "bert", "[CLS] $A </s>")), context_length=12)  # a [CLS] first
+    texts = lipsum_ft.model_random_texts(clip, bert, 50, 8, torch.Generator().manual_seed(0))
+    assert (texts[:, 0] == 3).all() and (texts[:, 9] == 2).all() and (texts[:, 10:] == 0).all()
+    assert not torch.isin(texts[:, 1:9], torch.tensor([0, 1, 2, 3])).any()
     with pytest.raises(SystemExit, match="exceed the text context"):
         lipsum_ft.model_random_texts(clip, HFTokenizer(hf.name_or_path, context_length=8), 3, 8, torch.Generator())
     with pytest.raises(SystemExit, match="cannot lay out random texts .*'clips'"):  # [CLS] after the padding: refused
