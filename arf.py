@@ -11,7 +11,8 @@ BLIP-2 in the paper), and image-text pairs retrieved from a pretraining-like poo
 similarity (image-text anchors, CC3M in the paper).
 
     L_ARF = W_FT · L(x, "a photo of a y") + W_CAP · L(x, caption(x)) + W_RET · L(x_r, t_r)
-    L(I, T) = ½ [CE(s·n(f(I)) n(g(T))ᵀ, ids) + CE(s·n(g(T)) n(f(I))ᵀ, ids)]      (symmetric InfoNCE)
+    L(I, T) = ½ [CE(s·n(f(I)) n(g(T))ᵀ, ids) + CE(s·n(g(T)) n(f(I))ᵀ, ids)]      (symmetric InfoNCE;
+              SigLIP: its sigmoid loss with its logit bias b, the loss each model was pretrained with)
 
 Choices where the paper is silent:
   * Weights 1:1:1. Retrieval by the frozen image tower's cosine similarity, k nearest per training image,
@@ -19,8 +20,8 @@ Choices where the paper is silent:
     step stays within 2x FT's on ViT-B/16), from its own StepBatchSampler stream: resumed exactly.
   * Duplicate class prompts (and identical captions) in a batch are positives of each other, not false
     negatives; each InfoNCE is over the global batch, exact under torchrun and --grad-accum
-    (common.ContrastiveLoss). The logit scale trains, clamped at 100 like open_clip's; the head is
-    rebuilt from the fine-tuned text tower for every evaluation.
+    (common.ContrastiveLoss). The logit scale (and SigLIP's bias) trains, the scale clamped at 100 like
+    open_clip's; the head is rebuilt from the fine-tuned text tower for every evaluation.
   * The anchors are prepared before training (below `main`): captions (the data's, a TSV, or BLIP-2) and
     retrieval from --pool or the dataset's own pool (miniworld's). Under torchrun every process captions
     and embeds its share; each finished batch of captions and chunk of embeddings is on disk at once (a
@@ -45,8 +46,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (ContrastiveLoss, FileImages, TrainArgs, TransformedImages, append_lines, autocast, barrier,
-                    check_batch, clip_contrastive_loss, collate_skipping_bad, encode_text, finish, is_main_process,
-                    parse_args, set_trainable, setup, train)
+                    check_batch, collate_skipping_bad, encode_text, finish, is_main_process, parse_args,
+                    pretraining_loss, set_trainable, setup, train)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
@@ -85,18 +86,17 @@ PRESETS = {"imagenet": dict(captioner="blip2", retrieve_k=4), "domainnet": dict(
 
 
 def arf_loss(image_emb, class_emb, labels, logit_scale, caption_emb=None, caption_ids=None,
-             ret_image_emb=None, ret_text_emb=None, ret_ids=None):
+             ret_image_emb=None, ret_text_emb=None, ret_ids=None, logit_bias=None):
     """L_ARF = W_FT·L(x, prompt) + W_CAP·L(x, caption) + W_RET·L(x_r, t_r); an anchor left None is off.
-    Duplicate class prompts (labels), captions (caption_ids) and retrieved captions (ret_ids) are
-    positives of each other."""
-    l_ft = clip_contrastive_loss(image_emb, class_emb, logit_scale, labels)
-    terms = {"l_ft": l_ft.detach()}
-    loss = W_FT * l_ft
+    L is the pretraining loss (common.pretraining_loss: with logit_bias, SigLIP's sigmoid loss). Duplicate
+    class prompts (labels), captions (caption_ids) and retrieved captions (ret_ids) are positives of each other."""
+    l_ft = pretraining_loss(image_emb, class_emb, logit_scale, logit_bias, labels)
+    loss, terms = W_FT * l_ft, {"l_ft": l_ft.detach()}
     if caption_emb is not None:
-        l_cap = clip_contrastive_loss(image_emb, caption_emb, logit_scale, caption_ids)
+        l_cap = pretraining_loss(image_emb, caption_emb, logit_scale, logit_bias, caption_ids)
         loss, terms["l_cap"] = loss + W_CAP * l_cap, l_cap.detach()
     if ret_image_emb is not None:
-        l_ret = clip_contrastive_loss(ret_image_emb, ret_text_emb, logit_scale, ret_ids)
+        l_ret = pretraining_loss(ret_image_emb, ret_text_emb, logit_scale, logit_bias, ret_ids)
         loss, terms["l_ret"] = loss + W_RET * l_ret, l_ret.detach()
     return loss, terms
 
@@ -127,9 +127,9 @@ def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None
             rows.update(ret_image=img[n:], ret_text=txt[k + n * bool(captions):], ret_id=text_ids(ret_texts, device))
         return rows
 
-    def loss(rows, scale):
+    def loss(rows, scale, bias):
         return arf_loss(rows["image"], rows["class_text"], rows["label"], scale, rows.get("caption"), rows.get("caption_id"),
-                        rows.get("ret_image"), rows.get("ret_text"), rows.get("ret_id"))
+                        rows.get("ret_image"), rows.get("ret_text"), rows.get("ret_id"), bias)
 
     return ContrastiveLoss(embed, loss)
 

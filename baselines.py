@@ -20,6 +20,7 @@
       L_KD        = L_FT + λ τ² · KL(softmax(z0/τ) ‖ softmax(z/τ))  (z0 = zero-shot logits, same batch)
       L_FeatKD    = L_FT + λ · ‖f_θ(x) − f_θ0(x)‖²
       L_FLYP      = ½ [CE(S, I) + CE(Sᵀ, I)],  S_ij = s · n(f_θ(x_i)) · n(g_φ(prompt(y_j)))
+                    (SigLIP: −(1/B) Σ_ij log σ(y_ij (S_ij + b)), y_ij = ±1, its pretraining loss)
       EMA         θ_ema ← m · θ_ema + (1 − m) · θ after every step, θ_ema = θ0 at the start
 
 Choices where the papers are silent:
@@ -34,14 +35,14 @@ Choices where the papers are silent:
     (no warm-up of m); only trainable weights are averaged (the frozen ones are equal anyway). The
     average is kept by common.train (`ema_decay`), which scores it on the held-out slice and returns it.
   * FLYP false negatives: a batch holds several images of one class, so prompt j ≠ i can equal image i's
-    own prompt. We mask those pairs out of both softmaxes (common.clip_contrastive_loss's "masked" rule);
-    with no duplicates the loss is exactly CLIP's. FLYP's code keeps them as negatives (set
-    FLYP_DUPLICATES to "negative"). Prompts: FLYP's data has one row per (image, template) over all of
-    the dataset's templates, so an epoch pairs each image with a random template; here image i at step
-    t gets template `flyp_template_ids(seed, t, i)` of the task's set (a pure function: the same in every
+    own prompt. We mask those pairs out of both softmaxes (common.clip_contrastive_loss's "masked" rule;
+    out of the sigmoid loss's sum on SigLIP); with no duplicates the loss is exactly CLIP's (SigLIP's).
+    FLYP's code keeps them as negatives (set FLYP_DUPLICATES to "negative"). Prompts: FLYP's data has
+    one row per (image, template) over all of the dataset's templates, so an epoch pairs each image with
+    a random template; here image i at step t gets template `flyp_template_ids(seed, t, i)` of the task's set (a pure function: the same in every
     process, micro-batch and resumed run). `--flyp-prompt single` is the ablation with one prompt,
     FLYP_TEMPLATE, for every image. Evaluation uses the head rebuilt from the fine-tuned text tower with
-    the task's full template set. The logit scale is
+    the task's full template set. The logit scale (and a SigLIP's logit bias) trains; the scale is
     clamped to ≤ 100 after each step (common.train, as in open_clip's training). The loss is over the
     global batch under torchrun and --grad-accum (common.ContrastiveLoss: features gathered with
     gradient; open_clip's feature cache, one extra no-grad forward per micro-batch when accumulating).
@@ -66,8 +67,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, clip_contrastive_loss, cosine_logits,
-                    encode_text, finish, frozen_copy, parse_args, set_trainable, setup, train)
+from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, cosine_logits, encode_text, finish,
+                    frozen_copy, parse_args, pretraining_loss, set_trainable, setup, train)
 
 EMA_WINDOW = 0.2  # EMA averaging window 1/(1 − m) as a fraction of the run
 FLYP_TEMPLATE = "a photo of a {}."  # the one training prompt of --flyp-prompt single
@@ -128,11 +129,12 @@ def featkd_loss(logits, labels, feats, feats0, lam: float):
     return ce + lam * dist, {"ce": ce.detach(), "featkd": dist.detach()}
 
 
-def flyp_loss(image_emb, text_emb, labels, scale, duplicates: str = FLYP_DUPLICATES):
-    """CLIP's symmetric InfoNCE between n(f(x_i)) and n(g(prompt(y_i))), both [B, D]; the pair (i, i) is
+def flyp_loss(image_emb, text_emb, labels, scale, duplicates: str = FLYP_DUPLICATES, bias=None):
+    """The pretraining loss between n(f(x_i)) and n(g(prompt(y_i))), both [B, D]: CLIP's symmetric InfoNCE,
+    or SigLIP's sigmoid loss when the model has a logit bias (common.pretraining_loss); the pair (i, i) is
     the positive, same-class pairs are masked (or, duplicates="negative", kept as negatives)."""
-    loss = clip_contrastive_loss(image_emb, text_emb, scale, labels if duplicates == "masked" else None, "masked")
-    return loss, {"contrastive": loss.detach(), "scale": scale.detach()}
+    loss = pretraining_loss(image_emb, text_emb, scale, bias, labels if duplicates == "masked" else None, "masked")
+    return loss, {"contrastive": loss.detach(), "scale": scale.detach(), **({} if bias is None else {"bias": bias.detach()})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,8 +253,8 @@ def flyp(model, args, task) -> Recipe:
         text = encode_text(m.clip, torch.stack([tokens[p] for p in pairs]).to(device))[inverse.to(device)]  # [B, D]
         return {"image": m.image_features(batch["image"]), "text": text, "label": batch["label"]}
 
-    def loss(rows, scale):
-        return flyp_loss(rows["image"], rows["text"], rows["label"], scale)
+    def loss(rows, scale, bias):
+        return flyp_loss(rows["image"], rows["text"], rows["label"], scale, bias=bias)
 
     return Recipe(ContrastiveLoss(embed, loss), tag="" if args.flyp_prompt == "random" else "prompt=single", head_from_text=True)
 

@@ -450,9 +450,9 @@ def backward_global_batch(stepper, micro: list, step: int, world: int, device, r
                 parts = [own if i == j else c for i, c in enumerate(cached)] or [own]
                 rows = {k: torch.cat([p[k] for p in parts]) for k in own}
                 rows = gather_rows(rows) if world > 1 else rows
-                scale = model.scale  # its gradient counted once per step, not once per pass:
-                scale = scale.detach() + (scale - scale.detach()) / accum if accum > 1 else scale
-                loss, terms = loss_fn.loss(rows, scale)
+                # the scale's (and a SigLIP bias's) gradient counted once per step, not once per pass:
+                scale, bias = (once_per_step(t, accum) for t in (model.scale, getattr(model.clip, "logit_bias", None)))
+                loss, terms = loss_fn.loss(rows, scale, bias)
             check_finite(loss, terms, step, run)
             loss.backward()
     return scalars(loss, terms)  # every pass computes the same full-batch loss
@@ -651,7 +651,9 @@ def cosine_logits(features: torch.Tensor, head: torch.Tensor, scale) -> torch.Te
 
 
 class ClipClassifier(nn.Module):
-    """A CLIP plus a linear head W [K, D]; logits = s · n(f(x)) @ Wᵀ with s = exp(logit_scale)."""
+    """A CLIP plus a linear head W [K, D]; logits = s · n(f(x)) @ Wᵀ with s = exp(logit_scale). A SigLIP's
+    bias b (clip.logit_bias) is left out on purpose: it adds the same b to every class's logit, and a
+    softmax over classes cancels it, so accuracy, NLL and ECE are those of s · n(f(x)) @ Wᵀ + b."""
 
     def __init__(self, clip: nn.Module, head: torch.Tensor, tokenizer=None):
         super().__init__()
@@ -695,6 +697,8 @@ def set_trainable(model: ClipClassifier, image: bool = True, text: bool = False,
                 p.requires_grad_(True)
     model.head.requires_grad_(head)
     model.clip.logit_scale.requires_grad_(scale)
+    if getattr(model.clip, "logit_bias", None) is not None:  # SigLIP's bias b trains wherever its scale s does
+        model.clip.logit_bias.requires_grad_(scale)
     return model
 
 
@@ -725,7 +729,9 @@ def encode_text(clip, tokens: torch.Tensor) -> torch.Tensor:
     batch's last EOT cut off. Same result as clip.encode_text(tokens, normalize=True) (up to round-off)
     for CLIP's causal text tower pooled at the EOT token (its argmax id), since no position attends to
     the padding after it; cheaper in proportion: a random text of 8 words fills 10 of OpenAI CLIP's 77
-    positions. Other towers (bidirectional, 'last'/'mean' pooling) run on the full context."""
+    positions. Other towers run on the full context: a bidirectional one (every position sees the
+    padding) or one pooled elsewhere ('last', 'first', 'eos', a [CLS], an HF tower), e.g. SigLIP's,
+    bidirectional and pooled at the last position of the padded context."""
     text = getattr(clip, "text", clip)  # CustomTextCLIP keeps its tower in .text, CLIP on itself
     causal_eot = getattr(text, "attn_mask", None) is not None and getattr(
         clip, "text_pool_type", getattr(text, "pool_type", None)) == "argmax"
@@ -967,14 +973,48 @@ def clip_contrastive_loss(image_emb, text_emb, scale, groups=None, duplicates: s
     return (F.cross_entropy(logits, ids) + F.cross_entropy(logits.t(), ids)) / 2
 
 
+def sigmoid_contrastive_loss(image_emb, text_emb, scale, bias, groups=None, duplicates: str = "positive") -> torch.Tensor:
+    """SigLIP's sigmoid loss of unit-norm pairs image_emb, text_emb [B, D] at temperature s (already
+    exponentiated) and bias b: every pair (i, j) is its own binary problem, "is text j image i's?",
+
+        z_ij = s · ⟨image_i, text_j⟩ + b,   y_ij = +1 if j = i else −1,   L = −(1/B) Σ_ij log σ(y_ij · z_ij)
+
+    (Zhai et al. 2023, eq. 1; the sum over every pair, divided by the number of images). `groups` [B]
+    marks duplicates as in clip_contrastive_loss, with the same two rules:
+      duplicates="positive"  a pair i ≠ j of one group is a positive too, y_ij = +1 (ARF);
+      duplicates="masked"    a pair i ≠ j of one group is left out of the sum (FLYP); the 1/B stays.
+    Without duplicates both are exactly SigLIP's loss."""
+    logits = (scale * image_emb @ text_emb.t() + bias).float()  # [B, B]: z_ij
+    ids = torch.arange(len(logits), device=logits.device)
+    positive = ids[:, None] == ids[None, :]  # [B, B]: the pairs (i, i)
+    kept = torch.ones_like(positive)  # [B, B]: the pairs in the sum
+    if groups is not None:
+        if duplicates not in ("positive", "masked"):
+            raise ValueError(f"duplicates must be 'positive' or 'masked', not {duplicates!r}")
+        same = groups[:, None] == groups[None, :]  # [B, B], symmetric
+        positive, kept = (same, kept) if duplicates == "positive" else (positive, ~same | positive)
+    labels = positive.float() * 2 - 1  # [B, B]: y_ij = ±1
+    return -(F.logsigmoid(labels * logits) * kept).sum() / len(logits)
+
+
+def pretraining_loss(image_emb, text_emb, scale, bias=None, groups=None, duplicates: str = "positive") -> torch.Tensor:
+    """The loss the CLIP was pretrained with, the one rule of FLYP and ARF: a model with a learned logit
+    bias (SigLIP: clip.logit_bias) was pretrained with the sigmoid loss (sigmoid_contrastive_loss), any
+    other with InfoNCE (clip_contrastive_loss). `bias` is clip.logit_bias, or None where there is none."""
+    if bias is None:
+        return clip_contrastive_loss(image_emb, text_emb, scale, groups, duplicates)
+    return sigmoid_contrastive_loss(image_emb, text_emb, scale, bias, groups, duplicates)
+
+
 @dataclass
 class ContrastiveLoss:
     """A loss over the whole global batch (InfoNCE: every row is a negative of every other), split in two
     so that common.train can make it exact under torchrun and gradient accumulation:
       embed(model, batch, step) -> {name: [b, ...]}   a micro-batch's rows: embeddings (with gradient)
                                                       and integer group ids
-      loss(rows, scale) -> (loss, terms)              the loss on the rows of every micro-batch of the
-                                                      step on every process, at temperature `scale`
+      loss(rows, scale, bias) -> (loss, terms)        the loss on the rows of every micro-batch of the
+                                                      step on every process, at temperature `scale`, with
+                                                      the model's logit bias (None: it has none)
     train() gathers the rows across processes with gradient (open_clip's gather_features) and, under
     --grad-accum A, uses open_clip's feature-cache scheme: one no-grad embedding pass over the A
     micro-batches, then each micro-batch re-embedded with gradient and the full loss backpropagated
@@ -982,6 +1022,12 @@ class ContrastiveLoss:
     every micro-batch when A > 1, and nothing extra when A = 1."""
     embed: Callable
     loss: Callable
+
+
+def once_per_step(t: Optional[torch.Tensor], accum: int) -> Optional[torch.Tensor]:
+    """t with its gradient divided by accum (its value unchanged): every one of the step's accum passes
+    backpropagates the full-batch loss into it, and the step must count its gradient once."""
+    return t if t is None or accum == 1 else t.detach() + (t - t.detach()) / accum
 
 
 

@@ -19,10 +19,20 @@ CLIP sits near 20, where a hard-coded 100 would make R 25x too strong). The ener
 R's expectation, measured with 10,000 random texts: `--report-energy-gap CKPT`.
 
 Choices where the paper is silent:
-  * A random text is [SOT] + L ids uniform over the vocabulary without padding (0), SOT and EOT,
-    + [EOT], then padding. (The official code draws ids from [0, SOT), i.e. it includes 0.) The texts
-    are a function of (seed, step): new every step, the same on every process, and the same again
-    after --resume, so a resumed run is bit-identical.
+  * A random text is L ids uniform over the tokenizer's vocabulary without its special ids, laid out
+    exactly as the tokenizer lays out a real text of L tokens, so that the text tower pools it where it
+    pools real text (the EOT at the argmax id, the last or first position, a [CLS]): for open_clip's BPE
+    (and miniclip's words) [SOT] + ids + [EOT] + padding 0 (the official code draws ids from [0, SOT),
+    i.e. it includes 0); for a Hugging Face tokenizer (SigLIP's, through open_clip's HFTokenizer) the
+    tokenizer's own prefix and suffix (found by tokenizing LAYOUT_PROBE with and without special
+    tokens: SigLIP's is no start token and an EOS after the ids) + its padding to the context length,
+    which is where SigLIP's tower (pool_type "last") reads the text. A tokenizer laid out otherwise
+    (open_clip's "clips" mode, left padding) stops with a message at once. The texts are a function of
+    (seed, step): new every step, the same on every process, and the same again after --resume, so a
+    resumed run is bit-identical.
+  * Energies leave out a SigLIP's logit bias b: in R both sides share the frozen b (it cancels), and in
+    the energy gap a moved b would shift every energy of an image alike, which says nothing about the
+    image-text link R protects.
   * θ0 is a frozen copy of the image tower in eval mode, run on the same augmented batch under no_grad;
     text features come from the (frozen) text tower once per step; energies, R and the energy gap are
     computed in float32 with autocast off (bf16 would round away the differences R measures near θ0).
@@ -37,6 +47,7 @@ Run:  python lipsum_ft.py                                   (miniworld + minicli
 """
 import json
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -50,6 +61,7 @@ TEXT_LENGTH = 8  # L, random tokens per text (paper: 8; much shorter or longer t
 ENERGY_GAP_TEXTS = 10_000  # texts of the energy-gap metric (paper: 10,000 of length 8)
 ENERGY_GAP_IMAGES = 2_000  # images per test split scored by the energy gap (evenly spaced subset)
 ENERGY_GAP_SEED = 0  # the same texts for every checkpoint, so gaps are comparable
+LAYOUT_PROBE = "a photo of a cat."  # a real text, tokenized to see where a Hugging Face tokenizer puts its special tokens
 
 
 @dataclass
@@ -98,8 +110,9 @@ def lipsum_ft_loss(logits, labels, image_features, image_features_init, text_fea
 
 def random_texts(num_texts: int, length: int, sot: int, eot: int, vocab_size: int, context_length: int,
                  generator: torch.Generator) -> torch.Tensor:
-    """Token ids [M, context]: [SOT] + `length` ids uniform over [1, vocab) without SOT/EOT + [EOT] + 0s.
-    EOT must stay the largest id in each row: open_clip pools the text at the argmax token."""
+    """Token ids [M, context] laid out as open_clip's BPE lays out a text: [SOT] + `length` ids uniform over
+    [1, vocab) without SOT/EOT + [EOT] + 0s. EOT must stay the largest id in each row: open_clip pools
+    CLIP's text at the argmax token."""
     assert length + 2 <= context_length, f"{length} random tokens + SOT + EOT exceed the context ({context_length})"
     vocab = torch.arange(1, vocab_size)
     vocab = vocab[(vocab != sot) & (vocab != eot)]  # [V-3]: no padding, no special tokens
@@ -110,17 +123,66 @@ def random_texts(num_texts: int, length: int, sot: int, eot: int, vocab_size: in
     return tokens
 
 
-def special_token_ids(tokenizer) -> tuple[int, int, int]:
-    """(sot, eot, vocab_size) of an open_clip SimpleTokenizer or the miniworld word tokenizer."""
+def special_token_ids(tokenizer) -> Optional[tuple[int, int, int]]:
+    """(sot, eot, vocab_size) of an open_clip SimpleTokenizer or the miniworld word tokenizer; None for
+    any other tokenizer (a Hugging Face one: hf_text_layout)."""
+    if not hasattr(tokenizer, "sot_token_id") or not hasattr(tokenizer, "eot_token_id"):
+        return None
     vocab_size = getattr(tokenizer, "vocab_size", None) or len(tokenizer.encoder)
     return tokenizer.sot_token_id, tokenizer.eot_token_id, vocab_size
 
 
+def hf_text_layout(tokenizer) -> tuple[list, list, int, torch.Tensor]:
+    """(prefix, suffix, pad, vocab) of a Hugging Face tokenizer behind open_clip (HFTokenizer,
+    SigLipTokenizer): the special ids it puts before and after a text's ids (found on LAYOUT_PROBE, with
+    and without special tokens), its padding id, and its ids that are not special [V']."""
+    hf, mode = getattr(tokenizer, "tokenizer", None), getattr(tokenizer, "tokenizer_mode", "")
+    name = type(tokenizer).__name__ + (f" in mode {mode!r}" if mode else "")
+    if hf is None or not callable(hf) or getattr(hf, "pad_token_id", None) is None or mode:
+        raise SystemExit(f"error: Lipsum-FT cannot lay out random texts the way this model's tokenizer ({name}) lays "
+                         "out real text: it knows open_clip's BPE, miniclip's words and plain Hugging Face tokenizers "
+                         "padded to the context. Use --text-guidance fixed (template texts, any tokenizer).")
+    body = hf(LAYOUT_PROBE, add_special_tokens=False)["input_ids"]
+    full = hf(LAYOUT_PROBE)["input_ids"]
+    at = [i for i in range(len(full) - len(body) + 1) if body and full[i:i + len(body)] == body]
+    if not at or getattr(hf, "padding_side", "right") != "right":
+        raise SystemExit(f"error: Lipsum-FT cannot find where the tokenizer {name} puts a text's ids among its special "
+                         f"tokens ({body} in {full}, padding side {getattr(hf, 'padding_side', '?')}). "
+                         "Use --text-guidance fixed (template texts, any tokenizer).")
+    prefix, suffix = full[:at[0]], full[at[0] + len(body):]
+    if getattr(tokenizer, "strip_sep_token", False):  # HFTokenizer's option: the separator becomes 0
+        prefix, suffix = ([0 if t == hf.sep_token_id else t for t in part] for part in (prefix, suffix))
+    vocab = torch.arange(len(hf))
+    return prefix, suffix, hf.pad_token_id, vocab[~torch.isin(vocab, torch.tensor(hf.all_special_ids))]  # [V']
+
+
+def laid_out_texts(body: torch.Tensor, prefix: list, suffix: list, pad: int, context_length: int) -> torch.Tensor:
+    """Token ids [M, context]: prefix + body [M, L] + suffix, then padding, as the tokenizer lays out a text."""
+    n, length = len(prefix), body.shape[1]
+    if n + length + len(suffix) > context_length:
+        raise SystemExit(f"error: {length} random tokens and the tokenizer's {n + len(suffix)} special tokens "
+                         f"exceed the text context ({context_length})")
+    tokens = torch.full((len(body), context_length), pad, dtype=torch.long)  # [M, context]
+    tokens[:, :n] = torch.tensor(prefix, dtype=torch.long)
+    tokens[:, n:n + length] = body
+    tokens[:, n + length:n + length + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+    return tokens
+
+
 def model_random_texts(clip, tokenizer, num_texts: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """random_texts with the special ids, vocabulary and context length of this model's tokenizer: [M, context]."""
-    sot, eot, vocab_size = special_token_ids(tokenizer)
+    """Random texts laid out by this model's tokenizer, in its vocabulary and context length: [M, context].
+    open_clip's BPE and miniclip's words: random_texts; a Hugging Face tokenizer: random ids that are
+    not special, with its own special tokens and padding around them (hf_text_layout)."""
     context = getattr(tokenizer, "context_length", None) or clip.context_length
-    return random_texts(num_texts, length, sot, eot, vocab_size, context, generator)
+    specials = special_token_ids(tokenizer)
+    if specials is not None:
+        sot, eot, vocab_size = specials
+        return random_texts(num_texts, length, sot, eot, vocab_size, context, generator)
+    prefix, suffix, pad, vocab = hf_text_layout(tokenizer)
+    embedded = getattr(clip, "vocab_size", None)  # the ids the text tower has embeddings for
+    vocab = vocab if embedded is None else vocab[vocab < embedded]  # [V']
+    body = vocab[torch.randint(len(vocab), (num_texts, length), generator=generator)]  # [M, L]
+    return laid_out_texts(body, prefix, suffix, pad, context)
 
 
 def text_seed(seed: int, step: int) -> int:
@@ -135,6 +197,8 @@ def make_loss_fn(model, lam: float, seed: int, fixed_texts=None, reg_loss: str =
     [T, D] if given."""
     visual0 = frozen_copy(model.clip.visual)  # θ0
     device = model.head.device
+    if fixed_texts is None:  # a tokenizer whose texts cannot be laid out stops here, before any training
+        model_random_texts(model.clip, model.tokenizer, 1, TEXT_LENGTH, torch.Generator())
     cache = {}
 
     def text_features(step: int) -> torch.Tensor:

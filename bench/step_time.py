@@ -233,7 +233,8 @@ def main(argv=None):
         model, loss_fn, post_update, opt, method_batch = built[m]
         with common.autocast(device):
             if isinstance(loss_fn, common.ContrastiveLoss):  # one process, no accumulation: embed, then the loss
-                loss, _ = loss_fn.loss(loss_fn.embed(model, method_batch, k), model.scale)
+                rows, bias = loss_fn.embed(model, method_batch, k), getattr(model.clip, "logit_bias", None)
+                loss, _ = loss_fn.loss(rows, model.scale, bias)
             else:
                 loss, _ = loss_fn(model, method_batch, k)
         loss.backward()

@@ -33,6 +33,48 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
+# the words of the tests' prompts (open_clip's simple templates, the folder classes, a few more): the tiny
+# SigLIP's tokenizer knows them; any other word is its [UNK]
+SIGLIP_WORDS = ("itap of a bad photo the origami large in video game art small . cat dog red fox owl grass on "
+                "number copy image noise caption").split()
+
+
+def write_hf_tokenizer(folder: Path, template: str = "$A </s>") -> Path:
+    """A Hugging Face tokenizer laid out like SigLIP's: lower-cased words, an EOS appended, no start token,
+    padded with [PAD] (id 0) at the right (another `template`, e.g. BERT's "[CLS] $A </s>", puts other
+    special tokens around the words); built with `tokenizers` and saved where
+    transformers.AutoTokenizer.from_pretrained (open_clip's HFTokenizer) loads it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, "[CLS]": 3, **{w: i + 4 for i, w in enumerate(dict.fromkeys(SIGLIP_WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", 2), ("[CLS]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>",
+                            cls_token="[CLS]").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> str:
+    """Path of an open_clip config for a tiny random SigLIP-style CLIP (`--model PATH.json`): sigmoid-loss
+    parameters (a learned logit bias), a bidirectional text tower pooled at the last position of the
+    context, and a local Hugging Face tokenizer (open_clip's HFTokenizer, nothing downloaded)."""
+    folder = tmp_path_factory.mktemp("siglip")
+    tokenizer = write_hf_tokenizer(folder / "tokenizer")
+    vocab_size = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+    config = {"embed_dim": 32, "init_logit_bias": -10, "init_logit_scale": math.log(10), "custom_text": True,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": vocab_size, "hf_tokenizer_name": str(tokenizer),
+                           "width": 32, "heads": 2, "layers": 1, "no_causal_mask": True, "pool_type": "last",
+                           "proj_bias": True}}
+    path = folder / "tiny-siglip.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 def write_images(folder: Path, n: int, seed: int, size=(40, 40), fmt="JPEG", colour=None):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

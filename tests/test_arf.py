@@ -332,3 +332,33 @@ def test_pool_bad_rows_retrieval_and_embedding_cache(tmp_path, tiny_model):
     clip.encode_image = fail
     again, ok2 = arf.embed_images(clip, images, eval_tf, cache, 8, torch.device("cpu"))
     assert np.array_equal(np.asarray(again), np.asarray(emb)) and np.array_equal(ok, ok2)
+
+
+def test_arf_on_siglip_trains_with_the_sigmoid_loss_and_moves_its_bias(tmp_path, folder_data, tiny_siglip):
+    """On a model with a logit bias (SigLIP) each of ARF's losses is the sigmoid loss it was pretrained
+    with (duplicates positive), the bias gets a gradient, and a run moves it."""
+    torch.manual_seed(0)
+    clip, tok, _ = common.load_clip(tiny_siglip)
+    classes = ["cat", "dog", "owl"]
+    model = common.set_trainable(common.ClipClassifier(clip, zeroshot_head(clip, tok, classes, ["a photo of a {}."]), tok),
+                                 text=True, scale=True).train()
+    captions = ["a photo of the cat", "a dog on the grass", "a photo of the cat", "owl"]
+    loss_fn = arf.make_loss_fn(model, classes, captions)
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 0, 2]), "index": torch.arange(4)}
+    rows = loss_fn.embed(model, batch, 0)
+    scale, bias = model.scale, model.clip.logit_bias
+    loss, terms = loss_fn.loss(rows, scale, bias)
+    sig = common.sigmoid_contrastive_loss
+    want = (arf.W_FT * sig(rows["image"], rows["class_text"], scale, bias, batch["label"])
+            + arf.W_CAP * sig(rows["image"], rows["caption"], scale, bias, torch.tensor([0, 1, 0, 2])))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6) and set(terms) == {"l_ft", "l_cap"}
+    assert abs(terms["l_ft"].item() - common.clip_contrastive_loss(rows["image"], rows["class_text"], scale, batch["label"]).item()) > 1
+    loss.backward()
+    assert model.clip.logit_bias.grad.abs().item() > 0
+    caps = tmp_path / "caps.tsv"
+    caps.write_text("".join(f"{p}\ta {p.parent.name} number {p.stem}\n" for p in sorted(Path(folder_data, "train").glob("*/*.jpg"))))
+    run_script([str(REPO / "arf.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_siglip, "--steps", "2",
+                "--batch-size", "8", "--lr", "1e-2", "--workers", "0", "--captioner", "dataset", "--captions", str(caps),
+                "--no-ret", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run")], cwd=tmp_path)
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=False)["model"]
+    assert final["clip.logit_bias"].item() != -10.0

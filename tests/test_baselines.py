@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 import baselines
 import common
@@ -139,7 +139,7 @@ def test_flyp_trains_both_towers_and_scale_not_head(tiny):
     model, task, batch = tiny
     recipe = wiring("flyp", model, task)
     assert isinstance(recipe.loss_fn, common.ContrastiveLoss)  # over the global batch (tests/test_scale.py)
-    loss, terms = recipe.loss_fn.loss(recipe.loss_fn.embed(model, batch, 0), model.scale)
+    loss, terms = recipe.loss_fn.loss(recipe.loss_fn.embed(model, batch, 0), model.scale, None)  # no logit bias: InfoNCE
     loss.backward()
     assert model.clip.token_embedding.weight.grad is not None and model.clip.visual.conv1.weight.grad is not None
     assert model.clip.logit_scale.grad is not None and model.head.grad is None
@@ -240,3 +240,40 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     rebuilt = common.zeroshot_head(model.clip, model.tokenizer, task.classnames, task.templates)
     assert torch.allclose(final["flyp"]["head"], rebuilt, atol=1e-6)
     assert not torch.allclose(final["flyp"]["head"], theta0["head"], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------- SigLIP
+def test_flyp_on_siglip_trains_with_the_sigmoid_loss_and_its_bias(tiny_siglip):
+    """A model with a logit bias (SigLIP) was pretrained with the sigmoid loss: FLYP's loss is that one,
+    with same-class pairs masked, and the bias gets a gradient."""
+    torch.manual_seed(0)
+    clip, tok, _ = common.load_clip(tiny_siglip)
+    task = types.SimpleNamespace(classnames=["cat", "dog", "owl"], templates=["a photo of a {}.", "art of the {}."])
+    model = common.ClipClassifier(clip, common.zeroshot_head(clip, tok, task.classnames, task.templates), tok).train()
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 1]), "index": torch.arange(4)}
+    recipe = wiring("flyp", model, task)
+    assert model.clip.logit_bias.requires_grad
+    rows = recipe.loss_fn.embed(model, batch, 0)
+    scale, bias = model.scale, model.clip.logit_bias
+    loss, terms = recipe.loss_fn.loss(rows, scale, bias)
+    want = common.sigmoid_contrastive_loss(rows["image"], rows["text"], scale, bias, rows["label"], "masked")
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6) and terms["bias"].item() == -10.0
+    assert abs(loss.item() - common.clip_contrastive_loss(rows["image"], rows["text"], scale, rows["label"], "masked").item()) > 1
+    loss.backward()
+    assert model.clip.logit_bias.grad.abs().item() > 0 and model.clip.logit_scale.grad is not None
+
+
+def test_flyp_on_siglip_end_to_end_moves_the_bias_and_wise_interpolates_it(tmp_path, folder_data, tiny_siglip):
+    import merge
+
+    proc = run_script([str(REPO / "baselines.py"), "--method", "flyp", "--data", "folder", "--data-root", folder_data,
+                       "--model", tiny_siglip, "--steps", "3", "--batch-size", "8", "--lr", "1e-2", "--workers", "0",
+                       "--out", "runs/r"], cwd=tmp_path)
+    assert "Traceback" not in proc.stderr
+    log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["bias"] for r in log][0] == -10.0 and log[-1]["bias"] != -10.0  # the logged bias is the one trained
+    run = common.load_run(tmp_path / "runs" / "r", torch.device("cpu"))
+    state0, state1 = merge.run_endpoints(run, torch.device("cpu"))
+    b0, b1 = state0["clip.logit_bias"].item(), state1["clip.logit_bias"].item()
+    assert b0 == -10.0 and abs(b1 - b0) > 1e-3  # final.pt carries the trained bias
+    assert merge.wise(state0, state1, 0.5)["clip.logit_bias"].item() == pytest.approx((b0 + b1) / 2, abs=1e-6)

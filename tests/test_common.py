@@ -85,6 +85,20 @@ def test_encode_text_cut_padding_equals_full_context(tiny_model, custom_text):
     assert torch.allclose(common.encode_text(clip, tokens), clip.encode_text(tokens, normalize=True), atol=1e-6)
 
 
+def test_encode_text_of_a_siglip_tower_is_its_own_encode_text(tiny_siglip):
+    """SigLIP's text tower (bidirectional, pooled at the last position of the context, HF tokenizer
+    padding to the context): encode_text runs it on the full context, equal to clip.encode_text."""
+    torch.manual_seed(0)
+    clip, tok, _ = common.load_clip(tiny_siglip)
+    tokens = tok(["a cat.", "a photo of the small dog on the grass", "owl"])  # [3, 16]
+    assert tokens.shape == (3, 16) and (tokens[:, -1] == 0).all() and (tokens[0, :5] == torch.tensor([6, 18, 17, 2, 0])).all()
+    with torch.no_grad():
+        clip.text.positional_embedding.normal_()  # every position matters to a tower pooled at the last one
+    assert torch.allclose(common.encode_text(clip, tokens), clip.encode_text(tokens, normalize=True), atol=1e-6)
+    cut = tokens[:, :tokens.argmax(-1).max() + 1]  # what cutting at the argmax id would feed it: another text to this tower
+    assert not torch.allclose(clip.encode_text(cut, normalize=True), clip.encode_text(tokens, normalize=True), atol=1e-3)
+
+
 # --------------------------------------------------------------------------------- training loop
 def micro_args(root, model, out, **kw):
     base = dict(data_root=root, model=model, steps=6, batch_size=8, lr=1e-3, eval_every=0, ckpt_every=3, out=str(out),
@@ -277,6 +291,55 @@ def test_contrastive_loss_closed_forms():
     prompts = eye[[0, 0, 2, 2]]
     grouped = common.clip_contrastive_loss(prompts, prompts, 100.0, labels).item()
     assert abs(grouped - math.log(2)) < 1e-4  # the mass is split over two equal positives, nothing else
+
+
+def hand_sigmoid(img, txt, s, b, groups, duplicates):
+    """SigLIP's loss with one python loop over the pairs, in float64: y = +1 for i = j (and for i ≠ j of
+    one group with duplicates="positive"); a pair i ≠ j of one group is skipped with "masked"."""
+    img, txt, B = img.double().tolist(), txt.double().tolist(), len(img)
+    total = 0.0
+    for i in range(B):
+        for j in range(B):
+            same = groups[i] == groups[j]
+            if i != j and same and duplicates == "masked":
+                continue
+            y = 1.0 if i == j or (same and duplicates == "positive") else -1.0
+            z = s * sum(x * t for x, t in zip(img[i], txt[j])) + b
+            total += math.log1p(math.exp(-y * z))  # −log σ(y z)
+    return total / B
+
+
+def test_sigmoid_loss_equals_open_clip_siglip_loss_and_a_hand_loop():
+    """Golden: open_clip's SigLipLoss (one process) on the same pairs, scale and bias; the duplicate rules
+    against a hand loop; and pretraining_loss picks it exactly when there is a bias."""
+    from open_clip.loss import SigLipLoss
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = (F.normalize(torch.randn(7, 5, generator=g), dim=-1) for _ in range(2))
+    scale, bias = torch.tensor(9.0), torch.tensor(-4.0)
+    want = SigLipLoss()(img, txt, scale, bias)
+    assert abs(common.sigmoid_contrastive_loss(img, txt, scale, bias).item() - want.item()) < 1e-5
+    assert abs(common.pretraining_loss(img, txt, scale, bias).item() - want.item()) < 1e-5
+    assert common.pretraining_loss(img, txt, scale).item() == common.clip_contrastive_loss(img, txt, scale).item()
+    assert abs(common.clip_contrastive_loss(img, txt, scale).item() - want.item()) > 0.1  # a different loss
+    groups = torch.tensor([0, 1, 0, 2, 1, 0, 3])
+    for rule in ("positive", "masked"):
+        got = common.sigmoid_contrastive_loss(img, txt, scale, bias, groups, rule).item()
+        assert abs(got - hand_sigmoid(img, txt, 9.0, -4.0, groups.tolist(), rule)) < 1e-5, rule
+    distinct = torch.arange(7)  # no duplicates: both rules are SigLIP's loss
+    assert abs(common.sigmoid_contrastive_loss(img, txt, scale, bias, distinct, "masked").item() - want.item()) < 1e-5
+
+
+def test_bias_gradient_counts_once_per_step_and_trains_with_the_scale(tiny_siglip):
+    clip, tok, _ = common.load_clip(tiny_siglip)
+    model = common.set_trainable(common.ClipClassifier(clip, torch.zeros(2, 32), tok), scale=True)
+    assert model.clip.logit_bias.requires_grad and model.clip.logit_scale.requires_grad
+    assert not common.set_trainable(model).clip.logit_bias.requires_grad  # frozen with the scale (FT)
+    b = torch.tensor(-3.0, requires_grad=True)
+    once = common.once_per_step(b, 4)
+    (5 * once).backward()
+    assert once.item() == -3.0 and b.grad.item() == pytest.approx(5 / 4)
+    assert common.once_per_step(None, 4) is None and common.once_per_step(b, 1) is b
 
 
 # ------------------------------------------------------------------------ a first hour without surprises

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import common
 import lipsum_ft
 from conftest import (assert_gradients_reach_only_image_tower_and_head, assert_script_trains_on_folders, perturb_,
-                      randn)
+                      randn, write_hf_tokenizer)
 
 OPENAI_SPECIALS = dict(sot=49406, eot=49407, vocab_size=49408)
 
@@ -83,6 +83,33 @@ def test_random_texts_change_every_step_and_repeat_for_the_same_step():
     assert not torch.equal(texts(0, 5), texts(1, 5))
 
 
+def test_random_texts_follow_a_hugging_face_tokenizers_layout(tiny_siglip, tmp_path):
+    """SigLIP's tokenizer (HF, through open_clip's HFTokenizer): no start token, ids then its EOS, then
+    [PAD] up to the context, where its tower pools (the last position); laid out as it lays out real text."""
+    from open_clip.tokenizer import HFTokenizer
+
+    clip, tok, _ = common.load_clip(tiny_siglip)
+    hf = tok.tokenizer
+    assert lipsum_ft.special_token_ids(tok) is None  # no SOT/EOT of open_clip's BPE
+    texts = lipsum_ft.model_random_texts(clip, tok, 300, 8, torch.Generator().manual_seed(0))
+    assert texts.shape == (300, 16) and texts.dtype == torch.long
+    assert (texts[:, 8] == hf.eos_token_id).all() and (texts[:, 9:] == hf.pad_token_id).all()
+    body = texts[:, :8]  # from position 0: there is no start token to skip
+    assert set(body.unique().tolist()) == set(range(len(hf))) - set(hf.all_special_ids)  # every ordinary id, no other
+    prefix, suffix, pad, _ = lipsum_ft.hf_text_layout(tok)
+    for text in ["a photo of a cat.", "owl", "itap of the large red fox on the grass"]:  # real texts: the tokenizer's own rows
+        ids = torch.tensor([hf(text, add_special_tokens=False)["input_ids"]])  # [1, L]
+        assert torch.equal(lipsum_ft.laid_out_texts(ids, prefix, suffix, pad, 16), tok([text]))
+    bert = HFTokenizer(str(write_hf_tokenizer(tmp_path / "bert", "[CLS] $A </s>")), context_length=12)  # a [CLS] first
+    texts = lipsum_ft.model_random_texts(clip, bert, 50, 8, torch.Generator().manual_seed(0))
+    assert (texts[:, 0] == 3).all() and (texts[:, 9] == 2).all() and (texts[:, 10:] == 0).all()
+    assert not torch.isin(texts[:, 1:9], torch.tensor([0, 1, 2, 3])).any()
+    with pytest.raises(SystemExit, match="exceed the text context"):
+        lipsum_ft.model_random_texts(clip, HFTokenizer(hf.name_or_path, context_length=8), 3, 8, torch.Generator())
+    with pytest.raises(SystemExit, match="cannot lay out random texts .*'clips'"):  # [CLS] after the padding: refused
+        lipsum_ft.hf_text_layout(HFTokenizer(hf.name_or_path, context_length=16, tokenizer_mode="clips"))
+
+
 # ------------------------------------------------------------------ with a tiny CLIP
 def test_lipsum_loss_uses_model_scale_step_texts_and_theta0(tiny_classifier):
     model = tiny_classifier
@@ -126,6 +153,13 @@ def test_script_trains_and_evaluates_on_folders(tiny_model, folder_data, tmp_pat
     lipsum_ft.main(["--report-energy-gap", str(tmp_path / "runs" / "r")])
     gap = json.loads((tmp_path / "runs" / "r" / "energy_gap.json").read_text())
     assert gap["num_texts"] == 10_000 and set(gap["splits"]) == {"test", "sketch"}
+    assert gap["id"] > 0 and math.isfinite(gap["ood_mean"])
+
+
+def test_script_trains_on_a_siglip_with_its_tokenizers_texts(tiny_siglip, folder_data, tmp_path, monkeypatch):
+    assert_script_trains_on_folders("lipsum_ft.py", "lam=1", tiny_siglip, folder_data, tmp_path)
+    monkeypatch.setattr(lipsum_ft, "ENERGY_GAP_TEXTS", 500)
+    gap = lipsum_ft.main(["--report-energy-gap", str(tmp_path / "runs" / "r")])
     assert gap["id"] > 0 and math.isfinite(gap["ood_mean"])
 
 
