@@ -1,5 +1,7 @@
-"""Model families: every method on a ModifiedResNet (BatchNorm towers, open_clip's RN50 family) and on a
-timm ConvNeXt tower with stochastic depth (drop_path 0.2) ends with the same weights from 1 process,
+"""Model families: every method on a ModifiedResNet (BatchNorm towers, open_clip's RN50 family), on a
+timm ConvNeXt tower with stochastic depth (drop_path 0.2) and on a SigLIP-style model (conftest's
+tiny_siglip: a Hugging Face tokenizer, last-token pooling, logit_bias, the sigmoid loss for FLYP and
+ARF) ends with the same weights from 1 process,
 `--grad-accum 2` and `torchrun --nproc_per_node 2` (tests/test_scale.py: the ViT with OpenAI's
 tokenizer), or stops at once with one message. LP leaves every frozen weight and buffer bitwise as θ0.
 Tiny random-weight configs built here; nothing is downloaded."""
@@ -17,7 +19,7 @@ FAMILIES = {
     "convnext": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "test_convnext", "timm_pool": "avg",
                                                  "timm_proj": "linear", "timm_drop_path": 0.2}, "text_cfg": TEXT},
 }
-PORTS = {"resnet": 29561, "convnext": 29562}
+PORTS = {"resnet": 29561, "convnext": 29562, "siglip": 29563}
 
 
 def family_config(tmp_path, family: str, **vision) -> str:
@@ -28,10 +30,11 @@ def family_config(tmp_path, family: str, **vision) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(PORTS))
 def family(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(request.param)
-    finals, _ = train_matrix(base, family_config(base, request.param), port=PORTS[request.param])
+    model = request.getfixturevalue("tiny_siglip") if request.param == "siglip" else family_config(base, request.param)
+    finals, _ = train_matrix(base, model, port=PORTS[request.param])
     return request.param, finals
 
 
