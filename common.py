@@ -1351,8 +1351,8 @@ def data_workers(requested: int, device: torch.device) -> int:
     """DataLoader worker processes, the one rule of every script: --workers N (at most the cores), else
     (AUTO_WORKERS) on CUDA the cores free at start shared by the processes of this node, less the one each
     process runs on; on CPU none, since the model's threads use the free cores. A worker decodes and
-    transforms ~220 training / ~180 evaluation images/s of ImageNet's size (bench/data_speed.py): ViT-B/16
-    on one H100 trains on ~3k images/s, so it wants ~14 workers."""
+    transforms ~190 training / ~150 evaluation images/s of ImageNet's size (bench/data_speed.py): ViT-B/16
+    on one H100 trains on ~3k images/s, so it wants ~16 workers."""
     if requested < AUTO_WORKERS:
         raise SystemExit(f"error: --workers must be >= 0, or {AUTO_WORKERS} for the free cores (got {requested})")
     if requested != AUTO_WORKERS:

@@ -40,3 +40,13 @@ def test_retrieval_micro_exact_index_has_recall_one(capsys):
     retrieval.main(["--n", "3000", "--d", "32", "--queries", "50", "--threads", "1", "--no-write"])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3,000") or line.startswith("| 3000"))
     assert "1.000" in row  # below EXACT_MAX arf.build_index is exact: recall@10 vs torch's exact search is 1
+
+
+def test_data_speed_micro_has_both_tables_and_the_sweeps_agree(capsys):
+    import data_speed
+
+    data_speed.main(["--images", "4", "--alphas", "2", "--rounds", "1", "--batch-size", "2", "--threads", "1", "--no-write"])
+    out = capsys.readouterr().out  # raises above if the two sweeps' logits disagree
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert float(rows["train (RandomResizedCrop 0.08-1 + flip)"][2]) > 0 and int(rows["eval (resize + centre crop)"][3]) >= 1
+    assert rows["one pass per α (before)"][3].strip() == "1.00" and "4 generated JPEGs (500x375" in out
