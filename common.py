@@ -1020,10 +1020,11 @@ def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=
     """A row of metrics per split (under torchrun: every process scores its shard, all get the rows). A list
     of models (WiSE-FT's α sweep) is scored on every batch in turn, each image loaded and transformed once:
     a list of rows per model, printed by the caller."""
-    per_split = [evaluate_split(model, s, task, transform, device, batch_size, workers) for s in splits or task.tests]
+    splits = splits or task.tests
+    per_split = [evaluate_split(model, s, task, transform, device, batch_size, workers) for s in splits]
     if isinstance(model, ClipClassifier):
-        return print_rows([{"split": s.name, "kind": s.kind, **m} for s, m in zip(splits or task.tests, per_split)])
-    return [[{"split": s.name, "kind": s.kind, **m[i]} for s, m in zip(splits or task.tests, per_split)] for i in range(len(model))]
+        return print_rows([{"split": s.name, "kind": s.kind, **m} for s, m in zip(splits, per_split)])
+    return [[{"split": s.name, "kind": s.kind, **m[i]} for s, m in zip(splits, per_split)] for i in range(len(model))]
 
 
 def print_rows(rows: list) -> list:
