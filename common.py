@@ -51,7 +51,7 @@ ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
 FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads, data_workers)
 AUTO_WORKERS = -1  # --workers value that means: from the free cores (data_workers)
-HEAD_PROMPTS = 2048  # prompts per text-tower forward when building a zero-shot head; its class chunks are shared out over processes
+HEAD_PROMPTS = 2048  # prompts per text-tower forward building a zero-shot head; its chunks of classes go to processes
 KEEP_CHECKPOINTS = 2  # newest step checkpoints kept while training: one may be mid-write when a job is killed
 # arguments a --resume may change (the others change the result: refused)
 RESUME_MAY_CHANGE = ("resume", "threads", "workers", "eval_batch_size", "device", "out", "ckpt_every", "keep_checkpoints")
@@ -83,7 +83,7 @@ class TrainArgs:
     clip_grad: float = 1.0  # max global gradient norm (0 = off)
     crop_scale: float = RECIPE  # lower bound of RandomResizedCrop's area scale (papers: 0.08)
     seed: int = 0  # seeds data order, augmentation and initialisation
-    workers: int = AUTO_WORKERS  # DataLoader worker processes (-1 = from the free cores: data_workers; 0 = load in the main process)
+    workers: int = AUTO_WORKERS  # DataLoader worker processes (-1 = from the free cores, data_workers; 0 = none)
     eval_every: int = RECIPE  # steps between held-out evaluations (0 = only at the end)
     ckpt_every: int = RECIPE  # steps between resumable checkpoints (0 = only final.pt)
     select: str = "final"  # final | heldout: evaluate the last weights, or the held-out-best evaluated step's (never a test split)
@@ -941,8 +941,8 @@ def autocast(device: torch.device):
 def predict(forward: Callable, images, transform, device, batch_size: int = 512, workers: int = 0, shard: bool = False):
     """Runs `forward(images) -> logits` over an image list; returns (logits [N,K], labels [N], n_bad),
     unreadable images skipped; a forward that returns [M, B, K] (several models on each batch) gives
-    [M, N, K], every image loaded and transformed once. shard: under torchrun every process scores every world-th image and the
-    shards are gathered back into the images' order on every process (sharded evaluation)."""
+    [M, N, K], every image loaded and transformed once. shard: under torchrun every process scores every
+    world-th image and the shards are gathered back into the images' order on every process (sharded evaluation)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
     mine = np.arange(rank, len(images), world)  # [N / world]: this process's share
     loader = torch.utils.data.DataLoader(TransformedImages(images if world == 1 else images.subset(mine), transform),
