@@ -1360,7 +1360,7 @@ def data_workers(requested: int, device: torch.device) -> int:
         return min(requested, len(process_cpus()))
     if torch.device(device).type != "cuda":
         return 0
-    workers = max(0, int(free_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    workers = max(0, int(round(free_cores())) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)  # set_threads' rule
     if is_main_process():
         print(f"DataLoader workers: {workers} per process (the free cores; --workers N to choose)")
     return workers
