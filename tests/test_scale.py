@@ -129,15 +129,16 @@ def results_rows(path: Path) -> list:
 
 
 def test_evaluate_and_merge_under_torchrun_give_the_rows_of_one_process(tmp_path, folder_data, tiny_model):
-    """`torchrun --nproc_per_node 2 evaluate.py eval` and `... merge.py wise` (gloo on CPU) write the rows of
-    1 process (≤ 1e-6) once, from rank 0, and print the tables once."""
+    """`torchrun --nproc_per_node 2 evaluate.py eval`, `... merge.py wise` and `... merge.py tpgm` (gloo on CPU)
+    write the rows of 1 process (≤ 1e-6) once, from rank 0, and print the tables once."""
     (Path(folder_data) / "sketch" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")  # 17 files: uneven shards
     run = tmp_path / "run"
     run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", folder_data, "--model",
                 tiny_model, "--steps", "2", "--batch-size", "8", "--out", str(run)], cwd=tmp_path)
     env, torchrun = {"OMP_NUM_THREADS": "1"}, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544"]
     jobs = {"eval": [str(REPO / "evaluate.py"), "eval", "--ckpt", str(run)],
-            "wise": [str(REPO / "merge.py"), "wise", "--ckpt", str(run), "--alphas", "0,0.5,1", "--plot", "curve.png"]}
+            "wise": [str(REPO / "merge.py"), "wise", "--ckpt", str(run), "--alphas", "0,0.5,1", "--plot", "curve.png"],
+            "tpgm": [str(REPO / "merge.py"), "tpgm", "--ckpt", str(run), "--steps", "3", "--batch-size", "4", "--out", "tp"]}
     for name, argv in jobs.items():
         before = len(results_rows(run / "results.jsonl"))
         one = run_script(argv, cwd=tmp_path, env_extra=env).stdout
@@ -148,8 +149,9 @@ def test_evaluate_and_merge_under_torchrun_give_the_rows_of_one_process(tmp_path
         for a, b in zip(rows[before:middle], rows[middle:]):
             assert (a["tag"], a["split"], a["n"], a["skipped"]) == (b["tag"], b["split"], b["n"], b["skipped"])
             assert all(abs(a[m] - b[m]) <= 1e-6 for m in ("acc", "ece", "nll")), (name, a["tag"], a["split"])
-        assert two.count("  sketch ") == one.count("  sketch ") == (1 if name == "eval" else 3)
-    assert {r["tag"] for r in rows[-6:]} == {"wise a=0", "wise a=0.5", "wise a=1"} and rows[-1]["skipped"] == 1
+        assert two.count("  sketch ") == one.count("  sketch ") == (3 if name == "wise" else 1)
+        assert {r["tag"] for r in rows[middle:]} == ({"wise a=0", "wise a=0.5", "wise a=1"} if name == "wise" else
+                                                     {"tpgm" if name == "tpgm" else ""}) and rows[-1]["skipped"] == 1
 
 
 HEAD = """
