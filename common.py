@@ -49,7 +49,9 @@ from tasks import FileImages, Split, Task, check_data, load_task
 REPO = Path(__file__).resolve().parent
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
-FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads)
+FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads, data_workers)
+AUTO_WORKERS = -1  # --workers value that means: from the free cores (data_workers)
+HEAD_PROMPTS = 2048  # prompts per text-tower forward building a zero-shot head; its chunks of classes go to processes
 KEEP_CHECKPOINTS = 2  # newest step checkpoints kept while training: one may be mid-write when a job is killed
 # arguments a --resume may change (the others change the result: refused)
 RESUME_MAY_CHANGE = ("resume", "threads", "workers", "eval_batch_size", "device", "out", "ckpt_every", "keep_checkpoints",
@@ -83,7 +85,7 @@ class TrainArgs:
     clip_grad: float = 1.0  # max global gradient norm (0 = off)
     crop_scale: float = RECIPE  # lower bound of RandomResizedCrop's area scale (papers: 0.08)
     seed: int = 0  # seeds data order, augmentation and initialisation
-    workers: int = RECIPE  # DataLoader worker processes (0 = load in the main process)
+    workers: int = AUTO_WORKERS  # DataLoader worker processes (-1 = from the free cores, data_workers; 0 = none)
     eval_every: int = RECIPE  # steps between held-out evaluations (0 = only at the end)
     ckpt_every: int = RECIPE  # steps between resumable checkpoints (0 = only final.pt)
     select: str = "final"  # final | heldout: evaluate the last weights, or the held-out-best evaluated step's (never a test split)
@@ -101,13 +103,13 @@ class TrainArgs:
 # included), so that a regulariser is the only difference from FT. miniworld's is the one that shows
 # FT's robustness loss on the built-in world in a few CPU minutes (docs/miniworld.md).
 FT_RECIPES = {
-    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5, workers=0,
+    "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5,
                       eval_every=100, ckpt_every=100),
-    "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
+    "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
                      eval_every=5_000, ckpt_every=5_000),
-    "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=8,
+    "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
                       eval_every=1_000, ckpt_every=1_000),
-    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08, workers=4,
+    "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
                    eval_every=100, ckpt_every=100),
 }
 
@@ -200,7 +202,7 @@ class Env:
     run: Optional[Path]  # the run directory (None: a step that trains nothing)
     method: str
     threads: int  # torch CPU threads used (set_threads); recorded in args.json under "machine"
-    workers: int  # DataLoader workers used: --workers, at most the cores
+    workers: int  # DataLoader workers used (data_workers)
     rank: int  # this process under torchrun (0 alone)
     world: int  # processes under torchrun (1 alone)
 
@@ -220,8 +222,8 @@ def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
     run_name or the method's)."""
     device = get_device(args.device)
     seed_everything(args.seed, device)
-    workers = min(args.workers, os.cpu_count() or 1)
     rank, world = init_distributed(device)
+    workers = data_workers(args.workers, device)
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     run = check_run(args, run_name or method) if run_dir else None  # and a run folder that is taken
     threads = set_threads(args.threads, recorded_threads(run) if args.resume and run else 0)
@@ -488,7 +490,7 @@ class HeldoutBest:
         """The held-out accuracy of `scored` (every process scores its shard), kept if it is the best."""
         if head_from_text:
             rebuild_head_from_text(env.model, env.task)
-        acc = evaluate_split(scored, env.task.heldout, env.task, env.eval_tf, env.device, args.eval_batch_size)["acc"]
+        acc = evaluate_split(scored, env.task.heldout, env.task, env.eval_tf, env.device, args.eval_batch_size, env.workers)["acc"]
         if is_main_process():
             bar.write(f"step {step}: held-out acc {100*acc:.2f}")
         if self.on and acc > self.acc:
@@ -713,15 +715,33 @@ def as_template_fns(templates) -> list:
 
 @torch.no_grad()
 def zeroshot_head(clip, tokenizer, classnames, templates, device=None) -> torch.Tensor:
-    """W [K, D]: row k = n(mean_t n(g(template_t(class_k)))), unit norm (open_clip's builder)."""
-    import open_clip
-
+    """W [K, D]: row k = n(mean_t n(g(template_t(class_k)))), unit norm (what open_clip's
+    build_zero_shot_classifier computes). The tower runs under autocast (bf16 on CUDA) with encode_text's
+    early stop, on chunks of classes of about HEAD_PROMPTS prompts; under torchrun a collective: process r
+    builds chunks r, r + world, ... and all gather the rows, which are those of one process since a
+    chunk is the same forward whatever the world size."""
     device = device or next(clip.parameters()).device
-    weights = open_clip.build_zero_shot_classifier(
-        clip, tokenizer, list(classnames), as_template_fns(templates), num_classes_per_batch=max(1, 2048 // len(templates)),
-        device=device,
-    )  # [D, K]
-    return weights.t().float().contiguous()
+    fns = as_template_fns(templates)
+    per = max(1, HEAD_PROMPTS // len(fns))  # classes per chunk
+    chunks = [list(classnames[i:i + per]) for i in range(0, len(classnames), per)]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, error = [], None
+    try:
+        for names in chunks[rank::world]:
+            with autocast(torch.device(device)):
+                text = encode_text(clip, tokenizer([fn(c) for c in names for fn in fns]).to(device))  # [k·T, D]
+            mine.append(F.normalize(F.normalize(text.float(), dim=-1).view(len(names), len(fns), -1).mean(1), dim=-1))  # [k, D]
+    except ValueError as e:  # a word the tokenizer lacks (miniclip's): under torchrun every process raises it, none waits
+        if world == 1:
+            raise
+        error = e
+    if world == 1:
+        return torch.cat(mine).contiguous()  # [K, D]
+    shards = [None] * world
+    dist.all_gather_object(shards, error or [rows.cpu() for rows in mine])
+    if failed := next((x for x in shards if isinstance(x, Exception)), None):
+        raise failed
+    return torch.cat([shards[c % world][c // world] for c in range(len(chunks))]).to(device).contiguous()  # [K, D]
 
 
 def encode_text(clip, tokens: torch.Tensor) -> torch.Tensor:
@@ -1154,8 +1174,9 @@ def autocast(device: torch.device):
 @torch.inference_mode()
 def predict(forward: Callable, images, transform, device, batch_size: int = 512, workers: int = 0, shard: bool = False):
     """Runs `forward(images) -> logits` over an image list; returns (logits [N,K], labels [N], n_bad),
-    unreadable images skipped. shard: under torchrun every process scores every world-th image and the
-    shards are gathered back into the images' order on every process (sharded evaluation)."""
+    unreadable images skipped; a forward that returns [M, B, K] (several models on each batch) gives
+    [M, N, K], every image loaded and transformed once. shard: under torchrun every process scores every
+    world-th image and the shards are gathered back into the images' order on every process (sharded evaluation)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
     mine = np.arange(rank, len(images), world)  # [N / world]: this process's share
     loader = torch.utils.data.DataLoader(TransformedImages(images if world == 1 else images.subset(mine), transform),
@@ -1177,7 +1198,7 @@ def predict(forward: Callable, images, transform, device, batch_size: int = 512,
     if not outs:
         raise SystemExit("error: no readable images in this split")
     order = torch.cat(index).argsort()  # the images' own order, whatever the sharding
-    return torch.cat(outs)[order], torch.cat(labels)[order], bad
+    return torch.cat(outs, -2).index_select(-2, order), torch.cat(labels)[order], bad  # [(M,) N, K]
 
 
 def split_head(model: ClipClassifier, split: Split, task: Task) -> torch.Tensor:
@@ -1188,10 +1209,9 @@ def split_head(model: ClipClassifier, split: Split, task: Task) -> torch.Tensor:
     return model.head.detach()
 
 
-@torch.no_grad()
-def split_logits(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> tuple:
-    """(logits [N, K], labels [N], n_bad) of one split; with class groups (ImageNet-R/A, ObjectNet) the
-    logits are the groups' [N, G] and the labels index the groups."""
+def split_forward(model: ClipClassifier, split: Split, task: Task, device) -> Callable:
+    """images [B, 3, H, W] -> the split's logits [B, K] by `model` (its head for the split built now); with
+    class groups (ImageNet-R/A, ObjectNet) the groups' [B, G]."""
     model.eval()
     head = split_head(model, split, task).to(device)  # [K, D]
     if split.class_groups is not None:
@@ -1208,23 +1228,44 @@ def split_logits(model: ClipClassifier, split: Split, task: Task, transform, dev
             grouped = logits.new_full((len(x), len(split.class_groups)), -math.inf)  # [B, G]: a group's logit is its max
             return grouped.scatter_reduce(1, group_of.expand(len(x), -1), logits, "amax")
 
-    return predict(forward, split.images, transform, device, batch_size, workers, shard=True)
+    return forward
 
 
-def evaluate_split(model: ClipClassifier, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> dict:
+@torch.no_grad()
+def split_logits(model, split: Split, task: Task, transform, device, batch_size=512, workers=0) -> tuple:
+    """(logits [N, K], labels [N], n_bad) of one split; with class groups (ImageNet-R/A, ObjectNet) the
+    logits are the groups' [N, G] and the labels index the groups. A list of models gives their logits
+    stacked, [M, N, K], from one pass over the images."""
+    if isinstance(model, ClipClassifier):
+        return predict(split_forward(model, split, task, device), split.images, transform, device, batch_size, workers, shard=True)
+    forwards = [split_forward(m, split, task, device) for m in model]
+    return predict(lambda x: torch.stack([f(x) for f in forwards]), split.images, transform, device, batch_size, workers,
+                   shard=True)  # [M, B, K] per batch
+
+
+def evaluate_split(model, split: Split, task: Task, transform, device, batch_size=512, workers=0):
+    """The split's metrics (a list of them for a list of models, from one pass over the images)."""
     logits, labels, bad = split_logits(model, split, task, transform, device, batch_size, workers)
-    return {**classification_metrics(logits, labels), "skipped": bad}
+    rows = [{**classification_metrics(x, labels), "skipped": bad} for x in (logits if logits.dim() == 3 else [logits])]
+    return rows if logits.dim() == 3 else rows[0]
 
 
 def evaluate_task(model, task: Task, transform, device, batch_size=512, workers=0, splits=None) -> list:
-    """A row of metrics per split (under torchrun: every process scores its shard, all get the rows)."""
-    rows = []
-    for split in splits or task.tests:
-        metrics = evaluate_split(model, split, task, transform, device, batch_size, workers)
-        rows.append({"split": split.name, "kind": split.kind, **metrics})
-        if is_main_process():
-            print(f"  {split.name:<16} {split.kind:<9} acc {100*metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}"
-                  + (f"  (skipped {metrics['skipped']} unreadable)" if metrics["skipped"] else ""))
+    """A row of metrics per split (under torchrun: every process scores its shard, all get the rows). A list
+    of models (WiSE-FT's α sweep) is scored on every batch in turn, each image loaded and transformed once:
+    a list of rows per model, printed by the caller."""
+    splits = splits or task.tests
+    per_split = [evaluate_split(model, s, task, transform, device, batch_size, workers) for s in splits]
+    if isinstance(model, ClipClassifier):
+        return print_rows([{"split": s.name, "kind": s.kind, **m} for s, m in zip(splits, per_split)])
+    return [[{"split": s.name, "kind": s.kind, **m[i]} for s, m in zip(splits, per_split)] for i in range(len(model))]
+
+
+def print_rows(rows: list) -> list:
+    """Prints evaluation rows on the main process; returns them."""
+    for r in rows if is_main_process() else []:
+        print(f"  {r['split']:<16} {r['kind']:<9} acc {100*r['acc']:6.2f}  ece {r['ece']:.4f}  nll {r['nll']:.4f}"
+              + (f"  (skipped {r['skipped']} unreadable)" if r["skipped"] else ""))
     return rows
 
 
@@ -1539,6 +1580,24 @@ def set_threads(requested: int = 0, resumed: int = 0) -> int:
         print(f"CPU threads: {threads} ({why})")
     return threads
 
+
+
+def data_workers(requested: int, device: torch.device) -> int:
+    """DataLoader worker processes, the one rule of every script: --workers N (at most the cores), else
+    (AUTO_WORKERS) on CUDA the cores free at start shared by the processes of this node, less the one each
+    process runs on; on CPU none, since the model's threads use the free cores. A worker decodes and
+    transforms ~190 training / ~150 evaluation images/s of ImageNet's size (bench/data_speed.py): ViT-B/16
+    on one H100 trains on ~3k images/s, so it wants ~16 workers."""
+    if requested < AUTO_WORKERS:
+        raise SystemExit(f"error: --workers must be >= 0, or {AUTO_WORKERS} for the free cores (got {requested})")
+    if requested != AUTO_WORKERS:
+        return min(requested, len(process_cpus()))
+    if torch.device(device).type != "cuda":
+        return 0
+    workers = max(0, int(round(free_cores())) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)  # set_threads' rule
+    if is_main_process():
+        print(f"DataLoader workers: {workers} per process (the free cores; --workers N to choose)")
+    return workers
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:

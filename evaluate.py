@@ -4,6 +4,7 @@ then markdown tables and ID-vs-OOD plots from results.jsonl.
   python evaluate.py eval --ckpt runs/ft-miniworld-miniclip-s0        # a fine-tuned checkpoint
   python evaluate.py eval --model ViT-B-16 --pretrained openai --data imagenet --data-root DIR   # zero-shot
   python evaluate.py eval --ckpt RUN --zeroshot-data DIR1,DIR2        # + cross-dataset zero-shot transfer
+  torchrun --nproc_per_node 8 evaluate.py eval --ckpt RUN              # every split shared out over 8 processes
   python evaluate.py table runs/results.jsonl                          # markdown, mean ± std over seeds
   python evaluate.py plot runs/results.jsonl --out id_vs_ood.png
 
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (TrainArgs, check_data, defaults, evaluate_task, get_device, load_run, log_results, plot_id_vs_ood,
-                    run_log_args, set_threads, setup, start_run)
+from common import (AUTO_WORKERS, TrainArgs, check_data, data_workers, defaults, evaluate_task, get_device, init_distributed,
+                    load_run, log_results, plot_id_vs_ood, run_log_args, set_threads, setup, start_run)
 
 
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
@@ -174,9 +175,11 @@ def evaluate_command(a):
         log_results(env.run, "zeroshot", args, rows, step=0)
         return rows
     device = get_device(a.device)
+    init_distributed(device)  # under torchrun each process scores its share of every split; rank 0 writes
     set_threads(a.threads)
+    workers = data_workers(a.workers, device)
     run = load_run(a.ckpt, device, a.data_root, zeroshot_data=a.zeroshot_data or None)
-    rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
+    rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, workers)
     log_results(run.dir, run.method, run_log_args(run), rows, step=run.args.get("steps", 0))
     return rows
 
@@ -194,7 +197,7 @@ def main(argv=None):
                         "run's own --zeroshot-data)")):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
     p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zero-shot model (a random-weight --model)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
     for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):

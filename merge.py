@@ -39,19 +39,24 @@ Choices where the papers are silent (METHODS.md, "Weight-space methods and ensem
 Run (any run directory written by a method file; RESULTS.md has measured numbers):
   python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1   (and tpgm, tpgm-c --reg 1.0)
   python merge.py soup --kind greedy --ckpt RUN1 RUN2 ...       (ensemble --kind output: the same for logits)
+  torchrun --nproc_per_node 8 merge.py wise --ckpt RUN          (any subcommand: every split shared out over 8 processes)
 """
 import argparse
+import contextlib
+import copy
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (TransformedImages, as_template_fns, atomic_save, autocast, classification_metrics, collate_skipping_bad,
-                    evaluate_split, evaluate_task, get_device, load_clip, load_run, log_results, plot_id_vs_ood,
-                    rebuild_head_from_text, run_log_args, run_theta0, seed_everything, split_logits)
+from common import (AUTO_WORKERS, TransformedImages, as_template_fns, atomic_save, autocast, classification_metrics,
+                    collate_skipping_bad, data_workers, evaluate_split, evaluate_task, get_device, init_distributed,
+                    is_main_process, load_clip, load_run, log_results, plot_id_vs_ood, print_rows, rebuild_head_from_text,
+                    run_log_args, run_theta0, seed_everything, split_logits)
 
 WISE_ALPHAS = "0:1:0.1"  # the paper's sweep; α = 0.5 is its default operating point
 TPGM_LR = 1e-2  # Adam on the radii (Tian et al.)
@@ -185,15 +190,19 @@ def cmd_wise(a, device):
             raise SystemExit(f"error: {run.dir} and {first.dir} differ in {', '.join(differ)}: their WiSE-FT curves "
                              "would share one table. Run merge.py wise on each.")
         state0, state1 = run_endpoints(run, device)
-        print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}")
+        print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}, every image loaded once and scored by each")
+        models = []  # θ_α for every α side by side (len(alphas) copies of the model in memory), sharing the tokenizer
         for alpha in alphas:
             load_run_weights(run, wise(state0, state1, alpha))
-            rows = evaluate_task(run.model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
+            models.append(copy.deepcopy(run.model, {id(run.model.tokenizer): run.model.tokenizer}))
+        for alpha, rows in zip(alphas, evaluate_task(models, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)):
+            print_rows(rows)
             log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=f"wise a={alpha:g}",
                         merge={"merge": "wise", "alpha": alpha})
             curves.setdefault(run.method, {}).setdefault(alpha, []).append(summary(rows))
             print(f"α={alpha:<4g} ID {summary(rows)[0]:6.2f}  OOD mean {summary(rows)[1]:6.2f}  ZS mean {summary(rows)[2]:6.2f}")
-    report_wise(curves, a.plot or str((first.dir if len(a.ckpt) == 1 else first.dir.parent) / "wise_curve.png"))
+    if is_main_process():
+        report_wise(curves, a.plot or str((first.dir if len(a.ckpt) == 1 else first.dir.parent) / "wise_curve.png"))
 
 
 def report_wise(curves: dict, out: str):
@@ -264,18 +273,20 @@ def cmd_tpgm(a, device):
     print(f"{tag} on {run.dir}: {a.steps} Adam steps (lr {a.lr}) on '{heldout.name}' ({len(heldout.images)} images)")
     model = run.model
     text_head = differentiable_text_head(model, run.task, run.seed) if run.meta.get("head_from_text") else None
-    radii = learn_radii(model, state0, state1, batches, a.steps, a.lr, reg, device, text_head)
-    dist, names = tpgm_distances(state0, state1), list(radii)
-    ratios = np.array([radii[k] / dist[k] for k in names])  # per tensor in OUT/radii.json
+    radii = [learn_radii(model, state0, state1, batches, a.steps, a.lr, reg, device, text_head)]
+    if torch.distributed.is_initialized():  # fitted alike by every process; rank 0's are evaluated and saved
+        torch.distributed.broadcast_object_list(radii, 0)
+    radii = radii[0]
+    norms, names = tpgm_distances(state0, state1), list(radii)
+    ratios = np.array([radii[k] / norms[k] for k in names])  # per tensor in OUT/radii.json
     print(f"learned radii ({tag}): γ/‖Δ‖ mean {ratios.mean():.3f}, min {ratios.min():.3f}, max {ratios.max():.3f}")
     heldout_ft = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
     state = load_run_weights(run, tpgm_project(state0, state1, radii))
     heldout_p = evaluate_split(model, run.task.heldout, run.task, run.eval_tf, device, a.eval_batch_size)["acc"]
     print(f"held-out acc: θ_ft {100 * heldout_ft:.2f} -> projected {100 * heldout_p:.2f}")
     out = Path(a.out or run.dir / tag.replace(" ", "-").replace("=", ""))
-    save_run(out, state, run, f"{run.method}+{tag.split()[0]}", {"merge": tag, "source": str(run.dir)})
-    (out / "radii.json").write_text(json.dumps({k: {"dist": dist[k], "radius": radii[k], "ratio": radii[k] / dist[k]}
-                                                for k in names}, indent=1))
+    save_run(out, state, run, f"{run.method}+{tag.split()[0]}", {"merge": tag, "source": str(run.dir)},
+             {"radii.json": {k: {"dist": norms[k], "radius": radii[k], "ratio": radii[k] / norms[k]} for k in names}})
     rows = evaluate_task(model, run.task, run.eval_tf, device, a.eval_batch_size, a.workers)
     log_results(run.dir, run.method, run_log_args(run), rows, run.args.get("steps", 0), tag=tag,
                 merge={"merge": a.command, "tpgm_reg": reg, "tpgm_steps": a.steps, "tpgm_lr": a.lr, "tpgm_batch": a.batch_size})
@@ -354,8 +365,9 @@ def cmd_ensemble(a, device):
         rows.append({"split": split.name, "kind": split.kind, **metrics, "skipped": outs[0][2]})
         print(f"  {split.name:<16} {split.kind:<9} acc {100 * metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}")
     out, method, members = combined_run(a, runs, chosen, "ensemble")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "members.json").write_text(json.dumps(members, indent=1))
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "members.json").write_text(json.dumps(members, indent=1))
     log_combined(out, method, runs, members, rows, f"ensemble {a.kind}")
     return rows, members
 
@@ -380,7 +392,7 @@ def main(argv=None):
         p.add_argument("--data-root", default="", help="dataset folder if it moved since training (default: the run's)")
         p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
         p.add_argument("--eval-batch-size", type=int, default=512, help="batch size for evaluation")
-        p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+        p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")
         for flag, (commands, kw) in only.items():
             if name in commands:
                 p.add_argument(flag, **kw)
@@ -390,7 +402,11 @@ def main(argv=None):
     if a.command.startswith("tpgm") and len(a.ckpt) != 1:
         raise SystemExit(f"error: {a.command} projects one fine-tuned run; got {len(a.ckpt)}")
     commands = {"wise": cmd_wise, "tpgm": cmd_tpgm, "tpgm-c": cmd_tpgm, "soup": cmd_soup, "ensemble": cmd_ensemble}
-    return commands[a.command](a, get_device(a.device))
+    device = get_device(a.device)
+    init_distributed(device)  # under torchrun every process scores its share of each split; rank 0 prints and writes
+    a.workers = data_workers(a.workers, device)
+    with contextlib.nullcontext() if is_main_process() else contextlib.redirect_stdout(None):  # print() to None: nothing
+        return commands[a.command](a, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,10 +457,14 @@ def load_run_weights(run, state: dict) -> dict:
     return {k: v.clone() for k, v in run.model.state_dict().items()}
 
 
-def save_run(out: Path, state: dict, run, method: str, extra: dict):
-    """final.pt + args.json for weights made from a loaded `run` (a merge), so they are a run themselves that
-    evaluate.py and merge.py accept."""
+def save_run(out: Path, state: dict, run, method: str, extra: dict, files: Optional[dict] = None):
+    """final.pt + args.json (+ `files`: {name: JSON}) for weights made from a loaded `run` (a merge), so they
+    are a run themselves that evaluate.py and merge.py accept. Written by the main process only."""
+    if not is_main_process():
+        return
     out.mkdir(parents=True, exist_ok=True)
+    for name, value in (files or {}).items():
+        (out / name).write_text(json.dumps(value, indent=1))
     atomic_save({"model": state, "meta": {**run.meta, "method": method}}, out / "final.pt")
     (out / "args.json").write_text(json.dumps({**run.args, "method": method, "out": str(out), **extra}, indent=2))
 

@@ -49,3 +49,13 @@ def test_grad_checkpointing_micro_table_has_both_configurations(tiny_model, caps
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| o")]
     assert [r[1].strip() for r in rows] == ["off", "on"] and rows[0][3].strip() == "1.00"
     assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+
+
+def test_data_speed_micro_has_both_tables_and_the_sweeps_agree(capsys):
+    import data_speed
+
+    data_speed.main(["--images", "4", "--alphas", "2", "--rounds", "1", "--batch-size", "2", "--threads", "1", "--no-write"])
+    out = capsys.readouterr().out  # raises above if the two sweeps' logits disagree
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert float(rows["train (RandomResizedCrop 0.08-1 + flip)"][2]) > 0 and int(rows["eval (resize + centre crop)"][3]) >= 1
+    assert rows["one pass per α (before)"][3].strip() == "1.00" and "4 generated JPEGs (500x375" in out

@@ -210,3 +210,20 @@ def test_bad_zeroshot_folder_gives_one_message(tmp_path, folder_data, tiny_model
                        "--zeroshot-data", str(folder), "--out", str(tmp_path / "run")], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_workers_one_rule_for_every_script(monkeypatch, capsys):
+    """--workers N is N (at most the cores); the default (-1) is the free cores per process less one on CUDA,
+    none on CPU (the model's threads use the cores); below -1 is one message, from evaluate.py as from setup."""
+    import common
+    import evaluate
+
+    monkeypatch.setattr(common, "free_cores", lambda: 16.0)
+    cuda, cpu = common.torch.device("cuda"), common.torch.device("cpu")
+    assert common.data_workers(3, cpu) == min(3, len(common.process_cpus()))
+    assert common.data_workers(common.AUTO_WORKERS, cpu) == 0 and common.data_workers(common.AUTO_WORKERS, cuda) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert common.data_workers(-1, cuda) == 3 and "DataLoader workers: 3 per process" in capsys.readouterr().out
+    assert common.TrainArgs.workers == common.AUTO_WORKERS and all("workers" not in r for r in common.FT_RECIPES.values())
+    with pytest.raises(SystemExit, match="error: --workers must be >= 0"):
+        evaluate.main(["eval", "--ckpt", "nowhere", "--workers", "-2", "--device", "cpu"])

@@ -287,6 +287,28 @@ def test_wise_on_flyp_rebuilds_the_head_from_the_interpolated_text_tower(runs):
         assert all(a0[split][m] == zs[split][m] and a1[split][m] == flyp[split][m] for m in ("acc", "ece", "nll")), split
 
 
+
+def test_wise_sweep_loads_each_image_once_and_its_rows_are_those_of_one_pass_per_alpha(runs, monkeypatch):
+    """Every test image is loaded (and transformed) once for the whole sweep, not once per α; each α's rows
+    are those of evaluating θ_α alone."""
+    from tasks.base import FileImages
+
+    loads, load = [], FileImages.load
+    monkeypatch.setattr(FileImages, "load", lambda self, i: loads.append(self.paths[i]) or load(self, i))  # counts, then loads
+    alphas = [0, 0.25, 0.5, 0.75, 1]
+    merge.main(["wise", "--ckpt", runs["a"], "--alphas", ",".join(map(str, alphas)), "--plot", "curve.png"])
+    run = common.load_run(runs["a"], "cpu")
+    images = [p for s in run.task.tests for p in s.images.paths]
+    assert sorted(loads) == sorted(images) and len(images) == 32
+    state0, state1 = merge.run_endpoints(run, "cpu")
+    for alpha in alphas:
+        run.model.load_state_dict(merge.wise(state0, state1, alpha))
+        alone = common.evaluate_task(run.model, run.task, run.eval_tf, torch.device("cpu"))
+        got = results(runs["a"], f"wise a={alpha:g}")
+        for row in alone:
+            assert all(got[row["split"]][m] == row[m] for m in ("acc", "ece", "nll", "n", "skipped")), (alpha, row["split"])
+
+
 # ------------------------------------------------------------------------ runs and their θ0, curves
 def test_run_endpoints_warn_when_the_rebuilt_init_shares_no_tensor(capsys, monkeypatch):
     g = torch.Generator().manual_seed(0)

@@ -87,3 +87,70 @@ def test_sharded_evaluation_equals_one_process(tmp_path, folder_data, tiny_model
         for metric in ("acc", "ece", "nll"):
             assert abs(a[metric] - b[metric]) <= 1e-6, (a["split"], metric, a[metric], b[metric])
 
+
+def results_rows(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluate_and_merge_under_torchrun_give_the_rows_of_one_process(tmp_path, folder_data, tiny_model):
+    """`torchrun --nproc_per_node 2 evaluate.py eval`, `... merge.py wise` and `... merge.py tpgm` (gloo on CPU)
+    write the rows of 1 process (≤ 1e-6) once, from rank 0, and print the tables once."""
+    (Path(folder_data) / "sketch" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")  # 17 files: uneven shards
+    run = tmp_path / "run"
+    run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "folder", "--data-root", folder_data, "--model",
+                tiny_model, "--steps", "2", "--batch-size", "8", "--out", str(run)], cwd=tmp_path)
+    env, torchrun = {"OMP_NUM_THREADS": "1"}, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544"]
+    jobs = {"eval": [str(REPO / "evaluate.py"), "eval", "--ckpt", str(run)],
+            "wise": [str(REPO / "merge.py"), "wise", "--ckpt", str(run), "--alphas", "0,0.5,1", "--plot", "curve.png"],
+            "tpgm": [str(REPO / "merge.py"), "tpgm", "--ckpt", str(run), "--steps", "3", "--batch-size", "4", "--out", "tp"]}
+    for name, argv in jobs.items():
+        before = len(results_rows(run / "results.jsonl"))
+        one = run_script(argv, cwd=tmp_path, env_extra=env).stdout
+        middle = len(results_rows(run / "results.jsonl"))
+        two = run_script([*torchrun, *argv], cwd=tmp_path, env_extra=env).stdout
+        rows = results_rows(run / "results.jsonl")
+        assert len(rows) == 2 * (middle - before) + before, name  # rank 0 alone appended its rows
+        for a, b in zip(rows[before:middle], rows[middle:]):
+            assert (a["tag"], a["split"], a["n"], a["skipped"]) == (b["tag"], b["split"], b["n"], b["skipped"])
+            assert all(abs(a[m] - b[m]) <= 1e-6 for m in ("acc", "ece", "nll")), (name, a["tag"], a["split"])
+        assert two.count("  sketch ") == one.count("  sketch ") == (3 if name == "wise" else 1)
+        assert {r["tag"] for r in rows[middle:]} == ({"wise a=0", "wise a=0.5", "wise a=1"} if name == "wise" else
+                                                     {"tpgm" if name == "tpgm" else ""}) and rows[-1]["skipped"] == 1
+
+
+HEAD = """
+import json, sys, torch, open_clip
+import common
+common.init_distributed(torch.device("cpu"))
+common.HEAD_PROMPTS = 4  # 2 templates: 2 classes a chunk, so 7 classes are 4 chunks, 2 per process
+torch.manual_seed(0)
+clip, tokenizer, _ = common.load_clip(sys.argv[1], "", "cpu")
+seen = [0]
+def counting(texts):
+    seen[0] += len(texts)
+    return tokenizer(texts)
+classes, templates = ["cat", "dog", "red fox", "owl", "a very long name of a bird", "cow", "ant"], ["a photo of a {}.", "{}"]
+head = common.zeroshot_head(clip, counting, classes, templates)
+rank = common.dist.get_rank() if common.dist.is_initialized() else 0
+torch.save({"head": head, "prompts": seen[0]}, f"{sys.argv[2]}.{rank}")
+if rank == 0:  # open_clip's builder: float32 on the full context, what the head was before
+    ref = open_clip.build_zero_shot_classifier(clip, tokenizer, classes, [t.format for t in templates], device="cpu")
+    torch.save(ref.t(), sys.argv[2] + ".ref")
+"""
+
+
+def test_zeroshot_head_equals_open_clips_builder_and_is_shared_out_over_processes(tmp_path, tiny_model):
+    """The head through encode_text's early stop (autocast is off on CPU) is open_clip's full-context float32
+    head to 1e-6, and under torchrun ×2 every process builds half the class chunks and gets all the rows."""
+    (tmp_path / "head.py").write_text(HEAD)
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script([str(tmp_path / "head.py"), tiny_model, str(tmp_path / "one")], cwd=tmp_path, env_extra=env)
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545", str(tmp_path / "head.py"),
+                tiny_model, str(tmp_path / "two")], cwd=tmp_path, env_extra=env)
+    one, ref = torch.load(tmp_path / "one.0"), torch.load(tmp_path / "one.ref")
+    two = [torch.load(tmp_path / f"two.{r}") for r in (0, 1)]
+    assert one["head"].shape == ref.shape == (7, 32) and one["prompts"] == 14
+    assert (one["head"] - ref).abs().max() <= 1e-6
+    assert [t["prompts"] for t in two] == [8, 6]  # chunks 0, 2 (4 + 4 prompts) and 1, 3 (4 + 2)
+    for t in two:
+        assert torch.equal(t["head"], one["head"])  # a chunk is the same forward in either world
