@@ -109,18 +109,18 @@ def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None
     device = model.head.device
 
     def embed(model, batch, step):  # a micro-batch's rows
-        images, labels, n = batch["image"], batch["label"], len(batch["label"])
-        classes, inverse = labels.unique(return_inverse=True)  # encode each class prompt once
+        images, host, n = batch["image"], batch["host"], len(batch["label"])  # host: label, index on the CPU (no device sync)
+        classes, inverse = host["label"].unique(return_inverse=True)  # encode each class prompt once
         texts = [FT_TEMPLATE.format(classnames[c]) for c in classes.tolist()]
-        cap_texts = [captions[i] for i in batch["index"].tolist()] if captions else []
+        cap_texts = [captions[i] for i in host["index"].tolist()] if captions else []
         ret = batch.get("retrieved") if retrieved_captions is not None else None
-        ret_texts = [retrieved_captions[i] for i in ret["index"].tolist()] if ret else []
+        ret_texts = [retrieved_captions[i] for i in ret["host"]["index"].tolist()] if ret else []
         if ret:  # one forward pass per tower for everything in the step
             images = torch.cat([images, ret["image"]])
         img = model.image_features(images)  # [B (+ B_r), D]
         txt = encode_text(model.clip, model.tokenizer(texts + cap_texts + ret_texts).to(device))  # [K_b + B (+ B_r), D]
         k = len(texts)
-        rows = {"image": img[:n], "class_text": txt[:k][inverse], "label": labels}
+        rows = {"image": img[:n], "class_text": txt[:k][inverse.to(device)], "label": batch["label"]}
         if captions:
             rows.update(caption=txt[k:k + n], caption_id=text_ids(cap_texts, device))
         if ret:

@@ -364,7 +364,8 @@ def test_unreadable_training_images_are_named_once_and_empty_classes_leave_the_l
     common.train(env, ft_loss, args)
     out = capsys.readouterr().out
     assert "dropping 1 class(es) with no training images from the label space: owl" in out
-    assert f"skipped 1 unreadable training image(s), each every time it was drawn: {root / 'train' / 'cat' / 'broken.jpg'}" in out
+    assert "1 unreadable training image(s), each replaced by the next readable image of its stream" in out
+    assert out.count(str(root / "train" / "cat" / "broken.jpg")) == 1
 
 
 def test_bf16_autocast_evaluation_agrees_with_float32_and_scores_in_float32(tmp_path, folder_data, monkeypatch):
