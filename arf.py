@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from common import (ContrastiveLoss, FileImages, TrainArgs, TransformedImages, append_lines, autocast, barrier,
                     check_batch, clip_contrastive_loss, collate_skipping_bad, encode_text, finish, is_main_process,
-                    parse_args, set_trainable, setup, train)
+                    parse_args, set_trainable, setup, train, wait_for_file)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
@@ -339,7 +339,7 @@ def retrieve_anchors(args, env):
             neighbours = search(build_index(pool_emb[rows]), query[qok], args.retrieve_k)  # [Q, k]
             np.save(ret_file.with_suffix(".tmp.npy"), rows[np.unique(neighbours[neighbours >= 0])])
             os.replace(ret_file.with_suffix(".tmp.npy"), ret_file)
-    barrier()
+        wait_for_file(ret_file, "rank 0's faiss search")  # not a barrier: the search outlasts NCCL's timeout
     keep, unreadable = np.load(ret_file), int((~np.load(pool_file.with_suffix(".ok.npy"))).sum())
     print(f"pool {pool}: {len(images) - unreadable} usable pairs, skipped {bad} rows (malformed or missing image) "
           f"and {unreadable} unreadable images; retrieved {len(keep)} unique pairs (k={args.retrieve_k} per training image)")
@@ -423,7 +423,7 @@ def embed_images(clip, images, transform, cache_file: Path, batch_size: int, dev
             os.replace(partial, cache_file)
             for r in all_chunks(len(images), chunk):
                 part(r).unlink()
-        barrier()
+        wait_for_file(cache_file, "rank 0 to join the embedding chunks")  # the mask is saved first
     return np.load(cache_file, mmap_mode="r"), np.load(mask_file)
 
 

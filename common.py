@@ -51,6 +51,8 @@ ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
 FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads)
 KEEP_CHECKPOINTS = 2  # newest step checkpoints kept while training: one may be mid-write when a job is killed
+WAIT_POLL_S = 2  # seconds between looks for a file rank 0 is writing (wait_for_file)
+WAIT_NOTE_S = 600  # a process waiting for such a file says so every this many seconds
 # arguments a --resume may change (the others change the result: refused)
 RESUME_MAY_CHANGE = ("resume", "threads", "workers", "eval_batch_size", "device", "out", "ckpt_every", "keep_checkpoints")
 # arguments that are not part of a run's identity (run_config): the seed, how and where it ran, plumbing
@@ -255,6 +257,8 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
                       batch[name], from its own StepBatchSampler stream (seed + 1 + i)."""
     model, device, run = env.model, env.device, env.run
     start_run(env, args)
+    if args.resume:
+        same_start_everywhere(run, "final.pt (trained)" if (run / "final.pt").is_file() else "no final.pt")
     if args.resume and (run / "final.pt").is_file():  # trained, but stopped before its rows were written
         return trained_before(run, model, args.steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -355,6 +359,7 @@ def resume(run: Path, model, opt, sched, ema, steps: int) -> int:
     """Loads the newest readable checkpoint into the model, optimiser, scheduler, EMA and RNGs and returns
     its step (0 when there is none); the log's lines of the steps after it are dropped (they are redone)."""
     path, ckpt = newest_checkpoint(run)
+    same_start_everywhere(run, f"step {ckpt['step']} ({path})" if ckpt else f"step 0 (no readable checkpoint in {run / 'ckpt'})")
     if ckpt is None:
         print(f"no readable checkpoint in {run/'ckpt'}; starting from step 0")
         return 0
@@ -370,6 +375,22 @@ def resume(run: Path, model, opt, sched, ema, steps: int) -> int:
                 if x.strip().startswith("{") and x.endswith("\n") and json.loads(x)["step"] <= ckpt["step"]]
         (run / "log.jsonl").write_text("".join(kept))
     return ckpt["step"]
+
+
+def same_start_everywhere(run: Path, found: str):
+    """--resume under torchrun: every process must start where rank 0 starts. A process that cannot see
+    rank 0's run folder (no filesystem shared by the nodes) would start at step 0 with its own optimiser,
+    schedule and data stream while DDP broadcasts only the weights. What each process found ("step N
+    (path)") is gathered; if the starts differ, every process stops with one message (every process
+    reaches this all_gather: no hang)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, found)
+    if len({s.split(" (")[0] for s in seen}) > 1:
+        raise SystemExit(f"error: --resume: the processes of this run found different starts in {run}: "
+                         + "; ".join(f"rank {r}: {s}" for r, s in enumerate(seen)) + ". Every process must see rank 0's "
+                         "run folder (--out on a filesystem every node shares); resume where they all do.")
 
 
 class StepData:
@@ -1369,6 +1390,30 @@ def is_main_process() -> bool:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_file(path: Path, what: str):
+    """Under torchrun, every process but rank 0 waits for `path`, which rank 0 writes atomically
+    (os.replace) after a job of its own of any length (ARF's faiss search over the pool): a wait that
+    is not a collective, so no backend timeout (NCCL's 10 minutes, gloo's 30) cuts it short. A long
+    wait says what it waits for every WAIT_NOTE_S; if rank 0 fails, torchrun stops the others and they
+    say so."""
+    if not dist.is_initialized() or is_main_process():
+        return
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(f"error: rank {dist.get_rank()} stopped while waiting for {what} ({path}): rank 0 failed or "
+                         "was stopped; its output says why. Rerun the same command: finished caches are kept.")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    waited = 0
+    while not path.is_file():
+        time.sleep(WAIT_POLL_S)
+        waited += WAIT_POLL_S
+        if waited % WAIT_NOTE_S == 0:
+            print(f"rank {dist.get_rank()}: waited {waited // 60} min for {what} ({path}); every node must see that "
+                  "folder (a shared filesystem)", flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class LossOf(nn.Module):

@@ -228,3 +228,40 @@ def test_a_lost_process_stops_the_other_with_a_message_and_resume_matches(tmp_pa
                env_extra=env)
     a, b = (torch.load(tmp_path / d / "final.pt", weights_only=False)["model"] for d in ("straight", "cut"))
     assert not close(a, b)
+
+
+ELSEWHERE = """
+import os, runpy, sys
+script, elsewhere, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+if os.environ["RANK"] == "1":  # this process's --out is a folder without rank 0's checkpoints (no shared filesystem)
+    argv[argv.index("--out") + 1] = elsewhere
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_resume_where_a_process_cannot_see_the_checkpoints_stops_every_process(tmp_path, folder_data, tiny_model):
+    """torchrun --resume with rank 1 looking at a folder that lacks rank 0's checkpoints (or final.pt): every
+    process stops at once with one message that names each process's start, instead of rank 1 training from
+    step 0 under weights broadcast from rank 0."""
+    from conftest import run_script
+
+    ft = ["--method", "ft", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
+          "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "2", "--workers", "0", "--out", str(tmp_path / "run")]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29572"]
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script([*torchrun, str(REPO / "baselines.py"), *ft, "--keep-checkpoints"], cwd=tmp_path, env_extra=env)
+    (tmp_path / "run" / "results.jsonl").unlink()  # as if killed before its rows were written
+    final = (tmp_path / "run" / "final.pt").rename(tmp_path / "final.pt")  # ... and, first, before final.pt
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere.py").write_text(ELSEWHERE)
+    for expected in ("; rank 1: step 0 (no readable checkpoint", "rank 0: final.pt (trained); rank 1: no final.pt"):
+        if "final.pt" in expected:  # the second time: final.pt is there, for rank 0 only
+            final.rename(tmp_path / "run" / "final.pt")
+        start = time.time()
+        proc = run_script([*torchrun, str(tmp_path / "elsewhere.py"), str(REPO / "baselines.py"), str(tmp_path / "elsewhere"),
+                           *ft, "--resume"], cwd=tmp_path, env_extra=env, check=False)
+        took, out = time.time() - start, proc.stdout + proc.stderr
+        assert proc.returncode != 0 and took < 60 and 'common.py", line' not in out, (took, out[-3000:])  # torchrun's own traceback only
+        assert out.count("error: --resume: the processes of this run found different starts") == 2, out[-3000:]  # each process
+        assert expected in out and "Every process must see rank 0's run folder" in out, out[-3000:]
