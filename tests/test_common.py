@@ -202,6 +202,38 @@ def test_nan_loss_stops_with_step_and_terms(tmp_path, folder_data, tiny_model):
     bad = lambda model, batch, step: (model(batch["image"]).sum() * float("nan"), {"ce": 1.0})  # noqa: E731
     with pytest.raises(common.NonFiniteLoss, match="step 0"):
         common.train(env, bad, args)
+    assert all(torch.isfinite(p).all() for p in env.model.parameters())  # NaN gradients, but no optimiser step
+
+
+class SomeUnreadable:
+    """10 images, #3 and #4 unreadable: what TransformedImages needs of an image list."""
+    labels = list(range(10))
+
+    def __len__(self):
+        return 10
+
+    def load(self, i):
+        return None if i in (3, 4) else i
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_readable_one_of_its_stream_under_every_partitioning():
+    def drawn(world, accum):  # the step's samples of every process and micro-batch, in stream order
+        out = []
+        for rank in range(world):
+            sampler = common.StepBatchSampler(10, 8, accum, rank, world, seed=0, start=0, total=3)
+            data = common.TransformedImages(SomeUnreadable(), lambda img: torch.tensor(float(img)), stream=sampler.sample)
+            out.append([[data[p] for p in micro] for micro in sampler])
+        return [s for step in range(3) for a in range(accum) for r in range(world) for s in out[r][step * accum + a]]
+
+    one = drawn(1, 1)
+    assert all(len(m) == 8 for m in (one[i:i + 8] for i in range(0, 24, 8)))  # full micro-batches
+    for other in (drawn(2, 1), drawn(1, 2), drawn(2, 2)):
+        assert [(s["index"], float(s["image"]), s["skipped"]) for s in one] == [(s["index"], float(s["image"]), s["skipped"]) for s in other]
+    sampler = common.StepBatchSampler(10, 8, 1, 0, 1, seed=0, start=0, total=3)
+    for p, s in enumerate(one):
+        following = [sampler.sample(q)[0] for q in range(p, p + 3)]
+        assert s["index"] == next(i for i in following if i not in (3, 4)) and s["skipped"] == following[:following.index(s["index"])]
+    assert sorted({i for s in one for i in s["skipped"]}) == [3, 4]  # both drawn in 24 draws of 10 images
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -138,6 +138,7 @@ def test_nan_names_last_good_checkpoint(tmp_path, folder_data, tiny_model):
 
     with pytest.raises(common.NonFiniteLoss, match=r"step 3 .*step_2\.pt"):
         common.train(env, loss_fn, args)
+    assert all(torch.isfinite(p).all() for p in env.model.parameters())  # the step stopped before opt.step
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops(tmp_path, folder_data, tiny_model, monkeypatch):
