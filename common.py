@@ -500,8 +500,9 @@ def check_finite(terms: dict, step: int, run: Path):
     torchrun another process's loss reaches it) is not finite: the weights never take that step."""
     if not (math.isfinite(terms["loss"]) and math.isfinite(terms.get("grad_norm", 0.0))):
         last = step_checkpoints(run)
+        what = f"loss is {terms['loss']}" if not math.isfinite(terms["loss"]) else f"gradient norm is {terms['grad_norm']}"
         raise NonFiniteLoss(
-            f"loss is {terms['loss']} at step {step} (terms: { {k: v for k, v in terms.items() if k != 'loss'} }). "
+            f"{what} at step {step} (terms: { {k: v for k, v in terms.items() if k != 'loss'} }). "
             f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
 
 

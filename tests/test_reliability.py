@@ -249,7 +249,7 @@ def test_resume_where_a_process_cannot_see_the_checkpoints_stops_every_process(t
 
     ft = ["--method", "ft", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
           "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "2", "--workers", "0", "--out", str(tmp_path / "run")]
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29572"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     env = {"OMP_NUM_THREADS": "1"}
     run_script([*torchrun, str(REPO / "baselines.py"), *ft, "--keep-checkpoints"], cwd=tmp_path, env_extra=env)
     (tmp_path / "run" / "results.jsonl").unlink()  # as if killed before its rows were written

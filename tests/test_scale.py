@@ -142,7 +142,7 @@ def test_a_broken_training_image_is_replaced_alike_under_every_configuration(tmp
     for config, flags in CONFIGS.items():
         jobs = [(str(REPO / "baselines.py"), ["--method", "flyp", *micro, *(flags or []), "--out", str(tmp_path / config / "flyp")]),
                 (str(REPO / "arf.py"), [*micro, *(flags or []), *arf, "--out", str(tmp_path / config / "arf")])]
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544"] if flags is None else []
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if flags is None else []
         proc = run_script([*launcher, str(tmp_path / "driver.py"), json.dumps(jobs)], cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"})
         warnings = [x for x in (proc.stdout + proc.stderr).splitlines() if "unreadable training image" in x]
         assert len(warnings) == 2 and all(x.count(str(broken)) == 1 for x in warnings), (config, warnings)  # one per run
