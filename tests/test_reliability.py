@@ -266,3 +266,35 @@ def test_resume_where_a_process_cannot_see_the_checkpoints_stops_every_process(t
         assert proc.returncode != 0 and took < 60 and 'common.py", line' not in out, (took, out[-3000:])  # torchrun's own traceback only
         assert out.count("error: --resume: the processes of this run found different starts") == 2, out[-3000:]  # each process
         assert expected in out and "Every process must see rank 0's run folder" in out, out[-3000:]
+
+
+WAITER = """
+import sys, time
+from pathlib import Path
+import torch
+import common
+common.init_distributed(torch.device("cpu"))
+path = Path(sys.argv[1])
+if common.is_main_process():
+    time.sleep(3)  # rank 0's long job (ARF's faiss search)
+    if sys.argv[2] == "fail":
+        raise SystemExit("error: rank 0's job failed")
+    path.with_suffix(".tmp").write_text("done")
+    path.with_suffix(".tmp").replace(path)
+common.wait_for_file(path, "rank 0's job")
+print(f"rank {common.dist.get_rank()} read {path.read_text()}")
+"""
+
+
+@pytest.mark.parametrize("outcome", ["done", "fail"])
+def test_waiting_for_rank_0s_file_is_not_a_collective_and_says_when_rank_0_failed(tmp_path, outcome):
+    from conftest import run_script
+
+    (tmp_path / "waiter.py").write_text(WAITER)
+    proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "waiter.py"),
+                       str(tmp_path / "result.txt"), outcome], cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    if outcome == "done":
+        assert proc.returncode == 0 and "rank 0 read done" in out and "rank 1 read done" in out, out[-3000:]
+    else:
+        assert proc.returncode != 0 and "error: rank 1 stopped while waiting for rank 0's job" in out, out[-3000:]
