@@ -420,7 +420,8 @@ class StepData:
     def to_device(self, what: str, batch: dict) -> dict:
         self.bad.setdefault(what, []).extend(pop_unreadable(batch))
         host = {k: batch[k] for k in ("label", "index")}
-        return {**{k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, "host": host}
+        return {**{k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()},
+                "host": host}
 
     def next_step(self) -> list:
         micro = []
@@ -873,7 +874,9 @@ class TransformedImages(torch.utils.data.Dataset):
     def __getitem__(self, key):
         if self.stream is None:
             img = self.images.load(key)
-            return {"unreadable": key} if img is None else {"image": self.transform(img), "label": int(self.images.labels[key]), "index": key}
+            if img is None:
+                return {"unreadable": key}
+            return {"image": self.transform(img), "label": int(self.images.labels[key]), "index": key}
         skipped, sample_seed = [], self.stream(key)[1]
         for q in range(key, key + 2 * len(self.images)):  # 2N positions hold every image at least once
             index = self.stream(q)[0]
@@ -931,7 +934,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def _perm(self, epoch):
         if epoch not in self._perms:  # the two newest epochs: a replacement may look into the next one
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1} | {epoch: torch.randperm(self.n, generator=g).tolist()}
+            kept = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms = {**kept, epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch]
 
     def sample(self, p: int) -> tuple:

@@ -217,23 +217,24 @@ class SomeUnreadable:
 
 
 def test_an_unreadable_image_is_replaced_by_the_next_readable_one_of_its_stream_under_every_partitioning():
-    def drawn(world, accum):  # the step's samples of every process and micro-batch, in stream order
+    def drawn(world, accum, start=0):  # the samples of steps start..2 of every process and micro-batch, in stream order
         out = []
         for rank in range(world):
-            sampler = common.StepBatchSampler(10, 8, accum, rank, world, seed=0, start=0, total=3)
+            sampler = common.StepBatchSampler(10, 8, accum, rank, world, seed=0, start=start, total=3)
             data = common.TransformedImages(SomeUnreadable(), lambda img: torch.tensor(float(img)), stream=sampler.sample)
             out.append([[data[p] for p in micro] for micro in sampler])
-        return [s for step in range(3) for a in range(accum) for r in range(world) for s in out[r][step * accum + a]]
+        return [(s["index"], float(s["image"]), s["skipped"])
+                for step in range(3 - start) for a in range(accum) for r in range(world) for s in out[r][step * accum + a]]
 
     one = drawn(1, 1)
-    assert all(len(m) == 8 for m in (one[i:i + 8] for i in range(0, 24, 8)))  # full micro-batches
-    for other in (drawn(2, 1), drawn(1, 2), drawn(2, 2)):
-        assert [(s["index"], float(s["image"]), s["skipped"]) for s in one] == [(s["index"], float(s["image"]), s["skipped"]) for s in other]
+    assert len(one) == 24  # full micro-batches
+    assert drawn(2, 1) == drawn(1, 2) == drawn(2, 2) == one and drawn(2, 1, start=1) == one[8:]  # resumed at step 1
     sampler = common.StepBatchSampler(10, 8, 1, 0, 1, seed=0, start=0, total=3)
-    for p, s in enumerate(one):
-        following = [sampler.sample(q)[0] for q in range(p, p + 3)]
-        assert s["index"] == next(i for i in following if i not in (3, 4)) and s["skipped"] == following[:following.index(s["index"])]
-    assert sorted({i for s in one for i in s["skipped"]}) == [3, 4]  # both drawn in 24 draws of 10 images
+    for p, (index, image, skipped) in enumerate(one):
+        following = [sampler.sample(q)[0] for q in range(p, p + 3)]  # positions p, p + 1, p + 2 of the stream
+        assert index == image == next(i for i in following if i not in (3, 4))
+        assert skipped == following[:following.index(index)]
+    assert sorted({i for *_, skipped in one for i in skipped}) == [3, 4]  # both drawn in 24 draws of 10 images
 
 
 # ------------------------------------------------------------------------------------- bad input
