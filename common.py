@@ -857,13 +857,13 @@ def gather_rows(rows: dict) -> dict:
 # Data plumbing: transformed images, unreadable images, the step sampler (datasets: the tasks package)
 # ----------------------------------------------------------------------------------------------
 class TransformedImages(torch.utils.data.Dataset):
-    """Applies a transform to the image at a key. A plain key is an index into `images` (unreadable:
-    {"unreadable": index}). With `stream` (a StepBatchSampler's `sample`), a key is a position p of a
-    training stream, and the sample is always full: the image at p, or when it is unreadable the first
-    readable image at p + 1, p + 2, ... of the same stream (read here, in the same worker), with
-    position p's augmentation seed. So the sample at p is a pure function of (seed, p) and of which
-    files read, whatever the processes, accumulation or resume; its "skipped" lists the unreadable
-    indices it stepped over."""
+    """Applies a transform to the image at a key: an index into `images`, or (index, seed) to augment
+    with that seed (unreadable: {"unreadable": index}). With `stream` (a StepBatchSampler's `sample`), a
+    key is a position p of a training stream, and the sample is always full: the image at p, or when it
+    is unreadable the first readable image at p + 1, p + 2, ... of the same stream (read here, in the
+    same worker), with position p's augmentation seed. So the sample at p is a pure function of (seed,
+    p) and of which files read, whatever the processes, accumulation or resume (kill-and-resume stays
+    bit-exact); its "skipped" lists the unreadable indices it stepped over."""
 
     def __init__(self, images, transform, stream: Optional[Callable] = None):
         self.images, self.transform, self.stream = images, transform, stream
@@ -872,13 +872,17 @@ class TransformedImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, key):
-        if self.stream is None:
-            img = self.images.load(key)
-            if img is None:
-                return {"unreadable": key}
-            return {"image": self.transform(img), "label": int(self.images.labels[key]), "index": key}
-        skipped, sample_seed = [], self.stream(key)[1]
-        for q in range(key, key + 2 * len(self.images)):  # 2N positions hold every image at least once
+        if self.stream is not None:
+            return self.stream_sample(key)
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        img = self.images.load(index)
+        if img is None:
+            return {"unreadable": index}
+        return {"image": self.augment(img, sample_seed), "label": int(self.images.labels[index]), "index": index}
+
+    def stream_sample(self, p: int) -> dict:
+        skipped = []
+        for q in range(p, p + 2 * len(self.images)):  # 2N positions hold every image at least once
             index = self.stream(q)[0]
             img = self.images.load(index)
             if img is not None:
@@ -886,12 +890,17 @@ class TransformedImages(torch.utils.data.Dataset):
             skipped.append(index)
         else:
             raise SystemExit(f"error: none of the {len(self.images)} images of this training stream could be read")
+        return {"image": self.augment(img, self.stream(p)[1]), "label": int(self.images.labels[index]), "index": index,
+                "skipped": skipped}
+
+    def augment(self, img, sample_seed: Optional[int]):
+        if sample_seed is None:
+            return self.transform(img)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding with
             # a captured stack trace, which cost more than the transform itself
             torch.default_generator.manual_seed(sample_seed)
-            x = self.transform(img)
-        return {"image": x, "label": int(self.images.labels[index]), "index": index, "skipped": skipped}
+            return self.transform(img)
 
 
 def collate_skipping_bad(samples):
