@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from common import (ContrastiveLoss, FileImages, TrainArgs, TransformedImages, append_lines, autocast, barrier,
                     check_batch, collate_skipping_bad, encode_text, finish, is_main_process, parse_args,
-                    pretraining_loss, set_trainable, setup, train)
+                    pretraining_loss, set_trainable, setup, train, wait_for_file)
 
 W_FT, W_CAP, W_RET = 1.0, 1.0, 1.0  # loss weights of the class prompts and the two anchors (paper: 1:1:1)
 FT_TEMPLATE = "a photo of a {}."  # L_ft's class prompt
@@ -109,18 +109,18 @@ def make_loss_fn(model, classnames: list, captions=None, retrieved_captions=None
     device = model.head.device
 
     def embed(model, batch, step):  # a micro-batch's rows
-        images, labels, n = batch["image"], batch["label"], len(batch["label"])
-        classes, inverse = labels.unique(return_inverse=True)  # encode each class prompt once
+        images, host, n = batch["image"], batch["host"], len(batch["label"])  # host: label, index on the CPU (no device sync)
+        classes, inverse = host["label"].unique(return_inverse=True)  # encode each class prompt once
         texts = [FT_TEMPLATE.format(classnames[c]) for c in classes.tolist()]
-        cap_texts = [captions[i] for i in batch["index"].tolist()] if captions else []
+        cap_texts = [captions[i] for i in host["index"].tolist()] if captions else []
         ret = batch.get("retrieved") if retrieved_captions is not None else None
-        ret_texts = [retrieved_captions[i] for i in ret["index"].tolist()] if ret else []
+        ret_texts = [retrieved_captions[i] for i in ret["host"]["index"].tolist()] if ret else []
         if ret:  # one forward pass per tower for everything in the step
             images = torch.cat([images, ret["image"]])
         img = model.image_features(images)  # [B (+ B_r), D]
         txt = encode_text(model.clip, model.tokenizer(texts + cap_texts + ret_texts).to(device))  # [K_b + B (+ B_r), D]
         k = len(texts)
-        rows = {"image": img[:n], "class_text": txt[:k][inverse], "label": labels}
+        rows = {"image": img[:n], "class_text": txt[:k][inverse.to(device)], "label": batch["label"]}
         if captions:
             rows.update(caption=txt[k:k + n], caption_id=text_ids(cap_texts, device))
         if ret:
@@ -339,7 +339,7 @@ def retrieve_anchors(args, env):
             neighbours = search(build_index(pool_emb[rows]), query[qok], args.retrieve_k)  # [Q, k]
             np.save(ret_file.with_suffix(".tmp.npy"), rows[np.unique(neighbours[neighbours >= 0])])
             os.replace(ret_file.with_suffix(".tmp.npy"), ret_file)
-    barrier()
+        wait_for_file(ret_file, "rank 0's faiss search")  # not a barrier: the search outlasts NCCL's timeout
     keep, unreadable = np.load(ret_file), int((~np.load(pool_file.with_suffix(".ok.npy"))).sum())
     print(f"pool {pool}: {len(images) - unreadable} usable pairs, skipped {bad} rows (malformed or missing image) "
           f"and {unreadable} unreadable images; retrieved {len(keep)} unique pairs (k={args.retrieve_k} per training image)")
@@ -423,7 +423,7 @@ def embed_images(clip, images, transform, cache_file: Path, batch_size: int, dev
             os.replace(partial, cache_file)
             for r in all_chunks(len(images), chunk):
                 part(r).unlink()
-        barrier()
+        wait_for_file(cache_file, "rank 0 to join the embedding chunks")  # the mask is saved first
     return np.load(cache_file, mmap_mode="r"), np.load(mask_file)
 
 

@@ -243,8 +243,9 @@ def flyp(model, args, task) -> Recipe:
     tokens = {}  # (class, template) -> token ids [L]: each prompt is tokenized once per run, not once per step
 
     def embed(m, batch, step):  # a micro-batch's rows; the loss is over the global batch (common.ContrastiveLoss)
-        template = flyp_template_ids(args.seed, step, batch["index"], len(templates))  # [B]
-        pairs, inverse = torch.stack([batch["label"].cpu(), template], 1).unique(dim=0, return_inverse=True)
+        host = batch["host"]  # label, index on the CPU: the prompts are chosen without waiting for the device
+        template = flyp_template_ids(args.seed, step, host["index"], len(templates))  # [B]
+        pairs, inverse = torch.stack([host["label"], template], 1).unique(dim=0, return_inverse=True)
         pairs = [tuple(p) for p in pairs.tolist()]  # each (class, template) of the batch once
         new = [p for p in pairs if p not in tokens]
         if new:

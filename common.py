@@ -53,6 +53,8 @@ FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the
 AUTO_WORKERS = -1  # --workers value that means: from the free cores (data_workers)
 HEAD_PROMPTS = 2048  # prompts per text-tower forward building a zero-shot head; its chunks of classes go to processes
 KEEP_CHECKPOINTS = 2  # newest step checkpoints kept while training: one may be mid-write when a job is killed
+WAIT_POLL_S = 2  # seconds between looks for a file rank 0 is writing (wait_for_file)
+WAIT_NOTE_S = 600  # a process waiting for such a file says so every this many seconds
 # arguments a --resume may change (the others change the result: refused)
 RESUME_MAY_CHANGE = ("resume", "threads", "workers", "eval_batch_size", "device", "out", "ckpt_every", "keep_checkpoints",
                      "grad_checkpointing")
@@ -259,6 +261,8 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
                       batch[name], from its own StepBatchSampler stream (seed + 1 + i)."""
     model, device, run = env.model, env.device, env.run
     start_run(env, args)
+    if args.resume:
+        same_start_everywhere(run, "final.pt (trained)" if (run / "final.pt").is_file() else "no final.pt")
     if args.resume and (run / "final.pt").is_file():  # trained, but stopped before its rows were written
         return trained_before(run, model, args.steps)
     noise = keyed_noise(model, args.seed)  # dropout/drop_path masks keyed by sample (None: the towers have none)
@@ -286,9 +290,11 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
         for step in bar:
             if noise is not None:
                 noise.step = step
-            terms = backward(stepper, data.next_step(), step, env.world, device, run)
+            terms = backward(stepper, data.next_step(), step, env.world, device, run)  # device tensors
             if args.clip_grad > 0:
-                terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+            terms = scalars(terms)  # the step's one host sync
+            check_finite(terms, step, run)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -363,6 +369,7 @@ def resume(run: Path, model, opt, sched, ema, steps: int) -> int:
     """Loads the newest readable checkpoint into the model, optimiser, scheduler, EMA and RNGs and returns
     its step (0 when there is none); the log's lines of the steps after it are dropped (they are redone)."""
     path, ckpt = newest_checkpoint(run)
+    same_start_everywhere(run, f"step {ckpt['step']} ({path})" if ckpt else f"step 0 (no readable checkpoint in {run / 'ckpt'})")
     if ckpt is None:
         print(f"no readable checkpoint in {run/'ckpt'}; starting from step 0")
         return 0
@@ -380,43 +387,71 @@ def resume(run: Path, model, opt, sched, ema, steps: int) -> int:
     return ckpt["step"]
 
 
+def same_start_everywhere(run: Path, found: str):
+    """--resume under torchrun: every process must start where rank 0 starts. A process that cannot see
+    rank 0's run folder (no filesystem shared by the nodes) would start at step 0 with its own optimiser,
+    schedule and data stream while DDP broadcasts only the weights. What each process found ("step N
+    (path)") is gathered; if the starts differ, every process stops with one message (every process
+    reaches this all_gather: no hang)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, found)
+    if len({s.split(" (")[0] for s in seen}) > 1:
+        raise SystemExit(f"error: --resume: the processes of this run found different starts in {run}: "
+                         + "; ".join(f"rank {r}: {s}" for r, s in enumerate(seen)) + ". Every process must see rank 0's "
+                         "run folder (--out on a filesystem every node shares); resume where they all do.")
+
+
 class StepData:
-    """The micro-batches of every step from `start` on, on the device: the training split's and, under
-    each extra stream's name, that stream's share. Each is a StepBatchSampler stream, so a batch is a
-    function of (seed, step). Unreadable images are skipped and named once at the end."""
+    """The micro-batches of every step from `start` on: the training split's and, under each extra
+    stream's name, that stream's share. Each is a StepBatchSampler stream, so a batch is a function of
+    (seed, step), and every micro-batch is full: an unreadable image is replaced by the next readable
+    one of its stream (TransformedImages), so the micro-batches of every process have one size (the
+    all_gather of a ContrastiveLoss needs it) and a mean weighs every image alike in every
+    configuration. The unreadable images are named once at the end (report_unreadable). Tensors are on
+    the device; batch["host"] holds the CPU copies of "label" and "index", for what Python looks up
+    per image (prompts, captions) without waiting for the device."""
 
     def __init__(self, env: Env, args, streams: dict, start: int):
         self.env, self.accum, self.names, self.bad = env, args.grad_accum, {"training": env.task.train.images}, {}
 
         def stream(images, global_batch, seed, pin):
             sampler = StepBatchSampler(len(images), global_batch, args.grad_accum, env.rank, env.world, seed, start, args.steps)
-            return iter(torch.utils.data.DataLoader(TransformedImages(images, env.train_tf), batch_sampler=sampler,
-                                                    num_workers=env.workers, collate_fn=collate_skipping_bad,
-                                                    pin_memory=pin, persistent_workers=env.workers > 0))
+            return iter(torch.utils.data.DataLoader(TransformedImages(images, env.train_tf, stream=sampler.sample),
+                                                    batch_sampler=sampler, num_workers=env.workers,
+                                                    collate_fn=collate_skipping_bad, pin_memory=pin,
+                                                    persistent_workers=env.workers > 0))
 
         self.main = stream(env.task.train.images, args.batch_size, args.seed, env.device.type == "cuda")
         self.extra = {name: stream(images, bs, args.seed + 1 + i, False) for i, (name, (images, bs)) in enumerate(streams.items())}
         self.names.update({name: images for name, (images, _) in streams.items()})
 
-    def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def to_device(self, what: str, batch: dict) -> dict:
+        self.bad.setdefault(what, []).extend(pop_unreadable(batch))
+        host = {k: batch[k] for k in ("label", "index")}
+        return {**{k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()},
+                "host": host}
 
     def next_step(self) -> list:
         micro = []
         for _ in range(self.accum):
-            batch = next(self.main)
+            batch = self.to_device("training", next(self.main))
             for name, it in self.extra.items():
-                batch[name] = next(it)
-                self.bad.setdefault(name, []).extend(pop_unreadable(batch[name]))
-                batch[name] = self.to_device(batch[name])
-            self.bad.setdefault("training", []).extend(pop_unreadable(batch))
-            micro.append(self.to_device(batch))
+                batch[name] = self.to_device(name, next(it))
+            micro.append(batch)
         return micro
 
     def report_unreadable(self):
-        for what, indices in self.bad.items():
+        """Every process's unreadable draws, named once by rank 0 (a collective under torchrun)."""
+        bad = [self.bad]
+        if self.env.world > 1:
+            bad = [None] * self.env.world
+            dist.all_gather_object(bad, self.bad)
+        for what, images in self.names.items():
+            indices = [i for b in bad for i in b.get(what, [])]
             if indices and is_main_process():
-                print(name_unreadable(self.names[what], indices, what))
+                print(name_unreadable(images, indices, what))
 
 
 def synced_unless(stepper, world: int, last: bool):
@@ -425,16 +460,17 @@ def synced_unless(stepper, world: int, last: bool):
 
 
 def backward_mean(stepper, micro: list, step: int, world: int, device, run: Path) -> dict:
-    """A loss that is a mean over images: each micro-batch's share, backpropagated in turn."""
+    """A loss that is a mean over images: each micro-batch's share, backpropagated in turn. Returns the
+    step's loss and terms, averaged over the micro-batches, as device tensors (no host sync here)."""
     terms_sum, accum = {}, len(micro)
     for j, batch in enumerate(micro):
         with synced_unless(stepper, world, j == accum - 1):
             with autocast(device):
                 loss, terms = stepper(batch, step)
-            check_finite(loss, terms, step, run)
-            (loss / accum).backward()
-        for k, v in scalars(loss, terms, accum).items():
-            terms_sum[k] = terms_sum.get(k, 0.0) + v
+            (loss / accum).backward()  # a non-finite loss is caught once per step (check_finite), before opt.step
+        for k, v in {"loss": loss, **terms}.items():
+            v = v.detach().double() / accum if torch.is_tensor(v) else float(v) / accum
+            terms_sum[k] = terms_sum[k] + v if k in terms_sum else v
     return terms_sum
 
 
@@ -455,25 +491,30 @@ def backward_global_batch(stepper, micro: list, step: int, world: int, device, r
                 # the scale's (and a SigLIP bias's) gradient counted once per step, not once per pass:
                 scale, bias = (once_per_step(t, accum) for t in (model.scale, getattr(model.clip, "logit_bias", None)))
                 loss, terms = loss_fn.loss(rows, scale, bias)
-            check_finite(loss, terms, step, run)
             loss.backward()
-    return scalars(loss, terms)  # every pass computes the same full-batch loss
+    return {"loss": loss.detach(), **terms}  # every pass computes the same full-batch loss
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def check_finite(loss, terms: dict, step: int, run: Path):
-    if not torch.isfinite(loss):
+def scalars(terms: dict) -> dict:
+    """The step's loss and terms (device tensors or numbers) as floats: one host sync per step."""
+    keys = [k for k, v in terms.items() if torch.is_tensor(v)]
+    values = torch.stack([terms[k].detach().double().reshape(()) for k in keys]).tolist() if keys else []
+    return {k: float(v) for k, v in {**terms, **dict(zip(keys, values))}.items()}
+
+
+def check_finite(terms: dict, step: int, run: Path):
+    """Stops the run before opt.step when the step's loss (or, with clipping, the gradient norm: under
+    torchrun another process's loss reaches it) is not finite: the weights never take that step."""
+    if not (math.isfinite(terms["loss"]) and math.isfinite(terms.get("grad_norm", 0.0))):
         last = step_checkpoints(run)
+        what = f"loss is {terms['loss']}" if not math.isfinite(terms["loss"]) else f"gradient norm is {terms['grad_norm']}"
         raise NonFiniteLoss(
-            f"loss is {loss.item()} at step {step} (terms: { {k: float(v) for k, v in terms.items()} }). "
+            f"{what} at step {step} (terms: { {k: v for k, v in terms.items() if k != 'loss'} }). "
             f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or check the data.")
-
-
-def scalars(loss, terms: dict, parts: int = 1) -> dict:
-    return {k: float(v.detach() if torch.is_tensor(v) else v) / parts for k, v in {"loss": loss, **terms}.items()}
 
 
 class HeldoutBest:
@@ -1070,37 +1111,59 @@ def gather_rows(rows: dict) -> dict:
 # Data plumbing: transformed images, unreadable images, the step sampler (datasets: the tasks package)
 # ----------------------------------------------------------------------------------------------
 class TransformedImages(torch.utils.data.Dataset):
-    """Applies a transform; an index may carry its own seed so augmentation is a pure function of
-    (seed, position in the data stream), which is what makes kill-and-resume bit-exact."""
+    """Applies a transform to the image at a key: an index into `images`, or (index, seed) to augment
+    with that seed (unreadable: {"unreadable": index}). With `stream` (a StepBatchSampler's `sample`), a
+    key is a position p of a training stream, and the sample is always full: the image at p, or when it
+    is unreadable the first readable image at p + 1, p + 2, ... of the same stream (read here, in the
+    same worker), with position p's augmentation seed. So the sample at p is a pure function of (seed,
+    p) and of which files read, whatever the processes, accumulation or resume (kill-and-resume stays
+    bit-exact); its "skipped" lists the unreadable indices it stepped over."""
 
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
+    def __init__(self, images, transform, stream: Optional[Callable] = None):
+        self.images, self.transform, self.stream = images, transform, stream
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, key):
+        if self.stream is not None:
+            return self.stream_sample(key)
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         img = self.images.load(index)
         if img is None:
             return {"unreadable": index}
-        if sample_seed is None:
-            x = self.transform(img)
+        return {"image": self.augment(img, sample_seed), "label": int(self.images.labels[index]), "index": index}
+
+    def stream_sample(self, p: int) -> dict:
+        skipped = []
+        for q in range(p, p + 2 * len(self.images)):  # 2N positions hold every image at least once
+            index = self.stream(q)[0]
+            img = self.images.load(index)
+            if img is not None:
+                break
+            skipped.append(index)
         else:
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding with
-                # a captured stack trace, which cost more than the transform itself
-                torch.default_generator.manual_seed(sample_seed)
-                x = self.transform(img)
-        return {"image": x, "label": int(self.images.labels[index]), "index": index}
+            raise SystemExit(f"error: none of the {len(self.images)} images of this training stream could be read")
+        return {"image": self.augment(img, self.stream(p)[1]), "label": int(self.images.labels[index]), "index": index,
+                "skipped": skipped}
+
+    def augment(self, img, sample_seed: Optional[int]):
+        if sample_seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding with
+            # a captured stack trace, which cost more than the transform itself
+            torch.default_generator.manual_seed(sample_seed)
+            return self.transform(img)
 
 
 def collate_skipping_bad(samples):
     """Default collation of the readable samples; `n_bad` counts the unreadable ones, and `bad` (only
-    when there are some) lists their indices so they can be named."""
-    good = [s for s in samples if "unreadable" not in s]
+    when there are some) lists their indices so they can be named: the samples that are unreadable
+    (evaluation: skipped) and those a training stream stepped over (TransformedImages' "skipped")."""
+    good = [{k: v for k, v in s.items() if k != "skipped"} for s in samples if "unreadable" not in s]
     batch = torch.utils.data.default_collate(good) if good else {}
-    bad = [s["unreadable"] for s in samples if "unreadable" in s]
+    bad = [s["unreadable"] for s in samples if "unreadable" in s] + [i for s in samples for i in s.get("skipped", [])]
     batch["n_bad"] = len(bad)
     if bad:
         batch["bad"] = bad
@@ -1114,27 +1177,32 @@ def pop_unreadable(batch: dict) -> list:
 
 
 def name_unreadable(images, indices, what: str) -> str:
-    """One warning for the unreadable images of a split, each named (up to 10) and counted once."""
-    indices = sorted(set(indices))
+    """One warning for the unreadable images of a training stream, each named (up to 10) and counted once."""
+    draws, indices = len(indices), sorted(set(indices))
     names = [images.paths[i] for i in indices] if isinstance(images, FileImages) else [f"#{i}" for i in indices]
-    return (f"warning: skipped {len(indices)} unreadable {what} image(s), each every time it was drawn: "
-            + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+    return (f"warning: {len(indices)} unreadable {what} image(s), each replaced by the next readable image of its stream "
+            f"every time it was drawn ({draws} draw(s)): " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
     """Yields the micro-batches of steps [start, total) for one process (global_batch divides by accum ×
-    world: check_batch). Sample p of the stream is element p % N of the permutation of epoch p // N; its
-    augmentation seed is a hash of (seed, p)."""
+    world: check_batch) as stream positions p, for TransformedImages(..., stream=self.sample). Position
+    p is element p % N of the permutation of epoch p // N, with an augmentation seed that is a hash of
+    (seed, p): sample(p) -> (index, seed)."""
 
     def __init__(self, n: int, global_batch: int, accum: int, rank: int, world: int, seed: int, start: int, total: int):
         self.n, self.B, self.accum, self.rank, self.world = n, global_batch, accum, rank, world
         self.seed, self.start, self.total, self._perms = seed, start, total, {}
 
     def _perm(self, epoch):
-        if epoch not in self._perms:
+        if epoch not in self._perms:  # the two newest epochs: a replacement may look into the next one
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+            kept = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms = {**kept, epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch]
+
+    def sample(self, p: int) -> tuple:
+        return self._perm(p // self.n)[p % self.n], (self.seed * 2_654_435_761 + p) % 2**63
 
     def __len__(self):
         return (self.total - self.start) * self.accum
@@ -1144,7 +1212,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         for step in range(self.start, self.total):
             for a in range(self.accum):
                 first = step * self.B + (a * self.world + self.rank) * micro
-                yield [(self._perm(p // self.n)[p % self.n], (self.seed * 2_654_435_761 + p) % 2**63) for p in range(first, first + micro)]
+                yield list(range(first, first + micro))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1629,6 +1697,30 @@ def is_main_process() -> bool:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_file(path: Path, what: str):
+    """Under torchrun, every process but rank 0 waits for `path`, which rank 0 writes atomically
+    (os.replace) after a job of its own of any length (ARF's faiss search over the pool): a wait that
+    is not a collective, so no backend timeout (NCCL's 10 minutes, gloo's 30) cuts it short. A long
+    wait says what it waits for every WAIT_NOTE_S; if rank 0 fails, torchrun stops the others and they
+    say so."""
+    if not dist.is_initialized() or is_main_process():
+        return
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(f"error: rank {dist.get_rank()} stopped while waiting for {what} ({path}): rank 0 failed or "
+                         "was stopped; its output says why. Rerun the same command: finished caches are kept.")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    waited = 0
+    while not path.is_file():
+        time.sleep(WAIT_POLL_S)
+        waited += WAIT_POLL_S
+        if waited % WAIT_NOTE_S == 0:
+            print(f"rank {dist.get_rank()}: waited {waited // 60} min for {what} ({path}); every node must see that "
+                  "folder (a shared filesystem)", flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class LossOf(nn.Module):

@@ -128,7 +128,7 @@ def build(method: str, base, env, args, batch):
         data = common.TransformedImages(ret_images, env.train_tf)
         ret = common.collate_skipping_bad([data[(i, i)] for i in range(min(len(data), args.batch_size // 2))])
         common.pop_unreadable(ret)
-        batch = {**batch, "retrieved": {k: v.to(env.device) for k, v in ret.items()}}
+        batch = {**batch, "retrieved": {**{k: v.to(env.device) for k, v in ret.items()}, "host": ret}}
         common.set_trainable(model, image=True, text=True, head=False, scale=True)
         loss_fn = arf.make_loss_fn(model, env.task.classnames, captions, ret_captions)
         images = torch.cat([batch["image"], ret["image"].to(env.device)])  # [B + B_r, 3, H, W]
@@ -218,7 +218,7 @@ def main(argv=None):
     data = common.TransformedImages(env.task.train.images, env.train_tf)
     batch = common.collate_skipping_bad([data[(i, i)] for i in range(a.batch_size)])  # one fixed augmented batch
     common.pop_unreadable(batch)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {**{k: v.to(device) for k, v in batch.items()}, "host": batch}  # host: CPU label, index (common.StepData)
 
     built, floors, times, memory = {}, {}, {m: [] for m in methods}, {}
     for m in methods:

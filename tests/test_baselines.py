@@ -91,7 +91,8 @@ def tiny(tiny_model):
     clip, tok, _ = common.load_clip(tiny_model)
     task = types.SimpleNamespace(classnames=["cat", "dog", "owl"], templates=["a photo of a {}.", "art of the {}."])
     model = common.ClipClassifier(clip, common.zeroshot_head(clip, tok, task.classnames, task.templates), tok).train()
-    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 1]), "index": torch.arange(4)}
+    label, index = torch.tensor([0, 1, 2, 1]), torch.arange(4)
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": label, "index": index, "host": {"label": label, "index": index}}
     return model, task, batch
 
 
@@ -158,7 +159,8 @@ def test_flyp_template_is_a_pure_function_of_seed_step_and_image():
 
 def test_flyp_pairs_each_image_with_its_template_or_the_single_prompt(tiny):
     model, task, batch = tiny
-    batch = {**batch, "index": torch.tensor([3, 17, 8, 40])}
+    index = torch.tensor([3, 17, 8, 40])
+    batch = {**batch, "index": index, "host": {**batch["host"], "index": index}}
     encode = lambda texts: common.encode_text(model.clip, model.tokenizer(texts))  # noqa: E731
     for prompt in ("random", "single"):
         recipe = wiring("flyp", model, task, flyp_prompt=prompt, seed=2)

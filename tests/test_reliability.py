@@ -138,6 +138,7 @@ def test_nan_names_last_good_checkpoint(tmp_path, folder_data, tiny_model):
 
     with pytest.raises(common.NonFiniteLoss, match=r"step 3 .*step_2\.pt"):
         common.train(env, loss_fn, args)
+    assert all(torch.isfinite(p).all() for p in env.model.parameters())  # the step stopped before opt.step
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops(tmp_path, folder_data, tiny_model, monkeypatch):
@@ -228,3 +229,72 @@ def test_a_lost_process_stops_the_other_with_a_message_and_resume_matches(tmp_pa
                env_extra=env)
     a, b = (torch.load(tmp_path / d / "final.pt", weights_only=False)["model"] for d in ("straight", "cut"))
     assert not close(a, b)
+
+
+ELSEWHERE = """
+import os, runpy, sys
+script, elsewhere, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+if os.environ["RANK"] == "1":  # this process's --out is a folder without rank 0's checkpoints (no shared filesystem)
+    argv[argv.index("--out") + 1] = elsewhere
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_resume_where_a_process_cannot_see_the_checkpoints_stops_every_process(tmp_path, folder_data, tiny_model):
+    """torchrun --resume with rank 1 looking at a folder that lacks rank 0's checkpoints (or final.pt): every
+    process stops at once with one message that names each process's start, instead of rank 1 training from
+    step 0 under weights broadcast from rank 0."""
+    from conftest import run_script
+
+    ft = ["--method", "ft", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
+          "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "2", "--workers", "0", "--out", str(tmp_path / "run")]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script([*torchrun, str(REPO / "baselines.py"), *ft, "--keep-checkpoints"], cwd=tmp_path, env_extra=env)
+    (tmp_path / "run" / "results.jsonl").unlink()  # as if killed before its rows were written
+    final = (tmp_path / "run" / "final.pt").rename(tmp_path / "final.pt")  # ... and, first, before final.pt
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere.py").write_text(ELSEWHERE)
+    for expected in ("; rank 1: step 0 (no readable checkpoint", "rank 0: final.pt (trained); rank 1: no final.pt"):
+        if "final.pt" in expected:  # the second time: final.pt is there, for rank 0 only
+            final.rename(tmp_path / "run" / "final.pt")
+        start = time.time()
+        proc = run_script([*torchrun, str(tmp_path / "elsewhere.py"), str(REPO / "baselines.py"), str(tmp_path / "elsewhere"),
+                           *ft, "--resume"], cwd=tmp_path, env_extra=env, check=False)
+        took, out = time.time() - start, proc.stdout + proc.stderr
+        assert proc.returncode != 0 and took < 60 and 'common.py", line' not in out, (took, out[-3000:])  # torchrun's own traceback only
+        assert out.count("error: --resume: the processes of this run found different starts") == 2, out[-3000:]  # each process
+        assert expected in out and "Every process must see rank 0's run folder" in out, out[-3000:]
+
+
+WAITER = """
+import sys, time
+from pathlib import Path
+import torch
+import common
+common.init_distributed(torch.device("cpu"))
+path = Path(sys.argv[1])
+if common.is_main_process():
+    time.sleep(3)  # rank 0's long job (ARF's faiss search)
+    if sys.argv[2] == "fail":
+        raise SystemExit("error: rank 0's job failed")
+    path.with_suffix(".tmp").write_text("done")
+    path.with_suffix(".tmp").replace(path)
+common.wait_for_file(path, "rank 0's job")
+print(f"rank {common.dist.get_rank()} read {path.read_text()}")
+"""
+
+
+@pytest.mark.parametrize("outcome", ["done", "fail"])
+def test_waiting_for_rank_0s_file_is_not_a_collective_and_says_when_rank_0_failed(tmp_path, outcome):
+    from conftest import run_script
+
+    (tmp_path / "waiter.py").write_text(WAITER)
+    proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "waiter.py"),
+                       str(tmp_path / "result.txt"), outcome], cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    if outcome == "done":
+        assert proc.returncode == 0 and "rank 0 read done" in out and "rank 1 read done" in out, out[-3000:]
+    else:
+        assert proc.returncode != 0 and "error: rank 1 stopped while waiting for rank 0's job" in out, out[-3000:]

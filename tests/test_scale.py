@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import METHODS, REPO, close, run_script, train_matrix
+from conftest import CONFIGS, DRIVER, METHODS, REPO, close, make_pool, run_script, train_matrix
 
 TWO_NODES = ("ft", "flyp")  # also run as torchrun --nnodes 2 --nproc-per-node 1 on localhost
 
@@ -154,3 +154,31 @@ def test_zeroshot_head_equals_open_clips_builder_and_is_shared_out_over_processe
     assert [t["prompts"] for t in two] == [8, 6]  # chunks 0, 2 (4 + 4 prompts) and 1, 3 (4 + 2)
     for t in two:
         assert torch.equal(t["head"], one["head"])  # a chunk is the same forward in either world
+
+
+def test_a_broken_training_image_is_replaced_alike_under_every_configuration(tmp_path, folder_data, tiny_model):
+    """A .jpg that is not a JPEG among the training images: FLYP and ARF (all_gather of equal micro-batches)
+    finish under torchrun and --grad-accum 2 with the weights of 1 process, since the broken image is
+    replaced by the same readable one whatever the partitioning, and each run names it once."""
+    root = Path(folder_data)
+    broken = root / "train" / "cat" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")  # 49 training images: 7 steps of 8 draw every one
+    (tmp_path / "caps.tsv").write_text("".join(f"{p}\ta {p.parent.name} number {p.stem}\n" for p in sorted((root / "train").glob("*/*.jpg"))))
+    pool = make_pool(tmp_path / "pool", sorted((root / "train" / "owl").iterdir())[:3])
+    micro = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "7", "--batch-size", "8",
+             "--lr", "1e-3", "--eval-every", "0", "--ckpt-every", "0", "--workers", "0", "--crop-scale", "0.5"]
+    arf = ["--captioner", "dataset", "--captions", str(tmp_path / "caps.tsv"), "--pool", str(pool), "--retrieve-k", "2",
+           "--ret-batch-size", "4", "--cache", str(tmp_path / "cache")]
+    (tmp_path / "driver.py").write_text(DRIVER)
+    finals = {}
+    for config, flags in CONFIGS.items():
+        jobs = [(str(REPO / "baselines.py"), ["--method", "flyp", *micro, *(flags or []), "--out", str(tmp_path / config / "flyp")]),
+                (str(REPO / "arf.py"), [*micro, *(flags or []), *arf, "--out", str(tmp_path / config / "arf")])]
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if flags is None else []
+        proc = run_script([*launcher, str(tmp_path / "driver.py"), json.dumps(jobs)], cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"})
+        warnings = [x for x in (proc.stdout + proc.stderr).splitlines() if "unreadable training image" in x]
+        assert len(warnings) == 2 and all(x.count(str(broken)) == 1 for x in warnings), (config, warnings)  # one per run
+        finals[config] = {m: torch.load(tmp_path / config / m / "final.pt", weights_only=False)["model"] for m in ("flyp", "arf")}
+    for config in ("accum2", "torchrun2"):
+        for m in ("flyp", "arf"):
+            assert not close(finals["one"][m], finals[config][m]), (m, config, close(finals["one"][m], finals[config][m])[:4])
