@@ -344,7 +344,8 @@ def test_arf_on_siglip_trains_with_the_sigmoid_loss_and_moves_its_bias(tmp_path,
                                  text=True, scale=True).train()
     captions = ["a photo of the cat", "a dog on the grass", "a photo of the cat", "owl"]
     loss_fn = arf.make_loss_fn(model, classes, captions)
-    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 0, 2]), "index": torch.arange(4)}
+    label, index = torch.tensor([0, 1, 0, 2]), torch.arange(4)
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": label, "index": index, "host": {"label": label, "index": index}}
     rows = loss_fn.embed(model, batch, 0)
     scale, bias = model.scale, model.clip.logit_bias
     loss, terms = loss_fn.loss(rows, scale, bias)

@@ -252,7 +252,8 @@ def test_flyp_on_siglip_trains_with_the_sigmoid_loss_and_its_bias(tiny_siglip):
     clip, tok, _ = common.load_clip(tiny_siglip)
     task = types.SimpleNamespace(classnames=["cat", "dog", "owl"], templates=["a photo of a {}.", "art of the {}."])
     model = common.ClipClassifier(clip, common.zeroshot_head(clip, tok, task.classnames, task.templates), tok).train()
-    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 1]), "index": torch.arange(4)}
+    label, index = torch.tensor([0, 1, 2, 1]), torch.arange(4)
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": label, "index": index, "host": {"label": label, "index": index}}
     recipe = wiring("flyp", model, task)
     assert model.clip.logit_bias.requires_grad
     rows = recipe.loss_fn.embed(model, batch, 0)
