@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
+import towers  # noqa: E402
 
 SECTION = "## Gradient checkpointing"
 
@@ -42,8 +43,8 @@ def measure(args) -> dict:
     head = common.zeroshot_head(clip, tokenizer, [f"thing {i}" for i in range(10)], ["a photo of a {}."], device)  # [10, D]
     model = common.set_trainable(common.ClipClassifier(clip, head, tokenizer).to(device))  # FT: image tower + head
     if args.checkpointing:
-        common.grad_checkpointing(model, None)
-    common.train_mode(model)
+        towers.grad_checkpointing(model.clip, None)
+    towers.train_mode(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
     x = torch.randn(args.batch_size, 3, size, size, device=device)  # [B, 3, H, W]
     y = torch.randint(0, 10, (args.batch_size,), device=device)  # [B]
