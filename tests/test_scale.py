@@ -47,6 +47,11 @@ def test_same_weights_as_one_process(finals, method, config):
     assert moved or method == "lp", f"{method} did not train its image tower"  # not a comparison of untouched models
 
 
+def test_lp_leaves_every_frozen_weight_bitwise_at_theta0(finals):
+    theta0, lp = finals["one"]["zeroshot"], finals["one"]["lp"]
+    assert [k for k in theta0 if not torch.equal(theta0[k], lp[k])] == ["head"]
+
+
 EVAL = """
 import json, sys, torch
 import common
