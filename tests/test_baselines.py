@@ -86,9 +86,13 @@ def test_flyp_loss_equals_hand_loop(mask):
 # --------------------------------------------------------------------------------- method wiring
 @pytest.fixture
 def tiny(tiny_model):
-    """A fresh ClipClassifier on the tiny random CLIP, a 3-class task stub and one batch."""
+    return classifier_task_batch(tiny_model)
+
+
+def classifier_task_batch(model_config: str) -> tuple:
+    """A fresh ClipClassifier on a tiny random CLIP, a 3-class task stub and one batch."""
     torch.manual_seed(0)
-    clip, tok, _ = common.load_clip(tiny_model)
+    clip, tok, _ = common.load_clip(model_config)
     task = types.SimpleNamespace(classnames=["cat", "dog", "owl"], templates=["a photo of a {}.", "art of the {}."])
     model = common.ClipClassifier(clip, common.zeroshot_head(clip, tok, task.classnames, task.templates), tok).train()
     label, index = torch.tensor([0, 1, 2, 1]), torch.arange(4)
@@ -248,12 +252,7 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
 def test_flyp_on_siglip_trains_with_the_sigmoid_loss_and_its_bias(tiny_siglip):
     """A model with a logit bias (SigLIP) was pretrained with the sigmoid loss: FLYP's loss is that one,
     with same-class pairs masked, and the bias gets a gradient."""
-    torch.manual_seed(0)
-    clip, tok, _ = common.load_clip(tiny_siglip)
-    task = types.SimpleNamespace(classnames=["cat", "dog", "owl"], templates=["a photo of a {}.", "art of the {}."])
-    model = common.ClipClassifier(clip, common.zeroshot_head(clip, tok, task.classnames, task.templates), tok).train()
-    label, index = torch.tensor([0, 1, 2, 1]), torch.arange(4)
-    batch = {"image": torch.randn(4, 3, 32, 32), "label": label, "index": index, "host": {"label": label, "index": index}}
+    model, task, batch = classifier_task_batch(tiny_siglip)
     recipe = wiring("flyp", model, task)
     assert model.clip.logit_bias.requires_grad
     rows = recipe.loss_fn.embed(model, batch, 0)
