@@ -7,6 +7,7 @@ file of the repo's scripts that imports it; the method files see it through comm
   imagenet.py   ImageNet-1k and its shifts (V2, R, A, Sketch, ObjectNet)
   domainnet.py  DomainNet (fine-tuned on real, the other domains as shifts)
   folder.py     --data folder, and --zeroshot-data folders
+  suites.py     --zeroshot-data NAME=DIR: a standard dataset's folder with its standard names and templates
 The folder layouts are each module's LAYOUT (docs/data.md has them all).
 """
 from .base import KINDS, ArrayImages, FileImages, Split, Task, heldout_split, load_rgb
@@ -14,6 +15,7 @@ from .domainnet import load_domainnet
 from .folder import load_folder, load_zeroshot_folder
 from .imagenet import load_imagenet
 from .miniworld import load_miniworld
+from .suites import is_suite_spec, load_suite_folder
 
 DATASETS = {"miniworld": load_miniworld, "imagenet": load_imagenet, "domainnet": load_domainnet, "folder": load_folder}
 
@@ -25,11 +27,11 @@ def check_data(data: str):
 
 
 def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "") -> Task:
-    """--data's task, plus a zero-shot split per folder of --zeroshot-data (DIR[,DIR...])."""
+    """--data's task, plus a zero-shot split per folder of --zeroshot-data ([NAME=]DIR[,...]; NAME: a suite)."""
     check_data(data)
     task = DATASETS[data](root, seed)
     for folder in (f for f in zeroshot_data.split(",") if f.strip()):
-        split = load_zeroshot_folder(folder.strip())
+        split = (load_suite_folder if is_suite_spec(folder.strip()) else load_zeroshot_folder)(folder.strip())
         if split.name in {s.name for s in task.tests}:
             raise SystemExit(f"error: --zeroshot-data {folder!r}: a split named {split.name!r} exists already; "
                              "rename the folder")

@@ -197,3 +197,73 @@ def test_a_dropped_class_names_its_unscored_test_images_and_a_tree_without_id_sp
     assert "class 'c' has no training images, so its 6 image(s) in sketch/ are not scored" in out
     assert "has no test/ or val/ folder, so the run has no in-distribution (ID) split: sketch are scored as OOD" in out
 
+
+
+EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
+                   "Residential", "River", "SeaLake"]  # EuroSAT's 2750/ class folders
+
+
+def test_named_suite_maps_class_folders_to_the_packages_names_and_templates(tmp_path, capsys):
+    """--zeroshot-data eurosat=DIR: sorted class folders -> clip_benchmark's names in its index order, its
+    EuroSAT templates; folders named 0..K-1 map by number, folders named by the names map by name
+    (whatever their order); an empty class folder keeps its class in the label space."""
+    for k, name in enumerate(EUROSAT_FOLDERS):
+        write_images(tmp_path / "eurosat" / name, 0 if name == "Forest" else 1, seed=k)
+    task = tasks.load_task("folder", str(write_folder_task(tmp_path)), zeroshot_data=f"EuroSAT={tmp_path / 'eurosat'}")
+    split = task.tests[-1]
+    assert (split.name, split.kind) == ("eurosat", "zeroshot")
+    assert split.classnames[:3] == ["annual crop land", "forest", "brushland or shrubland"]
+    assert split.classnames[-1] == "lake or sea" and len(split.classnames) == 10
+    assert split.templates == ["a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                               "a centered satellite photo of the {}."]
+    labels = {Path(p).parent.name: int(y) for p, y in zip(split.images.paths, split.images.labels)}
+    assert labels == {f: i for i, f in enumerate(EUROSAT_FOLDERS) if f != "Forest"}
+    assert "AnnualCrop -> annual crop land" in capsys.readouterr().out
+    for k, folder in enumerate(["07", "3", "0", "1", "2", "4", "5", "6", "8", "9"]):  # by number, not by string order
+        write_images(tmp_path / "numbered" / folder, 1, seed=k)
+    split = tasks.suites.load_suite_folder(f"eurosat={tmp_path / 'numbered'}")
+    assert {Path(p).parent.name: int(y) for p, y in zip(split.images.paths, split.images.labels)}["07"] == 7
+    names = split.classnames
+    for k, name in enumerate(reversed(names)):  # folders named by the names: 'Lake_or_Sea' is class 9 though sorted elsewhere
+        write_images(tmp_path / "named" / name.title().replace(" ", "_"), 1, seed=k)
+    split = tasks.suites.load_suite_folder(f"eurosat={tmp_path / 'named'}")
+    labels = {Path(p).parent.name: int(y) for p, y in zip(split.images.paths, split.images.labels)}
+    assert labels["Lake_Or_Sea"] == 9 and labels["Annual_Crop_Land"] == 0 and split.classnames == names
+
+
+def test_suite_without_package_names_takes_folder_names_and_the_suites_templates(tmp_path):
+    """cifar10=DIR: clip_benchmark has CIFAR-10's templates but takes its names from the dataset files,
+    so the class folders name the classes; 10 of them, not numbers."""
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for k, name in enumerate(classes):
+        write_images(tmp_path / "c10" / name, 1, seed=k)
+    split = tasks.suites.load_suite_folder(f"cifar10={tmp_path / 'c10'}")
+    assert split.name == "cifar10" and split.classnames == classes and len(split.templates) == 18
+    assert split.templates[:2] == ["a photo of a {}.", "a blurry photo of a {}."]
+    for k in range(10):
+        write_images(tmp_path / "n10" / str(k), 1, seed=k)
+    with pytest.raises(SystemExit, match="must be named by the class names"):
+        tasks.suites.load_suite_folder(f"cifar10={tmp_path / 'n10'}")
+
+
+def write_folder_task(tmp_path) -> Path:
+    for split in ("train", "test"):
+        for k, name in enumerate(["cat", "dog"]):
+            write_images(tmp_path / "task" / split / name, 2, seed=k)
+    return tmp_path / "task"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("food=", "unknown suite 'food'; known suites: caltech101, cars, cifar10"),
+    ("eurosat=", "has 9 class folders but eurosat has 10 classes"),
+    ("cifar100=", "has 9 class folders but cifar100 has 100 classes"),
+    ("eurosat=missing", "is not a folder"),
+    ("eurosat=numbered", "must be 0..9 (the class index)")])
+def test_bad_suite_gives_one_message(tmp_path, spec, message):
+    for k, name in enumerate(EUROSAT_FOLDERS[:9]):
+        write_images(tmp_path / "nine" / name, 1, seed=k)
+    for k in range(1, 11):  # Flowers102-style 1-based labels: stopped, not shifted
+        write_images(tmp_path / "numbered" / str(k), 1, seed=k)
+    name, folder = spec.split("=")
+    with pytest.raises(SystemExit, match="error: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        tasks.load_task("folder", str(write_folder_task(tmp_path)), zeroshot_data=f"{name}={tmp_path / (folder or 'nine')}")
