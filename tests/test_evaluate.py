@@ -227,3 +227,51 @@ def test_workers_one_rule_for_every_script(monkeypatch, capsys):
     assert common.TrainArgs.workers == common.AUTO_WORKERS and all("workers" not in r for r in common.FT_RECIPES.values())
     with pytest.raises(SystemExit, match="error: --workers must be >= 0"):
         evaluate.main(["eval", "--ckpt", "nowhere", "--workers", "-2", "--device", "cpu"])
+
+
+def test_named_zeroshot_suite_is_scored_with_the_suites_names_and_templates(tmp_path, folder_data, tiny_model):
+    """`baselines.py --method zeroshot --zeroshot-data eurosat=DIR`: a row named eurosat whose scores are those of
+    the head built from clip_benchmark's EuroSAT names and templates (not the folder names, not the simple
+    templates); `evaluate.py eval --ckpt` of the run rebuilds the same split from args.json."""
+    import torch
+    import torch.nn.functional as F
+
+    import common
+    from conftest import write_images
+    from test_tasks import EUROSAT_FOLDERS
+
+    for k, name in enumerate(EUROSAT_FOLDERS):
+        write_images(tmp_path / "eurosat" / name, 2, seed=70 + k, colour=(25 * k, 200 - 20 * k, 90))
+    out = tmp_path / "runs" / "zs"
+    proc = run_script([str(REPO / "baselines.py"), "--method", "zeroshot", "--data", "folder", "--data-root", folder_data,
+                       "--model", tiny_model, "--workers", "0", "--zeroshot-data", f"eurosat={tmp_path / 'eurosat'}",
+                       "--out", str(out)], cwd=tmp_path)
+    assert "AnnualCrop -> annual crop land" in proc.stdout
+    row = next(json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"eurosat"' in line)
+    assert row["kind"] == "zeroshot" and row["n"] == 20
+    run = common.load_run(out, "cpu")
+    split = next(s for s in run.task.tests if s.name == "eurosat")
+    assert split.classnames[0] == "annual crop land" and split.templates[0] == "a centered satellite photo of {}."
+    feats, labels, _ = common.predict(lambda x: F.normalize(run.model.clip.encode_image(x), dim=-1), split.images,
+                                      run.eval_tf, torch.device("cpu"))
+    nll = {}
+    for key, names, templates in (("suite", split.classnames, split.templates),
+                                  ("folders", EUROSAT_FOLDERS, split.templates),
+                                  ("simple", split.classnames, ["a photo of a {}."])):
+        head = common.zeroshot_head(run.model.clip, run.model.tokenizer, names, templates)  # [10, D]
+        nll[key] = common.classification_metrics(common.cosine_logits(feats, head, run.model.scale.detach()), labels)["nll"]
+    assert row["nll"] == pytest.approx(nll["suite"], abs=1e-5)
+    assert abs(nll["suite"] - nll["folders"]) > 1e-4 and abs(nll["suite"] - nll["simple"]) > 1e-4
+    again = run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", str(out)], cwd=tmp_path).stdout
+    assert f"eurosat          zeroshot  acc {100 * row['acc']:6.2f}" in again
+
+
+@pytest.mark.parametrize("suite, message", [("food", "unknown suite 'food'; known suites: caltech101, cars, cifar10,"),
+                                            ("cifar10", "has 3 class folders but cifar10 has 10 classes")])
+def test_bad_named_suite_gives_one_message(tmp_path, folder_data, tiny_model, suite, message):
+    folder = make_zeroshot_folder(tmp_path / "zs")
+    (folder / "c3").rmdir()
+    proc = run_script([str(REPO / "evaluate.py"), "eval", "--data", "folder", "--data-root", folder_data, "--model", tiny_model,
+                       "--zeroshot-data", f"{suite}={folder}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1000:]
+    assert proc.stderr.count("error:") == 1
