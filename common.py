@@ -75,7 +75,7 @@ RECIPE = None  # the default of a field FT_RECIPES sets for every --data: it has
 class TrainArgs:
     data: str = "miniworld"  # miniworld | imagenet | domainnet | folder
     data_root: str = ""  # dataset folder (not needed for miniworld); layouts in docs/data.md
-    zeroshot_data: str = ""  # DIR[,DIR...]: extra classification folders scored zero-shot, with heads from the current text tower
+    zeroshot_data: str = ""  # [NAME=]DIR[,...]: extra classification folders scored zero-shot, with heads from the current text tower (NAME: a standard dataset, e.g. eurosat, whose names and templates are used)
     model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
     pretrained: str = ""  # open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a weights file
     steps: int = RECIPE  # optimiser steps

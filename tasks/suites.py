@@ -14,7 +14,7 @@ clip_benchmark ships templates for all the suites below but class names only for
 dataset's own metadata at download time. So there are two kinds of suite, each with one rule that cannot
 give a folder the wrong name:
   named by the package: the class folders are the package's classes in its index order
-    (= the torchvision dataset's class index): folders named 0..K-1 (any zero padding) map by number
+    (its dataset loader's class index, torchvision's for most): folders named 0..K-1 (any zero padding) map by number
     (Flowers102's 1-based labels are one off: stopped, not shifted);
     folders named by the package's names (letter case, '_' and '-' aside: Oxford Pets' 'american_bulldog')
     map by name; other names map in sorted order, case-sensitive (the ImageFolder order of the dataset's
