@@ -267,3 +267,12 @@ def test_bad_suite_gives_one_message(tmp_path, spec, message):
     name, folder = spec.split("=")
     with pytest.raises(SystemExit, match="error: .*" + message.replace("(", r"\(").replace(")", r"\)")):
         tasks.load_task("folder", str(write_folder_task(tmp_path)), zeroshot_data=f"{name}={tmp_path / (folder or 'nine')}")
+
+
+def test_named_suite_without_clip_benchmark_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    for module in ("clip_benchmark", "clip_benchmark.datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(SystemExit, match="error: .*pip install --no-deps clip_benchmark"):
+        tasks.suites.load_suite_folder(f"eurosat={tmp_path}")
