@@ -40,7 +40,8 @@ FOLDER_NAMED = {"cifar10": 10, "cifar100": 100, "food101": 101, "sun397": 397, "
                 "dtd": 47, "stl10": 10, "resisc45": 45}  # suites the package gives templates but no names for: class count
 SUITE_LAYOUT = """NAME=DIR with DIR/<class>/*.jpg, exactly as many class folders as the suite has classes:
   suites named by clip_benchmark (eurosat, pets, flowers, caltech101, ...): folders 0..K-1 in the
-    package's class index order, or the dataset's own class folders if their sorted order is that order
+    package's class index order, or named by its class names, or the dataset's own class folders if
+    their sorted order is that order (docs/data.md lists which)
   the other suites (cifar10, cifar100, food101, ...): folders named by the class names ('_' for a space)"""
 
 
