@@ -1274,8 +1274,9 @@ def check_run(args, name: str) -> Path:
                              "resume. Evaluate it with `python evaluate.py eval --ckpt RUN`, or train anew with --out NEW_DIR.")
         if args.resume:
             saved = json.loads((run / "args.json").read_text())
-            changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(args).items()
-                       if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+            before = {f.name: f.default for f in dataclasses.fields(args)}  # what a run written before a field existed had
+            changed = [f"--{k.replace('_', '-')} {saved.get(k, before[k])!r} -> {v!r}" for k, v in dataclasses.asdict(args).items()
+                       if k not in RESUME_MAY_CHANGE and saved.get(k, before[k]) != v]
             if changed:
                 raise SystemExit(f"error: --resume would change the run in {run}: {'; '.join(changed)}. Resume with the "
                                  f"arguments in {run / 'args.json'}, or train anew with --out NEW_DIR.")

@@ -1,6 +1,7 @@
 """common.py: metrics against hand computations, zero-shot heads, the training loop (resume, held-out
 selection, the logit-scale clamp), the one FT recipe, actionable errors on bad input, CLIP's contrastive
 loss, threads, and the rule that common.py holds only what the method files share."""
+import dataclasses
 import json
 import math
 import os
@@ -615,3 +616,15 @@ def test_shots_train_two_methods_of_a_seed_on_the_same_images_and_a_finished_run
     assert drawn["ft", 1] != drawn["ft", 0]
     assert drawn["ft", 0] == common.load_task("folder", folder_data, 0, shots=2).train.images.paths
     assert not set(drawn["ft", 1]) & set(runs["ft", 1].heldout.images.paths)
+
+
+def test_resume_of_a_run_written_before_shots_and_source_domain_existed(tmp_path):
+    """A field added later is read as its default from an older args.json: such a run resumes, and a
+    resume asking for another value is refused, named."""
+    args = common.make_args(common.TrainArgs, "folder", out=str(tmp_path / "old"), resume=True)
+    (tmp_path / "old").mkdir()
+    old = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("shots", "source_domain")}
+    (tmp_path / "old" / "args.json").write_text(json.dumps({"method": "ft", **old}))
+    assert common.check_run(args, "ft") == tmp_path / "old"
+    with pytest.raises(SystemExit, match="--shots 0 -> 4"):
+        common.check_run(dataclasses.replace(args, shots=4), "ft")
