@@ -293,3 +293,15 @@ def test_source_domain_unknown_or_without_domainnet_says_so(data, source, messag
     with pytest.raises(SystemExit, match="^error: ") as e:
         common.make_args(common.TrainArgs, data, source_domain=source)
     assert message in str(e.value)
+
+
+def test_source_domain_end_to_end_rows_name_its_test_split_id(tmp_path, tiny_model):
+    from conftest import run_script
+
+    make_domainnet_tree(tmp_path / "dn")
+    run_script(["baselines.py", "--method", "zeroshot", "--data", "domainnet", "--data-root", str(tmp_path / "dn"),
+                "--source-domain", "sketch", "--model", tiny_model, "--workers", "0", "--out", str(tmp_path / "r")],
+               cwd=Path(__file__).parents[1])
+    rows = [json.loads(x) for x in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["kind"]) for r in rows] == [("sketch", "id"), ("real", "ood"), ("clipart", "ood")]
+    assert {r["config"]["source_domain"] for r in rows} == {"sketch"}
