@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tasks import FileImages, Split, Task, check_data, load_task
+from tasks import FileImages, Split, Task, check_data, check_task_options, load_task
 from towers import check_batch_independent, grad_checkpointing, keyed_noise, text_modules, train_mode
 
 REPO = Path(__file__).resolve().parent
@@ -76,6 +76,8 @@ class TrainArgs:
     data: str = "miniworld"  # miniworld | imagenet | domainnet | folder
     data_root: str = ""  # dataset folder (not needed for miniworld); layouts in docs/data.md
     zeroshot_data: str = ""  # [NAME=]DIR[,...]: extra classification folders scored zero-shot, with heads from the current text tower (NAME: a standard dataset, e.g. eurosat, whose names and templates are used)
+    shots: int = 0  # K training images per class, drawn by the seed (same for every method), the held-out slice apart (0 = all)
+    source_domain: str = "real"  # --data domainnet: the domain fine-tuned on (its test split is ID, the other four OOD)
     model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
     pretrained: str = ""  # open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a weights file
     steps: int = RECIPE  # optimiser steps
@@ -186,6 +188,7 @@ def check_args(args):
         problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+    check_task_options(args.data, args.shots, args.source_domain)
     check_batch("--batch-size", args.batch_size, args.grad_accum)
 
 
@@ -230,7 +233,7 @@ def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     run = check_run(args, run_name or method) if run_dir else None  # and a run folder that is taken
     threads = set_threads(args.threads, recorded_threads(run) if args.resume and run else 0)
-    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data)
+    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data, args.shots, args.source_domain)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
     try:
@@ -1271,8 +1274,9 @@ def check_run(args, name: str) -> Path:
                              "resume. Evaluate it with `python evaluate.py eval --ckpt RUN`, or train anew with --out NEW_DIR.")
         if args.resume:
             saved = json.loads((run / "args.json").read_text())
-            changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(args).items()
-                       if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+            before = {f.name: f.default for f in dataclasses.fields(args)}  # what a run written before a field existed had
+            changed = [f"--{k.replace('_', '-')} {saved.get(k, before[k])!r} -> {v!r}" for k, v in dataclasses.asdict(args).items()
+                       if k not in RESUME_MAY_CHANGE and saved.get(k, before[k]) != v]
             if changed:
                 raise SystemExit(f"error: --resume would change the run in {run}: {'; '.join(changed)}. Resume with the "
                                  f"arguments in {run / 'args.json'}, or train anew with --out NEW_DIR.")
@@ -1305,7 +1309,7 @@ def run_config(args, method: str, merge: Optional[dict] = None) -> dict:
     parameters (WiSE-FT's α, ...). Not the seed (rows keep it apart), nor how or where it ran."""
     values = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
     if method == "zeroshot":
-        values = {k: values.get(k) for k in ("data", "data_root", "model", "pretrained")}
+        values = {k: values.get(k) for k in ("data", "data_root", "source_domain", "model", "pretrained")}
     if values.get("select") != "heldout":  # the held-out checks then only log: they change no number
         values.pop("eval_every", None)
     return {**{k: v for k, v in sorted(values.items()) if k not in NOT_CONFIG}, **(merge or {})}
@@ -1358,7 +1362,8 @@ def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, ze
         raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
     args = json.loads((run / "args.json").read_text())
     key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0),
-           args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data)
+           args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data, args.get("shots", 0),
+           args.get("source_domain", "real"))
     tasks = {} if tasks is None else tasks
     if key not in tasks:
         tasks[key] = load_task(*key)

@@ -167,7 +167,7 @@ def evaluate_command(a):
         check_data(a.data)
         values = dict(data=a.data, data_root=a.data_root, model=a.model, pretrained=a.pretrained, device=a.device, out=a.out,
                       eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0,
-                      zeroshot_data=a.zeroshot_data, threads=a.threads)
+                      zeroshot_data=a.zeroshot_data, threads=a.threads, source_domain=a.source_domain)
         args = TrainArgs(**{**defaults(TrainArgs, a.data, {}), **values})  # the rest as FT's recipe has it; nothing trains
         env = setup(args, "zeroshot")
         rows = evaluate_task(env.model, env.task, env.eval_tf, env.device, a.eval_batch_size, env.workers)
@@ -194,7 +194,8 @@ def main(argv=None):
                         ("pretrained", "open_clip tag or weights file (zero-shot)"), ("device", "cuda | cpu"),
                         ("out", "run directory of the zero-shot evaluation"), ("zeroshot_data", "DIR[,DIR...]: "
                         "classification folders scored zero-shot with heads from the model's text tower (default: a "
-                        "run's own --zeroshot-data)")):
+                        "run's own --zeroshot-data)"), ("source_domain", "--data domainnet: the domain whose test split is ID "
+                        "(zero-shot; a run knows its own)")):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
     p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
     p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")

@@ -186,7 +186,8 @@ def cmd_wise(a, device):
     for path in a.ckpt:
         run = load_run(path, device, a.data_root, tasks)
         first = run if first is None else first
-        if differ := [k for k in ("data", "data_root", "model", "pretrained") if run.args.get(k) != first.args.get(k)]:
+        if differ := [k for k in ("data", "data_root", "source_domain", "model", "pretrained")
+                      if run.args.get(k) != first.args.get(k)]:
             raise SystemExit(f"error: {run.dir} and {first.dir} differ in {', '.join(differ)}: their WiSE-FT curves "
                              "would share one table. Run merge.py wise on each.")
         state0, state1 = run_endpoints(run, device)
@@ -348,7 +349,8 @@ def cmd_ensemble(a, device):
     tasks = {}
     runs = [load_run(p, device, a.data_root, tasks) for p in a.ckpt]
     for r in runs[1:]:
-        if r.meta["classnames"] != runs[0].meta["classnames"] or r.args["data"] != runs[0].args["data"]:
+        if (r.meta["classnames"] != runs[0].meta["classnames"] or r.args["data"] != runs[0].args["data"]
+                or r.args.get("source_domain") != runs[0].args.get("source_domain")):
             raise SystemExit(f"error: {r.dir} and {runs[0].dir} were fine-tuned on different tasks")
     task = runs[0].task
     chosen = list(range(len(runs)))

@@ -5,13 +5,15 @@ file of the repo's scripts that imports it; the method files see it through comm
   base.py       image lists (ArrayImages, FileImages), Split, Task, the folder rules every loader shares
   miniworld.py  the generated world's task and its retrieval pool
   imagenet.py   ImageNet-1k and its shifts (V2, R, A, Sketch, ObjectNet)
-  domainnet.py  DomainNet (fine-tuned on real, the other domains as shifts)
+  domainnet.py  DomainNet (fine-tuned on one domain, real by default, the other domains as shifts)
   folder.py     --data folder, and --zeroshot-data folders
   suites.py     --zeroshot-data NAME=DIR: a standard dataset's folder with its standard names and templates
 The folder layouts are each module's LAYOUT (docs/data.md has them all).
 """
-from .base import KINDS, ArrayImages, FileImages, Split, Task, heldout_split, load_rgb
-from .domainnet import load_domainnet
+from dataclasses import replace
+
+from .base import KINDS, ArrayImages, FileImages, Split, Task, check_shots, few_shot, heldout_split, load_rgb
+from .domainnet import DOMAINS, check_source_domain, load_domainnet
 from .folder import load_folder, load_zeroshot_folder
 from .imagenet import load_imagenet
 from .miniworld import load_miniworld
@@ -26,10 +28,23 @@ def check_data(data: str):
         raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
 
 
-def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "") -> Task:
-    """--data's task, plus a zero-shot split per folder of --zeroshot-data ([NAME=]DIR[,...]; NAME: a suite)."""
+def check_task_options(data: str, shots: int = 0, source_domain: str = "real"):
+    """The one check of the options that shape a task beyond --data (check_args and load_task call it)."""
     check_data(data)
-    task = DATASETS[data](root, seed)
+    check_shots(shots)
+    check_source_domain(data, source_domain)
+
+
+def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "", shots: int = 0,
+              source_domain: str = "real") -> Task:
+    """--data's task (fine-tuned on --source-domain for domainnet), its training split cut to --shots
+    images per class (few_shot: drawn by the seed, after the held-out slice), plus a zero-shot split per
+    folder of --zeroshot-data ([NAME=]DIR[,...]; NAME: a suite)."""
+    check_task_options(data, shots, source_domain)
+    task = load_domainnet(root, seed, source_domain) if data == "domainnet" else DATASETS[data](root, seed)
+    if shots:
+        task.train = replace(task.train, images=few_shot(task.train.images, shots, seed, task.train.classnames))
+        print(f"--shots {shots}: {len(task.train.images)} training images ({shots} per class), drawn by seed {seed}")
     for folder in (f for f in zeroshot_data.split(",") if f.strip()):
         split = (load_suite_folder if is_suite_spec(folder.strip()) else load_zeroshot_folder)(folder.strip())
         if split.name in {s.name for s in task.tests}:
@@ -39,5 +54,5 @@ def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "")
     return task
 
 
-__all__ = ["DATASETS", "KINDS", "ArrayImages", "FileImages", "Split", "Task", "check_data", "heldout_split", "load_rgb",
-           "load_task"]
+__all__ = ["DATASETS", "DOMAINS", "KINDS", "ArrayImages", "FileImages", "Split", "Task", "check_data",
+           "check_task_options", "few_shot", "heldout_split", "load_rgb", "load_task"]

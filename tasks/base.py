@@ -1,5 +1,6 @@
 """What every dataset of the tasks package is made of: image lists (in memory or on disk), splits, tasks,
-and the folder rules they share (hidden folders, image extensions, empty classes, the held-out slice)."""
+and the folder rules they share (hidden folders, image extensions, empty classes, the held-out slice, the
+--shots draw)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import numpy as np
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 KINDS = ("train", "heldout", "id", "ood", "zeroshot")
+SHOTS_STREAM = 29  # the --shots draws' own random stream, apart from the held-out slice's (seed + 12345)
 
 
 class ArrayImages:
@@ -150,6 +152,32 @@ def heldout_split(images, seed: int, count: int):
     order = np.random.default_rng(seed + 12345).permutation(len(images))
     count = min(count, len(images) // 10)
     return images.subset(np.sort(order[count:])), images.subset(np.sort(order[:count]))
+
+
+def few_shot(images, shots: int, seed: int, classnames: list):
+    """`shots` images of every class of `classnames` from `images` (the training split less its held-out
+    slice), in their order: per class a permutation seeded by (SHOTS_STREAM, seed, class) alone, so two
+    methods of one seed draw the same images, seeds draw different ones, and a smaller K's shots are the
+    first of a larger K's (nested). 0 = every image. A class with fewer than `shots` images stops the run."""
+    check_shots(shots)
+    if shots == 0:
+        return images
+    labels = np.asarray(images.labels)
+    counts = np.bincount(labels, minlength=len(classnames))
+    short = [c for c in np.argsort(counts, kind="stable") if counts[c] < shots]
+    if short:
+        named = ", ".join(f"{classnames[c]!r} has {counts[c]}" for c in short[:5])
+        raise SystemExit(f"error: --shots {shots} needs {shots} training images per class (after the held-out slice), "
+                         f"but class {named}{' ...' if len(short) > 5 else ''}; choose --shots {counts.min()} or fewer")
+    picked = [np.random.default_rng((SHOTS_STREAM, seed, c)).permutation(np.flatnonzero(labels == c))[:shots]
+              for c in range(len(classnames))]
+    return images.subset(np.sort(np.concatenate(picked)))
+
+
+def check_shots(shots: int):
+    """The one check of a --shots value."""
+    if shots < 0:
+        raise SystemExit(f"error: --shots must be >= 0 (got {shots}): K training images per class, 0 = all of them")
 
 
 def task_of(name: str, classnames: list, templates: list, train, heldout, tests: list, pool=None) -> Task:

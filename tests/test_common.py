@@ -1,6 +1,7 @@
 """common.py: metrics against hand computations, zero-shot heads, the training loop (resume, held-out
 selection, the logit-scale clamp), the one FT recipe, actionable errors on bad input, CLIP's contrastive
 loss, threads, and the rule that common.py holds only what the method files share."""
+import dataclasses
 import json
 import math
 import os
@@ -594,3 +595,36 @@ def test_the_rule_finds_a_name_only_one_file_uses(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     with pytest.raises(AssertionError, match="only_arf_needs_this"):
         test_common_holds_only_what_the_method_files_share()
+
+
+def test_shots_train_two_methods_of_a_seed_on_the_same_images_and_a_finished_run_rebuilds_them(tmp_path, folder_data,
+                                                                                                 tiny_model):
+    """--shots end to end: FT and LP of seed 0 draw one set of images, seed 1 another; args.json and the rows
+    carry K, and load_run (evaluate.py, merge.py) rebuilds each run's own few-shot task."""
+    runs = {}
+    for method, seed in (("ft", 0), ("lp", 0), ("ft", 1)):
+        out = tmp_path / f"{method}{seed}"
+        proc = run_script([str(REPO / "baselines.py"), "--method", method, "--data", "folder", "--data-root", folder_data,
+                           "--model", tiny_model, "--steps", "2", "--batch-size", "8", "--workers", "0", "--shots", "2",
+                           "--seed", str(seed), "--out", str(out)], cwd=tmp_path)
+        assert f"--shots 2: 8 training images (2 per class), drawn by seed {seed}" in proc.stdout
+        assert json.loads((out / "args.json").read_text())["shots"] == 2
+        assert {json.loads(r)["config"]["shots"] for r in (out / "results.jsonl").read_text().splitlines()} == {2}
+        runs[method, seed] = common.load_run(out, "cpu").task
+    drawn = {k: task.train.images.paths for k, task in runs.items()}
+    assert len(drawn["ft", 0]) == 8 and drawn["ft", 0] == drawn["lp", 0]
+    assert drawn["ft", 1] != drawn["ft", 0]
+    assert drawn["ft", 0] == common.load_task("folder", folder_data, 0, shots=2).train.images.paths
+    assert not set(drawn["ft", 1]) & set(runs["ft", 1].heldout.images.paths)
+
+
+def test_resume_of_a_run_written_before_shots_and_source_domain_existed(tmp_path):
+    """A field added later is read as its default from an older args.json: such a run resumes, and a
+    resume asking for another value is refused, named."""
+    args = common.make_args(common.TrainArgs, "folder", out=str(tmp_path / "old"), resume=True)
+    (tmp_path / "old").mkdir()
+    old = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("shots", "source_domain")}
+    (tmp_path / "old" / "args.json").write_text(json.dumps({"method": "ft", **old}))
+    assert common.check_run(args, "ft") == tmp_path / "old"
+    with pytest.raises(SystemExit, match="--shots 0 -> 4"):
+        common.check_run(dataclasses.replace(args, shots=4), "ft")

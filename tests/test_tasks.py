@@ -276,3 +276,111 @@ def test_named_suite_without_clip_benchmark_says_how_to_install_it(tmp_path, mon
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     with pytest.raises(SystemExit, match="error: .*pip install --no-deps clip_benchmark"):
         tasks.suites.load_suite_folder(f"eurosat={tmp_path}")
+
+
+# ------------------------------------------------------------------------------------- --shots
+def few_shot_tree(root: Path, counts: dict) -> str:
+    for k, (name, n) in enumerate(counts.items()):
+        write_images(root / "train" / name, n, seed=k, size=(8, 8))
+        write_images(root / "test" / name, 2, seed=10 + k, size=(8, 8))
+    return str(root)
+
+
+def shot_paths(task) -> list:
+    return list(task.train.images.paths)
+
+
+def test_shots_draw_k_per_class_by_seed_apart_from_the_held_out_slice(tmp_path):
+    root = few_shot_tree(tmp_path, {"cat": 30, "dog": 25, "owl": 40})
+    full = tasks.load_task("folder", root, seed=0)
+    task = tasks.load_task("folder", root, seed=0, shots=4)
+    labels = task.train.images.labels
+    assert np.bincount(labels).tolist() == [4, 4, 4]
+    assert set(shot_paths(task)) <= set(shot_paths(full))  # drawn from the training split less the held-out slice
+    assert task.heldout.images.paths == full.heldout.images.paths  # the dataset's own held-out slice, whatever K
+    assert not set(shot_paths(task)) & set(task.heldout.images.paths)
+    assert [s.images.paths for s in task.tests] == [s.images.paths for s in full.tests]  # test splits unchanged
+    assert shot_paths(tasks.load_task("folder", root, seed=0, shots=4)) == shot_paths(task)  # a function of the seed
+    other = tasks.load_task("folder", root, seed=1, shots=4)
+    assert shot_paths(other) != shot_paths(task)
+    assert not set(shot_paths(other)) & set(other.heldout.images.paths)
+    assert set(shot_paths(tasks.load_task("folder", root, seed=0, shots=2))) < set(shot_paths(task))  # nested in K
+    assert tasks.load_task("folder", root, seed=0, shots=0).train.images.paths == full.train.images.paths
+
+
+def test_shots_draw_of_a_class_depends_on_the_seed_and_that_class_alone():
+    """In-memory images (miniworld's kind), each image's pixel its id: growing one class moves no other's draw."""
+    def images(n_b: int):
+        ids = np.concatenate([np.arange(10), 100 + np.arange(n_b), 200 + np.arange(10)])
+        labels = np.repeat([0, 1, 2], [10, n_b, 10])
+        return tasks.ArrayImages(ids.astype(np.uint8)[:, None, None, None], labels)
+
+    def drawn(imgs, seed=5):
+        picked = tasks.few_shot(imgs, 3, seed, ["a", "b", "c"])
+        assert np.bincount(picked.labels).tolist() == [3, 3, 3]
+        return {c: set(picked.images[picked.labels == c].ravel().tolist()) for c in range(3)}
+
+    small, large = drawn(images(10)), drawn(images(20))
+    assert small[0] == large[0] and small[2] == large[2]
+    assert drawn(images(10), seed=6) != small
+
+
+@pytest.mark.parametrize("shots, message", [
+    (12, "--shots 12 needs 12 training images per class (after the held-out slice), but class 'dog' has "),
+    (-1, "--shots must be >= 0 (got -1)"),
+])
+def test_shots_beyond_a_class_or_negative_say_so(tmp_path, shots, message):
+    root = few_shot_tree(tmp_path, {"cat": 30, "dog": 12})
+    with pytest.raises(SystemExit, match="^error: ") as e:
+        tasks.load_task("folder", root, seed=0, shots=shots)
+    assert message in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- --source-domain
+def make_domainnet_tree(root: Path, domains=("real", "clipart", "sketch"), classes=("apple", "bus", "zebra"), n=4):
+    """Each domain's images and official split files: the first half of a class's images in train, the rest in test."""
+    for d, domain in enumerate(domains):
+        for part, images in (("train", range(n // 2)), ("test", range(n // 2, n))):
+            lines = []
+            for label, name in enumerate(classes):
+                write_images(root / domain / name, n, seed=10 * d + label, size=(8, 8))
+                lines += [f"{domain}/{name}/img{i}.jpg {label}" for i in images]
+            (root / f"{domain}_{part}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_domainnet_source_domain_trains_on_it_and_scores_the_others_as_ood(tmp_path):
+    make_domainnet_tree(tmp_path)
+    task = tasks.load_task("domainnet", str(tmp_path), source_domain="clipart")
+    train = task.train.images.paths + task.heldout.images.paths
+    assert sorted(train) == sorted(str(tmp_path / "clipart" / c / f"img{i}.jpg") for c in ("apple", "bus", "zebra")
+                                   for i in range(2))
+    assert [(s.name, s.kind) for s in task.tests] == [("clipart", "id"), ("real", "ood"), ("sketch", "ood")]
+    assert all(Path(p).parts[-3] == s.name for s in task.tests for p in s.images.paths)
+    assert task.classnames == ["apple", "bus", "zebra"]
+    default = tasks.load_task("domainnet", str(tmp_path))  # today's task: real is ID
+    assert [(s.name, s.kind) for s in default.tests] == [("real", "id"), ("clipart", "ood"), ("sketch", "ood")]
+    assert all("/real/" in p for p in default.train.images.paths)
+    with pytest.raises(SystemExit, match="painting_train.txt not found"):
+        tasks.load_task("domainnet", str(tmp_path), source_domain="painting")
+
+
+@pytest.mark.parametrize("data, source, message", [
+    ("domainnet", "quickdraw", "unknown --source-domain 'quickdraw'; choose one of real, painting, clipart"),
+    ("folder", "clipart", "--source-domain 'clipart' is for --data domainnet only (got --data folder)"),
+])
+def test_source_domain_unknown_or_without_domainnet_says_so(data, source, message):
+    with pytest.raises(SystemExit, match="^error: ") as e:
+        common.make_args(common.TrainArgs, data, source_domain=source)
+    assert message in str(e.value)
+
+
+def test_source_domain_end_to_end_rows_name_its_test_split_id(tmp_path, tiny_model):
+    from conftest import run_script
+
+    make_domainnet_tree(tmp_path / "dn")
+    run_script(["baselines.py", "--method", "zeroshot", "--data", "domainnet", "--data-root", str(tmp_path / "dn"),
+                "--source-domain", "sketch", "--model", tiny_model, "--workers", "0", "--out", str(tmp_path / "r")],
+               cwd=Path(__file__).parents[1])
+    rows = [json.loads(x) for x in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["kind"]) for r in rows] == [("sketch", "id"), ("real", "ood"), ("clipart", "ood")]
+    assert {r["config"]["source_domain"] for r in rows} == {"sketch"}
