@@ -1262,7 +1262,8 @@ def check_run(args, name: str) -> Path:
     """The run directory's path, refusing (before anything slow) to overwrite a started run unless
     --resume, or to resume a finished one (final.pt and its rows written). Nothing is created: start_run
     does that."""
-    run = Path(args.out or f"runs/{name}-{args.data}-{Path(args.model).stem}-s{args.seed}")
+    shots = f"-k{args.shots}" if args.shots else ""  # runs of one seed at several --shots get folders of their own
+    run = Path(args.out or f"runs/{name}-{args.data}{shots}-{Path(args.model).stem}-s{args.seed}")
     if is_main_process():
         if (run / "args.json").exists() and not args.resume:
             raise SystemExit(f"error: {run} already holds a run. Pass --resume to continue it, or --out NEW_DIR.")

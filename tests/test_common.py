@@ -628,3 +628,9 @@ def test_resume_of_a_run_written_before_shots_and_source_domain_existed(tmp_path
     assert common.check_run(args, "ft") == tmp_path / "old"
     with pytest.raises(SystemExit, match="--shots 0 -> 4"):
         common.check_run(dataclasses.replace(args, shots=4), "ft")
+
+
+def test_default_run_folder_names_the_shots(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert common.check_run(common.make_args(common.TrainArgs), "ft") == Path("runs/ft-miniworld-miniclip-s0")
+    assert common.check_run(common.make_args(common.TrainArgs, shots=4), "ft") == Path("runs/ft-miniworld-k4-miniclip-s0")
