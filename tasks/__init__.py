@@ -24,10 +24,13 @@ def check_data(data: str):
         raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
 
 
-def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "") -> Task:
-    """--data's task, plus a zero-shot split per folder of --zeroshot-data (DIR[,DIR...])."""
+def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "", unseen_classes: str = "") -> Task:
+    """--data's task, plus a zero-shot split per folder of --zeroshot-data (DIR[,DIR...]); with
+    --unseen-classes FILE (--data folder only) a generalized zero-shot task."""
     check_data(data)
-    task = DATASETS[data](root, seed)
+    if unseen_classes and data != "folder":
+        raise SystemExit(f"error: --unseen-classes is an option of --data folder (got --data {data})")
+    task = load_folder(root, seed, unseen_classes) if unseen_classes else DATASETS[data](root, seed)
     for folder in (f for f in zeroshot_data.split(",") if f.strip()):
         split = load_zeroshot_folder(folder.strip())
         if split.name in {s.name for s in task.tests}:

@@ -93,6 +93,7 @@ class Task:
     heldout: Split
     tests: list = field(default_factory=list)  # id first, then ood, then zeroshot
     pool: Optional[Callable[[Path], str]] = None  # a retrieval pool the dataset offers (ARF): pool(cache folder) builds it there once, returns its TSV
+    unseen: list = field(default_factory=list)  # generalized zero-shot: classes (indices) with no training or held-out images
 
 
 def missing_root(data: str, root: str, what: str, layout: str):
