@@ -1074,7 +1074,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int
 def gzsl_metrics(logits: torch.Tensor, labels: torch.Tensor, unseen: list) -> dict:
     """Generalized zero-shot scores of logits [N, K] over all K classes: S and U, the mean per-class top-1
     accuracy over the seen and over the unseen classes that have images here (Xian et al.'s protocol,
-    which Lipsum-FT's Table 11 follows), and their harmonic mean H = 2SU / (S + U) (0 when both are 0)."""
+    which Lipsum-FT's Table 11 follows), and their harmonic mean H = 2SU / (S + U) (0 when both are 0; a
+    side with no images here is nan, and so is H)."""
     correct = (logits.argmax(-1) == labels).float()  # [N]
     present = labels.unique().tolist()
     per_class = {c: correct[labels == c].mean().item() for c in present}
@@ -1082,7 +1083,8 @@ def gzsl_metrics(logits: torch.Tensor, labels: torch.Tensor, unseen: list) -> di
     unseen_acc = [a for c, a in per_class.items() if c in unseen]
     s = float(np.mean(seen_acc)) if seen_acc else float("nan")
     u = float(np.mean(unseen_acc)) if unseen_acc else float("nan")
-    return {"acc_seen": s, "acc_unseen": u, "h": 2 * s * u / (s + u) if s + u > 0 else 0.0}
+    h = 2 * s * u / (s + u) if s + u > 0 else 0.0 if s == u == 0 else float("nan")
+    return {"acc_seen": s, "acc_unseen": u, "h": h}
 
 
 def autocast(device: torch.device):

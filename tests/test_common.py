@@ -594,3 +594,19 @@ def test_the_rule_finds_a_name_only_one_file_uses(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     with pytest.raises(AssertionError, match="only_arf_needs_this"):
         test_common_holds_only_what_the_method_files_share()
+
+
+def test_gzsl_metrics_are_per_class_accuracies_over_all_classes_and_their_harmonic_mean():
+    """S and U: mean per-class top-1 accuracy (argmax over all classes) of the seen and the unseen classes
+    present; H = 2SU / (S + U)."""
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    pred = torch.tensor([0, 0, 0, 2, 1, 0, 2, 0, 1, 3])  # class 0: 3/4, 1: 1/2, 2: 1/3, 3: 1/1
+    logits = F.one_hot(pred, 5).float() * 3  # [10, 5]: a fifth class with no images
+    m = common.gzsl_metrics(logits, labels, unseen=[2, 3, 4])
+    s, u = (3 / 4 + 1 / 2) / 2, (1 / 3 + 1) / 2
+    assert m["acc_seen"] == pytest.approx(s) and m["acc_unseen"] == pytest.approx(u)
+    assert m["h"] == pytest.approx(2 * s * u / (s + u))
+    no_seen = common.gzsl_metrics(logits, labels, unseen=[0, 1, 2, 3])  # no seen class has images here
+    assert math.isnan(no_seen["acc_seen"]) and math.isnan(no_seen["h"]) and no_seen["acc_unseen"] == pytest.approx(0.6458333)
+    nothing = common.gzsl_metrics(F.one_hot(torch.tensor([1, 0]), 4).float(), torch.tensor([0, 1]), unseen=[1])
+    assert nothing == {"acc_seen": 0.0, "acc_unseen": 0.0, "h": 0.0}
