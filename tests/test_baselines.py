@@ -314,6 +314,11 @@ def test_generalized_zero_shot_trains_the_image_tower_under_the_fixed_zero_shot_
             {k: rows[r["split"]][k] for k in ("acc", "nll", "acc_seen", "acc_unseen", "h", "config_id")}
     table = run_script([str(REPO / "evaluate.py"), "table", "runs"], cwd=tmp_path).stdout
     assert "| S test | U test | H test | S sketch | U sketch | H sketch |" in table
+    # FLYP trains the text tower, and classifies with the head rebuilt from it over all classes.
+    run_script([str(REPO / "baselines.py"), "--method", "flyp", *flags, "--out", "runs/flyp"], cwd=tmp_path)
+    flyp = common.load_run(tmp_path / "runs" / "flyp", "cpu").model
+    assert torch.equal(flyp.head, common.zeroshot_head(flyp.clip, flyp.tokenizer, run.task.classnames, run.task.templates))
+    assert not torch.equal(flyp.head, theta0["head"]) and flyp.head.shape[0] == 4
     for method in ("lp", "lpft", "scratch"):
         proc = run_script([str(REPO / "baselines.py"), "--method", method, *flags], cwd=tmp_path, check=False)
         assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(
