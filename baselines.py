@@ -292,6 +292,10 @@ def parse(argv=None) -> Args:
 
 def main(argv=None):
     args = parse(argv)
+    if args.unseen_classes and args.method in ("lp", "lpft", "scratch"):  # GZSL: the zero-shot head stays fixed
+        raise SystemExit(f"error: --unseen-classes holds the zero-shot head over all classes fixed, and --method "
+                         f"{args.method} {'trains only the head' if args.method == 'lp' else 'starts from another head'}; "
+                         "use a method that fine-tunes the image tower from the zero-shot head (ft, ema, l2sp, kd, featkd, flyp)")
     env = setup(args, args.method)
     if args.method == "zeroshot":
         return finish(env, args)

@@ -78,6 +78,7 @@ class TrainArgs:
     zeroshot_data: str = ""  # [NAME=]DIR[,...]: extra classification folders scored zero-shot, with heads from the current text tower (NAME: a standard dataset, e.g. eurosat, whose names and templates are used)
     shots: int = 0  # K training images per class, drawn by the seed (same for every method), the held-out slice apart (0 = all)
     source_domain: str = "real"  # --data domainnet: the domain fine-tuned on (its test split is ID, the other four OOD)
+    unseen_classes: str = ""  # FILE (--data folder): class folder names, one per line, left out of training: generalized zero-shot with the zero-shot head held fixed, scored S / U / H
     model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
     pretrained: str = ""  # open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a weights file
     steps: int = RECIPE  # optimiser steps
@@ -188,7 +189,7 @@ def check_args(args):
         problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
-    check_task_options(args.data, args.shots, args.source_domain)
+    check_task_options(args.data, args.shots, args.source_domain, args.unseen_classes)
     check_batch("--batch-size", args.batch_size, args.grad_accum)
 
 
@@ -233,7 +234,8 @@ def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     run = check_run(args, run_name or method) if run_dir else None  # and a run folder that is taken
     threads = set_threads(args.threads, recorded_threads(run) if args.resume and run else 0)
-    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data, args.shots, args.source_domain)
+    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data, shots=args.shots,
+                     source_domain=args.source_domain, unseen_classes=args.unseen_classes)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
     try:
@@ -273,6 +275,8 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
     if args.grad_checkpointing:
         grad_checkpointing(model.clip, noise)
     prompts = [t(c) for c in env.task.classnames for t in as_template_fns(env.task.templates)[:1]]
+    if env.task.unseen:
+        hold_head_fixed(model, env.task)
     check_batch_independent(train_mode(model).clip, env.eval_tf, env.tokenizer, prompts, device)  # or stop: not exact
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
@@ -328,6 +332,18 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
         rebuild_head_from_text(model, env.task)
     model.eval()
     return Trained(result.eval(), best.step if best.on else args.steps, best.on, head_from_text)
+
+
+def hold_head_fixed(model: ClipClassifier, task: Task):
+    """Generalized zero-shot (--unseen-classes): the head over all classes, seen and unseen, never trains,
+    whatever the method asked of set_trainable (a head trained on the seen classes' images alone would
+    forget the unseen ones); a method left with nothing else to train (LP) is stopped."""
+    model.head.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SystemExit("error: --unseen-classes holds the zero-shot head fixed, and this method trains only the head "
+                         "(LP): nothing would train. Use a method that fine-tunes the image tower (ft, lipsum_ft, ...)")
+    print(f"generalized zero-shot: {len(task.unseen)} of {len(task.classnames)} classes unseen in training; the "
+          "zero-shot head over all of them stays fixed")
 
 
 def finish(env: Env, args, trained: Optional[Trained] = None, tag: str = "") -> list:
@@ -1059,6 +1075,22 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int
     return {"acc": correct.mean().item(), "ece": ece.item(), "nll": nll.item(), "n": len(labels)}
 
 
+def gzsl_metrics(logits: torch.Tensor, labels: torch.Tensor, unseen: list) -> dict:
+    """Generalized zero-shot scores of logits [N, K] over all K classes: S and U, the mean per-class top-1
+    accuracy over the seen and over the unseen classes that have images here (Xian et al.'s protocol,
+    which Lipsum-FT's Table 11 follows), and their harmonic mean H = 2SU / (S + U) (0 when both are 0; a
+    side with no images here is nan, and so is H)."""
+    correct = (logits.argmax(-1) == labels).float()  # [N]
+    present = labels.unique().tolist()
+    per_class = {c: correct[labels == c].mean().item() for c in present}
+    seen_acc = [a for c, a in per_class.items() if c not in unseen]
+    unseen_acc = [a for c, a in per_class.items() if c in unseen]
+    s = float(np.mean(seen_acc)) if seen_acc else float("nan")
+    u = float(np.mean(unseen_acc)) if unseen_acc else float("nan")
+    h = 2 * s * u / (s + u) if s + u > 0 else 0.0 if s == u == 0 else float("nan")
+    return {"acc_seen": s, "acc_unseen": u, "h": h}
+
+
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -1138,7 +1170,9 @@ def split_logits(model, split: Split, task: Task, transform, device, batch_size=
 def evaluate_split(model, split: Split, task: Task, transform, device, batch_size=512, workers=0):
     """The split's metrics (a list of them for a list of models, from one pass over the images)."""
     logits, labels, bad = split_logits(model, split, task, transform, device, batch_size, workers)
-    rows = [{**classification_metrics(x, labels), "skipped": bad} for x in (logits if logits.dim() == 3 else [logits])]
+    gzsl = task.unseen and split.kind != "zeroshot" and split.classnames == task.classnames and split.class_groups is None
+    rows = [{**classification_metrics(x, labels), **(gzsl_metrics(x, labels, task.unseen) if gzsl else {}), "skipped": bad}
+            for x in (logits if logits.dim() == 3 else [logits])]
     return rows if logits.dim() == 3 else rows[0]
 
 
@@ -1157,6 +1191,7 @@ def print_rows(rows: list) -> list:
     """Prints evaluation rows on the main process; returns them."""
     for r in rows if is_main_process() else []:
         print(f"  {r['split']:<16} {r['kind']:<9} acc {100*r['acc']:6.2f}  ece {r['ece']:.4f}  nll {r['nll']:.4f}"
+              + (f"  S {100*r['acc_seen']:6.2f}  U {100*r['acc_unseen']:6.2f}  H {100*r['h']:6.2f}" if "h" in r else "")
               + (f"  (skipped {r['skipped']} unreadable)" if r["skipped"] else ""))
     return rows
 
@@ -1310,7 +1345,8 @@ def run_config(args, method: str, merge: Optional[dict] = None) -> dict:
     parameters (WiSE-FT's α, ...). Not the seed (rows keep it apart), nor how or where it ran."""
     values = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
     if method == "zeroshot":
-        values = {k: values.get(k) for k in ("data", "data_root", "source_domain", "model", "pretrained")}
+        values = {k: values.get(k) for k in ("data", "data_root", "source_domain", "model", "pretrained", "unseen_classes")
+                  if k != "unseen_classes" or values.get(k)}  # S / U / H rows apart from plain zero-shot ones
     if values.get("select") != "heldout":  # the held-out checks then only log: they change no number
         values.pop("eval_every", None)
     return {**{k: v for k, v in sorted(values.items()) if k not in NOT_CONFIG}, **(merge or {})}
@@ -1364,7 +1400,7 @@ def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, ze
     args = json.loads((run / "args.json").read_text())
     key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0),
            args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data, args.get("shots", 0),
-           args.get("source_domain", "real"))
+           args.get("source_domain", "real"), args.get("unseen_classes", ""))
     tasks = {} if tasks is None else tasks
     if key not in tasks:
         tasks[key] = load_task(*key)

@@ -12,7 +12,8 @@ Rows of the table are runs of one configuration (every argument that changes the
 common.run_config), averaged over seeds, named by method and tag and, where two rows of a method would
 share a name, by the fields in which they differ; for every (run, tag, split) only the newest
 evaluation counts. Columns: ID accuracy, each OOD split, the OOD mean, each
-zero-shot transfer split and their mean, then ECE and NLL on ID and averaged over OOD splits.
+zero-shot transfer split and their mean, generalized zero-shot runs' (--unseen-classes) S, U and H per
+split, then ECE and NLL on ID and averaged over OOD splits.
 """
 import argparse
 import json
@@ -25,6 +26,7 @@ from common import (AUTO_WORKERS, TrainArgs, check_data, data_workers, defaults,
                     load_run, log_results, plot_id_vs_ood, run_log_args, set_threads, setup, start_run)
 
 
+GZSL_COLUMNS = (("S", "acc_seen"), ("U", "acc_unseen"), ("H", "h"))  # a generalized zero-shot row's columns per split
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
 
 
@@ -80,6 +82,8 @@ def summarise(rows: list) -> tuple:
         zs = [s for s in splits.values() if s["kind"] == "zeroshot"]
         for name, s in splits.items():
             cols[name].append(100 * s["acc"])
+            for short, key in GZSL_COLUMNS if "h" in s else ():  # generalized zero-shot rows (--unseen-classes)
+                cols[f"{short} {name}"].append(100 * s[key])
         ids = [s for s in splits.values() if s["kind"] == "id"]
         if ids:
             cols["ECE ID"].append(ids[0]["ece"])
@@ -91,7 +95,8 @@ def summarise(rows: list) -> tuple:
         if zs:
             cols["ZS mean"].append(100 * np.mean([s["acc"] for s in zs]))
     columns = ([s for s in order if kinds[s] == "id"] + [s for s in order if kinds[s] == "ood"] + ["OOD mean"]
-               + [s for s in order if kinds[s] == "zeroshot"] + ["ZS mean", "ECE ID", "ECE OOD", "NLL ID", "NLL OOD"])
+               + [s for s in order if kinds[s] == "zeroshot"] + ["ZS mean"]
+               + [f"{short} {s}" for s in order for short, _ in GZSL_COLUMNS] + ["ECE ID", "ECE OOD", "NLL ID", "NLL OOD"])
     return columns, table, configs, seeds
 
 
@@ -167,7 +172,8 @@ def evaluate_command(a):
         check_data(a.data)
         values = dict(data=a.data, data_root=a.data_root, model=a.model, pretrained=a.pretrained, device=a.device, out=a.out,
                       eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0,
-                      zeroshot_data=a.zeroshot_data, threads=a.threads, source_domain=a.source_domain)
+                      zeroshot_data=a.zeroshot_data, threads=a.threads, source_domain=a.source_domain,
+                      unseen_classes=a.unseen_classes)
         args = TrainArgs(**{**defaults(TrainArgs, a.data, {}), **values})  # the rest as FT's recipe has it; nothing trains
         env = setup(args, "zeroshot")
         rows = evaluate_task(env.model, env.task, env.eval_tf, env.device, a.eval_batch_size, env.workers)
@@ -195,7 +201,8 @@ def main(argv=None):
                         ("out", "run directory of the zero-shot evaluation"), ("zeroshot_data", "DIR[,DIR...]: "
                         "classification folders scored zero-shot with heads from the model's text tower (default: a "
                         "run's own --zeroshot-data)"), ("source_domain", "--data domainnet: the domain whose test split is ID "
-                        "(zero-shot; a run knows its own)")):
+                        "(zero-shot; a run knows its own)"), ("unseen_classes", "FILE of unseen class folders (zero-shot on "
+                        "--data folder: S / U / H; a run knows its own)")):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
     p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
     p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")

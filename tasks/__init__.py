@@ -28,22 +28,29 @@ def check_data(data: str):
         raise SystemExit(f"error: unknown --data {data!r}; choose one of {sorted(DATASETS)}")
 
 
-def check_task_options(data: str, shots: int = 0, source_domain: str = "real"):
+def check_task_options(data: str, shots: int = 0, source_domain: str = "real", unseen_classes: str = ""):
     """The one check of the options that shape a task beyond --data (check_args and load_task call it)."""
     check_data(data)
     check_shots(shots)
     check_source_domain(data, source_domain)
+    if unseen_classes and data != "folder":
+        raise SystemExit(f"error: --unseen-classes is an option of --data folder (got --data {data})")
 
 
 def load_task(data: str, root: str = "", seed: int = 0, zeroshot_data: str = "", shots: int = 0,
-              source_domain: str = "real") -> Task:
-    """--data's task (fine-tuned on --source-domain for domainnet), its training split cut to --shots
-    images per class (few_shot: drawn by the seed, after the held-out slice), plus a zero-shot split per
+              source_domain: str = "real", unseen_classes: str = "") -> Task:
+    """--data's task (fine-tuned on --source-domain for domainnet; with --unseen-classes FILE, --data folder
+    only, a generalized zero-shot task), its training split cut to --shots images per class (few_shot:
+    drawn by the seed, after the held-out slice; unseen classes have none), plus a zero-shot split per
     folder of --zeroshot-data ([NAME=]DIR[,...]; NAME: a suite)."""
-    check_task_options(data, shots, source_domain)
-    task = load_domainnet(root, seed, source_domain) if data == "domainnet" else DATASETS[data](root, seed)
+    check_task_options(data, shots, source_domain, unseen_classes)
+    if data == "domainnet":
+        task = load_domainnet(root, seed, source_domain)
+    else:
+        task = load_folder(root, seed, unseen_classes) if unseen_classes else DATASETS[data](root, seed)
     if shots:
-        task.train = replace(task.train, images=few_shot(task.train.images, shots, seed, task.train.classnames))
+        images = few_shot(task.train.images, shots, seed, task.train.classnames, skip=task.unseen)
+        task.train = replace(task.train, images=images)
         print(f"--shots {shots}: {len(task.train.images)} training images ({shots} per class), drawn by seed {seed}")
     for folder in (f for f in zeroshot_data.split(",") if f.strip()):
         split = (load_suite_folder if is_suite_spec(folder.strip()) else load_zeroshot_folder)(folder.strip())

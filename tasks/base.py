@@ -95,6 +95,7 @@ class Task:
     heldout: Split
     tests: list = field(default_factory=list)  # id first, then ood, then zeroshot
     pool: Optional[Callable[[Path], str]] = None  # a retrieval pool the dataset offers (ARF): pool(cache folder) builds it there once, returns its TSV
+    unseen: list = field(default_factory=list)  # generalized zero-shot: classes (indices) with no training or held-out images
 
 
 def missing_root(data: str, root: str, what: str, layout: str):
@@ -154,23 +155,25 @@ def heldout_split(images, seed: int, count: int):
     return images.subset(np.sort(order[count:])), images.subset(np.sort(order[:count]))
 
 
-def few_shot(images, shots: int, seed: int, classnames: list):
-    """`shots` images of every class of `classnames` from `images` (the training split less its held-out
-    slice), in their order: per class a permutation seeded by (SHOTS_STREAM, seed, class) alone, so two
-    methods of one seed draw the same images, seeds draw different ones, and a smaller K's shots are the
-    first of a larger K's (nested). 0 = every image. A class with fewer than `shots` images stops the run."""
+def few_shot(images, shots: int, seed: int, classnames: list, skip=()):
+    """`shots` images of every class of `classnames` but `skip` (generalized zero-shot's unseen classes,
+    which have no training images) from `images` (the training split less its held-out slice), in their
+    order: per class a permutation seeded by (SHOTS_STREAM, seed, class) alone, so two methods of one
+    seed draw the same images, seeds draw different ones, and a smaller K's shots are the first of a
+    larger K's (nested). 0 = every image. A class with fewer than `shots` images stops the run."""
     check_shots(shots)
     if shots == 0:
         return images
     labels = np.asarray(images.labels)
     counts = np.bincount(labels, minlength=len(classnames))
-    short = [c for c in np.argsort(counts, kind="stable") if counts[c] < shots]
+    drawn = [c for c in range(len(classnames)) if c not in set(skip)]
+    short = [c for c in np.argsort(counts, kind="stable") if counts[c] < shots and c in drawn]
     if short:
         named = ", ".join(f"{classnames[c]!r} has {counts[c]}" for c in short[:5])
         raise SystemExit(f"error: --shots {shots} needs {shots} training images per class (after the held-out slice), "
-                         f"but class {named}{' ...' if len(short) > 5 else ''}; choose --shots {counts.min()} or fewer")
+                         f"but class {named}{' ...' if len(short) > 5 else ''}; choose --shots {counts[drawn].min()} or fewer")
     picked = [np.random.default_rng((SHOTS_STREAM, seed, c)).permutation(np.flatnonzero(labels == c))[:shots]
-              for c in range(len(classnames))]
+              for c in drawn]
     return images.subset(np.sort(np.concatenate(picked)))
 
 

@@ -279,3 +279,47 @@ def test_flyp_on_siglip_end_to_end_moves_the_bias_and_wise_interpolates_it(tmp_p
     b0, b1 = state0["clip.logit_bias"].item(), state1["clip.logit_bias"].item()
     assert b0 == -10.0 and abs(b1 - b0) > 1e-3  # final.pt carries the trained bias
     assert merge.wise(state0, state1, 0.5)["clip.logit_bias"].item() == pytest.approx((b0 + b1) / 2, abs=1e-6)
+
+
+def test_generalized_zero_shot_trains_the_image_tower_under_the_fixed_zero_shot_head(tiny_model, folder_data, tmp_path):
+    """--unseen-classes: FT on the seen classes with the zero-shot head over all 4 classes held fixed (bitwise
+    θ0's) while the image tower trains; every test split's S, U and H are the per-class accuracies of its
+    logits over all classes, by hand; `evaluate.py eval` of the finished run rebuilds the same task and
+    rows, and the table shows them. LP, LP-FT and Scratch-FT (whose head trains or starts elsewhere) stop."""
+    (tmp_path / "unseen.txt").write_text("owl\nred_fox\n")
+    flags = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4", "--batch-size", "8",
+             "--workers", "0", "--unseen-classes", str(tmp_path / "unseen.txt")]
+    run_script([str(REPO / "baselines.py"), "--method", "ft", *flags, "--out", "runs/ft"], cwd=tmp_path)
+    final = torch.load(tmp_path / "runs" / "ft" / "final.pt", weights_only=False)["model"]
+    run = common.load_run(tmp_path / "runs" / "ft", "cpu")
+    theta0 = common.run_theta0(run, "cpu").state_dict()
+    assert run.task.unseen == [2, 3] and final["head"].shape[0] == 4
+    assert torch.equal(final["head"], theta0["head"])  # the zero-shot head over all classes, untouched
+    assert not torch.equal(final["clip.visual.conv1.weight"], theta0["clip.visual.conv1.weight"])
+    rows = {r["split"]: r for r in map(json.loads, (tmp_path / "runs" / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"test", "sketch"} and rows["test"]["config"]["unseen_classes"] == str(tmp_path / "unseen.txt")
+    for split in run.task.tests:
+        logits, labels, _ = common.split_logits(run.model, split, run.task, run.eval_tf, torch.device("cpu"))
+        pred, labels = logits.argmax(-1).tolist(), labels.tolist()
+        per_class = [sum(p == y == k for p, y in zip(pred, labels)) / labels.count(k) for k in range(4)]
+        s, u = (per_class[0] + per_class[1]) / 2, (per_class[2] + per_class[3]) / 2
+        row = rows[split.name]
+        assert (row["acc_seen"], row["acc_unseen"]) == (pytest.approx(s), pytest.approx(u))
+        assert row["h"] == pytest.approx(2 * s * u / (s + u) if s + u else 0.0)
+        assert row["acc"] == pytest.approx(sum(p == y for p, y in zip(pred, labels)) / len(labels))
+    run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", "runs/ft", "--workers", "0"], cwd=tmp_path)
+    again = [json.loads(x) for x in (tmp_path / "runs" / "ft" / "results.jsonl").read_text().splitlines()][-2:]
+    for r in again:
+        assert {k: r[k] for k in ("acc", "nll", "acc_seen", "acc_unseen", "h", "config_id")} == \
+            {k: rows[r["split"]][k] for k in ("acc", "nll", "acc_seen", "acc_unseen", "h", "config_id")}
+    table = run_script([str(REPO / "evaluate.py"), "table", "runs"], cwd=tmp_path).stdout
+    assert "| S test | U test | H test | S sketch | U sketch | H sketch |" in table
+    # FLYP trains the text tower, and classifies with the head rebuilt from it over all classes.
+    run_script([str(REPO / "baselines.py"), "--method", "flyp", *flags, "--out", "runs/flyp"], cwd=tmp_path)
+    flyp = common.load_run(tmp_path / "runs" / "flyp", "cpu").model
+    assert torch.equal(flyp.head, common.zeroshot_head(flyp.clip, flyp.tokenizer, run.task.classnames, run.task.templates))
+    assert not torch.equal(flyp.head, theta0["head"]) and flyp.head.shape[0] == 4
+    for method in ("lp", "lpft", "scratch"):
+        proc = run_script([str(REPO / "baselines.py"), "--method", method, *flags], cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(
+            f"error: --unseen-classes holds the zero-shot head over all classes fixed, and --method {method}")

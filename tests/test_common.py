@@ -634,3 +634,19 @@ def test_default_run_folder_names_the_shots(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert common.check_run(common.make_args(common.TrainArgs), "ft") == Path("runs/ft-miniworld-miniclip-s0")
     assert common.check_run(common.make_args(common.TrainArgs, shots=4), "ft") == Path("runs/ft-miniworld-k4-miniclip-s0")
+
+
+def test_gzsl_metrics_are_per_class_accuracies_over_all_classes_and_their_harmonic_mean():
+    """S and U: mean per-class top-1 accuracy (argmax over all classes) of the seen and the unseen classes
+    present; H = 2SU / (S + U)."""
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    pred = torch.tensor([0, 0, 0, 2, 1, 0, 2, 0, 1, 3])  # class 0: 3/4, 1: 1/2, 2: 1/3, 3: 1/1
+    logits = F.one_hot(pred, 5).float() * 3  # [10, 5]: a fifth class with no images
+    m = common.gzsl_metrics(logits, labels, unseen=[2, 3, 4])
+    s, u = (3 / 4 + 1 / 2) / 2, (1 / 3 + 1) / 2
+    assert m["acc_seen"] == pytest.approx(s) and m["acc_unseen"] == pytest.approx(u)
+    assert m["h"] == pytest.approx(2 * s * u / (s + u))
+    no_seen = common.gzsl_metrics(logits, labels, unseen=[0, 1, 2, 3])  # no seen class has images here
+    assert math.isnan(no_seen["acc_seen"]) and math.isnan(no_seen["h"]) and no_seen["acc_unseen"] == pytest.approx(0.6458333)
+    nothing = common.gzsl_metrics(F.one_hot(torch.tensor([1, 0]), 4).float(), torch.tensor([0, 1]), unseen=[1])
+    assert nothing == {"acc_seen": 0.0, "acc_unseen": 0.0, "h": 0.0}

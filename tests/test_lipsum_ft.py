@@ -194,3 +194,22 @@ def test_resume_is_bit_identical(tiny_model, folder_data, tmp_path, monkeypatch)
     a = torch.load(tmp_path / "full" / "final.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "final.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generalized_zero_shot_keeps_the_zero_shot_head_over_all_classes(tiny_model, folder_data, tmp_path):
+    """Lipsum-FT's Table 11 setup (--unseen-classes): the image tower trains with the regulariser on, the
+    head over all 4 classes stays bitwise θ0's zero-shot head, and every test row carries S, U and H."""
+    from conftest import run_script
+
+    (tmp_path / "unseen.txt").write_text("red_fox\n")
+    run_script(["lipsum_ft.py", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "3",
+                "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--unseen-classes", str(tmp_path / "unseen.txt"),
+                "--out", str(tmp_path / "runs" / "r")], cwd=common.REPO)
+    run = common.load_run(tmp_path / "runs" / "r", "cpu")
+    final, theta0 = run.model.state_dict(), common.run_theta0(run, "cpu").state_dict()
+    assert run.task.unseen == [3] and torch.equal(final["head"], theta0["head"])
+    assert not torch.equal(final["clip.visual.conv1.weight"], theta0["clip.visual.conv1.weight"])
+    log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["reg"] > 0  # the regulariser is on: θ moved away from θ0
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "r" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["h"] <= 1 and {"acc_seen", "acc_unseen"} <= set(r) for r in rows)

@@ -1,6 +1,7 @@
 """The dataset layer (tasks/): each dataset family's folder rules on generated trees (ImageNet and its
 shifts, ObjectNet, DomainNet, folders), odd and broken images, empty classes."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -384,3 +385,41 @@ def test_source_domain_end_to_end_rows_name_its_test_split_id(tmp_path, tiny_mod
     rows = [json.loads(x) for x in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
     assert [(r["split"], r["kind"]) for r in rows] == [("sketch", "id"), ("real", "ood"), ("clipart", "ood")]
     assert {r["config"]["source_domain"] for r in rows} == {"sketch"}
+
+
+def test_unseen_classes_keep_the_label_space_and_test_images_but_leave_training(folder_data, tmp_path):
+    """--unseen-classes (generalized zero-shot): the listed classes stay in the label space and in every
+    test folder, but none of their training images is in the training split or the held-out slice."""
+    (tmp_path / "unseen.txt").write_text("owl\n\nred_fox\n")
+    plain = tasks.load_task("folder", folder_data)
+    task = tasks.load_task("folder", folder_data, unseen_classes=str(tmp_path / "unseen.txt"))
+    assert task.classnames == plain.classnames == ["cat", "dog", "owl", "red fox"]
+    assert task.unseen == [2, 3] and plain.unseen == []
+    drawn = np.concatenate([task.train.images.labels, task.heldout.images.labels])
+    assert len(drawn) == 24 and set(drawn.tolist()) == {0, 1}  # the 12 cat and 12 dog images only
+    assert all(p.split("/")[-2] in ("cat", "dog") for p in task.train.images.paths)
+    for t, p in zip(task.tests, plain.tests):  # the test folders keep every class
+        assert t.images.paths == p.images.paths and set(t.images.labels.tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("lines, data, message", [
+    (None, "folder", "is not a file"),
+    ("", "folder", "is empty"),
+    ("\n  \n", "folder", "is empty"),
+    ("owl\nbird\nfish\n", "folder", "names 2 class(es) that are not class folders with images in"),
+    ("cat\ndog\nowl\nred_fox\n", "folder", "names all 4 classes"),
+    ("owl\n", "miniworld", "--unseen-classes is an option of --data folder"),
+])
+def test_a_bad_unseen_classes_file_gives_one_message(folder_data, tmp_path, lines, data, message):
+    path = tmp_path / "unseen.txt"
+    if lines is not None:
+        path.write_text(lines)
+    with pytest.raises(SystemExit, match="^error: .*" + re.escape(message)):
+        tasks.load_task(data, folder_data if data == "folder" else "", unseen_classes=str(path))
+
+
+def test_shots_with_unseen_classes_draw_k_images_of_each_seen_class_only(folder_data, tmp_path):
+    (tmp_path / "unseen.txt").write_text("owl\n")
+    task = tasks.load_task("folder", folder_data, shots=2, unseen_classes=str(tmp_path / "unseen.txt"))
+    counts = np.bincount(np.asarray(task.train.images.labels), minlength=4)
+    assert task.unseen == [2] and counts.tolist() == [2, 2, 0, 2]  # classes in folder order: cat, dog, owl, red_fox
