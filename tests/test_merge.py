@@ -299,6 +299,36 @@ def test_soup_refuses_other_architectures_and_initialisations(runs, tmp_path):
         merge.main(["soup", "--ckpt", runs["a"], "runs/ft-s1"])
 
 
+def test_stock_cli_on_two_seeds_from_one_init_and_refusal_of_another_init(runs, tmp_path):
+    """Two FT runs of seeds 0 and 1 from one weights file: `merge.py stock` writes a run whose weights are
+    model_stock(θ0, runs), its t per tensor and rows tagged "stock"; runs from two random inits are refused."""
+    weights = tmp_path / "tiny-init.pt"
+    common.seed_everything(0)
+    torch.save(common.load_clip(runs["common"][5])[0].state_dict(), weights)
+    micro = [*runs["common"], "--pretrained", str(weights), "--steps", "3", "--lr", "1e-3"]
+    for seed in (0, 1):
+        baselines.main(["--method", "ft", *micro, "--seed", str(seed), "--out", f"runs/ft-s{seed}"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "merge.py"), "stock", "--ckpt", "runs/ft-s0", "runs/ft-s1", "--workers",
+                           "0", "--out", "runs/stock"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(results("runs/stock", "stock")) == {"test", "sketch"}
+    assert all(r["members"] == ["runs/ft-s0", "runs/ft-s1"] for r in results("runs/stock", "stock").values())
+    ratios = json.loads(Path("runs/stock/ratios.json").read_text())
+    assert ratios and all(0 <= t <= 1 for t in ratios.values()) and "head" in ratios
+    assert not any(k.startswith("clip.transformer") for k in ratios)  # FT froze the text tower: no run moved it
+    members = [common.load_run(f"runs/ft-s{s}", "cpu") for s in (0, 1)]
+    state0 = common.run_theta0(members[0], "cpu").state_dict()
+    want, want_ratios = merge.model_stock(state0, [r.model.state_dict() for r in members])
+    got = common.load_run("runs/stock", "cpu")
+    assert got.method == "ft+stock" and want_ratios == pytest.approx(ratios)
+    assert all(torch.allclose(got.model.state_dict()[k], v) for k, v in want.items())
+    baselines.main(["--method", "ft", *runs["common"], "--steps", "1", "--seed", "1", "--out", "runs/ft-random-s1"])
+    proc = subprocess.run([sys.executable, str(REPO / "merge.py"), "stock", "--ckpt", runs["a"], "runs/ft-random-s1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "shared initialisation" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
 def test_cli_smoke(runs):
     out = subprocess.run([sys.executable, str(REPO / "merge.py"), "wise", "--ckpt", runs["a"], "--alphas", "0:1:1",
                           "--plot", "curve.png"], capture_output=True, text=True,
