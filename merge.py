@@ -148,18 +148,14 @@ def model_stock(state0: dict, states: list) -> tuple:
         raise SystemExit(f"error: Model Stock needs at least two fine-tuned runs; got {len(states)}")
     check_compatible([state0, *states], ["θ0", *(f"run {i}" for i in range(len(states)))])
     n, out, ratios = len(states), uniform_soup(states), {}  # w̄ = mean_i w_i
-    for k, w0 in state0.items():
-        if not w0.is_floating_point():
-            continue
-        delta = torch.stack([(s[k].double() - w0.double()).flatten() for s in states])  # [N, P]
-        if not delta.any():
-            out[k] = w0.clone()  # no run moved it
-            continue
-        unit = delta / delta.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [N, P]; a zero delta stays 0
-        cos = ((unit @ unit.T).sum() - (unit * unit).sum()) / (n * (n - 1))  # mean over pairs i ≠ j
-        cos = cos.clamp(0, 1).item()  # cos θ ≤ 0 -> t = 0 (θ0)
-        t = ratios[k] = n * cos / (1 + (n - 1) * cos)  # the paper's t
-        out[k] = w0.clone() if t == 0 else out[k] if t == 1 else torch.lerp(w0, out[k], t)  # t·w̄ + (1 − t)·w_0
+    for k, w0 in state0.items():  # a tensor no run moved is their average already, θ0 exactly
+        if w0.is_floating_point() and any(not torch.equal(s[k], w0) for s in states):
+            delta = torch.stack([(s[k].double() - w0.double()).flatten() for s in states])  # [N, P]
+            unit = delta / delta.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [N, P]; a zero delta stays 0
+            cos = ((unit @ unit.T).sum() - (unit * unit).sum()) / (n * (n - 1))  # mean over pairs i ≠ j
+            cos = cos.clamp(0, 1).item()  # cos θ ≤ 0 -> t = 0 (θ0)
+            t = ratios[k] = n * cos / (1 + (n - 1) * cos)  # the paper's t
+            out[k] = w0.clone() if t == 0 else out[k] if t == 1 else torch.lerp(w0, out[k], t)  # t·w̄ + (1 − t)·w_0
     return out, ratios
 
 
@@ -533,7 +529,7 @@ def check_same_init(runs: list):
                 raise SystemExit(f"error: runs with seeds {seeds[0]} and {s} start from different weights "
                                  f"({first.meta['model']} with pretrained={first.meta['pretrained']!r} is initialised "
                                  "randomly per seed): soups need one shared initialisation")
-        print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
+        print(f"note: members were trained with seeds {seeds}; a greedy soup selects on seed {first.seed}'s held-out "
               "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
 
 
