@@ -334,7 +334,7 @@ def report_greedy(what: str, runs, scores: list, score_of) -> list:
 
 
 def combined_run(a, runs, chosen: list, what: str) -> tuple:
-    """(folder, method name, member run folders) of a soup or ensemble of `runs[chosen]`."""
+    """(folder, method name, member run folders) of a soup, Model Stock or ensemble of `runs[chosen]`."""
     out = Path(a.out) if a.out else runs[0].dir.parent / f"{what}-{runs[0].args['data']}-{Path(runs[0].meta['model']).stem}"
     return out, "+".join(sorted({r.method for r in runs})), [str(runs[i].dir) for i in chosen]
 
