@@ -1,4 +1,4 @@
-"""Combining fine-tuned CLIPs after training: WiSE-FT, TPGM / TPGM-C, model soups, output ensembles.
+"""Combining fine-tuned CLIPs after training: WiSE-FT, TPGM / TPGM-C, model soups, Model Stock, output ensembles.
 
 WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): interpolate every weight,
 head included, between the zero-shot model θ0 and the fine-tuned θ_ft. α = 0 is zero-shot, α = 1 is
@@ -19,6 +19,11 @@ shared initialisation. Uniform soup = plain average; greedy soup = sort runs by 
 and add a run only if the soup's held-out accuracy strictly improves. Output ensembles average the
 logits instead (greedy variant selected the same way), at N times the inference cost.
 
+Model Stock (Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models"): per tensor,
+pull the average of N runs from one initialisation towards θ0 by the angle θ between their updates.
+
+    w_H = t · w̄ + (1 − t) · w_0,   t = N cos θ / (1 + (N − 1) cos θ),   w̄ = mean_i w_i
+
 Choices where the papers are silent (METHODS.md, "Weight-space methods and ensembles"):
   * θ0 is rebuilt exactly as `common.setup` built it for the run (same seed, same zero-shot head), so
     α = 0 reproduces a zero-shot run bit for bit; α = 0 / 1 and saturated radii select the endpoint
@@ -33,12 +38,16 @@ Choices where the papers are silent (METHODS.md, "Weight-space methods and ensem
     [0, ‖Δ‖] by projection after each Adam step, and see held-out images through the eval transform.
   * TPGM-C's penalty is the mean projection ratio γ_l/‖Δ_l‖ over tensors, so μ does not depend on the
     number of tensors or their sizes: μ is the held-out CE one would pay to move every tensor to θ0.
-  * Soups need one shared initialisation and architecture and are refused otherwise; output
+  * Model Stock (the paper uses N = 2): for N > 2, cos θ is the mean cosine over all pairs of deltas
+    w_i − w_0 (a zero delta counts as orthogonal); cos θ ≤ 0 gives t = 0 (θ0), where the formula would
+    leave [0, 1]; a tensor no run moved stays θ0. The per-tensor t go to ratios.json.
+  * Soups and Model Stock need one shared initialisation and architecture and are refused otherwise; output
     ensembles only need the same task (logits of any architectures can be averaged).
 
 Run (any run directory written by a method file; RESULTS.md has measured numbers):
   python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1   (and tpgm, tpgm-c --reg 1.0)
   python merge.py soup --kind greedy --ckpt RUN1 RUN2 ...       (ensemble --kind output: the same for logits)
+  python merge.py stock --ckpt RUN1 RUN2                         (Model Stock of two runs from one init)
   torchrun --nproc_per_node 8 merge.py wise --ckpt RUN          (any subcommand: every split shared out over 8 processes)
 """
 import argparse
@@ -128,6 +137,26 @@ def uniform_soup(states: list) -> dict:
             if v.is_floating_point():
                 v.add_(state[k] - v, alpha=1.0 / n)  # mean_n = mean_{n-1} + (x_n − mean_{n-1}) / n
     return out
+
+
+def model_stock(state0: dict, states: list) -> tuple:
+    """Model Stock (Jang et al. 2024), tensor by tensor: cos θ = mean pairwise cosine of the runs' deltas
+    w_i − w_0 (a pair with a zero delta counts 0), clamped at 0; t = N cos θ / (1 + (N − 1) cos θ) in [0, 1];
+    w_H = t·w̄ + (1 − t)·w_0, with t = 0 / 1 copying w_0 / w̄. Non-float tensors are the soup's (run 0's).
+    Returns (state, {tensor: t} for the float tensors some run moved)."""
+    if len(states) < 2:
+        raise SystemExit(f"error: Model Stock needs at least two fine-tuned runs; got {len(states)}")
+    check_compatible([state0, *states], ["θ0", *(f"run {i}" for i in range(len(states)))])
+    n, out, ratios = len(states), uniform_soup(states), {}  # w̄ = mean_i w_i
+    for k, w0 in state0.items():  # a tensor no run moved is their average already, θ0 exactly
+        if w0.is_floating_point() and any(not torch.equal(s[k], w0) for s in states):
+            delta = torch.stack([(s[k].double() - w0.double()).flatten() for s in states])  # [N, P]
+            unit = delta / delta.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [N, P]; a zero delta stays 0
+            cos = ((unit @ unit.T).sum() - (unit * unit).sum()) / (n * (n - 1))  # mean over pairs i ≠ j
+            cos = cos.clamp(0, 1).item()  # cos θ ≤ 0 -> t = 0 (θ0)
+            t = ratios[k] = n * cos / (1 + (n - 1) * cos)  # the paper's t
+            out[k] = w0.clone() if t == 0 else out[k] if t == 1 else torch.lerp(w0, out[k], t)  # t·w̄ + (1 − t)·w_0
+    return out, ratios
 
 
 def ensemble_logits(logits: list) -> torch.Tensor:
@@ -306,8 +335,8 @@ def report_greedy(what: str, runs, scores: list, score_of) -> list:
 
 
 def combined_run(a, runs, chosen: list, what: str) -> tuple:
-    """(folder, method name, member run folders) of a soup or ensemble of `runs[chosen]`."""
-    out = Path(a.out) if a.out else runs[0].dir.parent / f"{what}-{a.kind}-{runs[0].args['data']}-{Path(runs[0].meta['model']).stem}"
+    """(folder, method name, member run folders) of a soup, Model Stock or ensemble of `runs[chosen]`."""
+    out = Path(a.out) if a.out else runs[0].dir.parent / f"{what}-{runs[0].args['data']}-{Path(runs[0].meta['model']).stem}"
     return out, "+".join(sorted({r.method for r in runs})), [str(runs[i].dir) for i in chosen]
 
 
@@ -317,7 +346,7 @@ def log_combined(out: Path, method: str, runs, members: list, rows: list, tag: s
                 runs[0].args.get("steps", 0), tag=tag, merge={"merge": tag, "candidates": len(runs)})
 
 
-def cmd_soup(a, device):
+def cmd_soup(a, device):  # soup and stock
     tasks = {}
     runs = [load_run(p, device, a.data_root, tasks) for p in a.ckpt]
     check_same_init(runs)
@@ -330,18 +359,23 @@ def cmd_soup(a, device):
         load_run_weights(runs[0], state)
         return evaluate_split(model, task.heldout, task, tf, device, a.eval_batch_size, a.workers)["acc"]
 
-    if a.kind == "uniform":
+    if a.command == "stock" or a.kind == "uniform":
         chosen = list(range(len(runs)))
     else:
         scores = [heldout_acc(s) for s in states]
         for r, s in zip(runs, scores):
             print(f"  held-out {100 * s:6.2f}  {r.dir}")
         chosen = report_greedy("soup", runs, scores, lambda idx: heldout_acc(uniform_soup([states[i] for i in idx])))
-    state = load_run_weights(runs[0], uniform_soup([states[i] for i in chosen]))
-    out, method, members = combined_run(a, runs, chosen, "soup")
-    save_run(out, state, runs[0], f"{method}+soup-{a.kind}", {"merge": f"soup {a.kind}", "members": members})
+    tag, files = ("stock", {}) if a.command == "stock" else (f"soup {a.kind}", None)
+    if a.command == "stock":  # θ0 of run 0: check_same_init made it every run's
+        merged, files["ratios.json"] = model_stock(run_theta0(runs[0], device).state_dict(), states)
+        t = list(files["ratios.json"].values()) or [np.nan]
+        print(f"Model Stock: t over the {len(t)} moved tensors: mean {np.mean(t):.3f}, min {min(t):.3f}, max {max(t):.3f}")
+    state = load_run_weights(runs[0], merged if a.command == "stock" else uniform_soup([states[i] for i in chosen]))
+    out, method, members = combined_run(a, runs, chosen, tag.replace(" ", "-"))
+    save_run(out, state, runs[0], f"{method}+{tag.replace(' ', '-')}", {"merge": tag, "members": members}, files)
     rows = evaluate_task(model, task, tf, device, a.eval_batch_size, a.workers)
-    log_combined(out, method, runs, members, rows, f"soup {a.kind}")
+    log_combined(out, method, runs, members, rows, tag)
     return rows, members
 
 
@@ -366,7 +400,7 @@ def cmd_ensemble(a, device):
         metrics = classification_metrics(ensemble_logits([o[0] for o in outs]), outs[0][1])
         rows.append({"split": split.name, "kind": split.kind, **metrics, "skipped": outs[0][2]})
         print(f"  {split.name:<16} {split.kind:<9} acc {100 * metrics['acc']:6.2f}  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}")
-    out, method, members = combined_run(a, runs, chosen, "ensemble")
+    out, method, members = combined_run(a, runs, chosen, f"ensemble-{a.kind}")
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "members.json").write_text(json.dumps(members, indent=1))
@@ -380,7 +414,7 @@ def main(argv=None):
     only = {  # flags of one subcommand (or a few): name -> (commands, argparse keywords)
         "--alphas": (("wise",), dict(default=WISE_ALPHAS, help="start:stop:step (stop included) or a,b,c")),
         "--plot": (("wise",), dict(default="", help="PNG of the ID-vs-OOD curve (default: RUN/wise_curve.png)")),
-        "--out": (("tpgm", "tpgm-c", "soup", "ensemble"), dict(default="", help="directory for the merged model / member list")),
+        "--out": (("tpgm", "tpgm-c", "soup", "stock", "ensemble"), dict(default="", help="directory for the merged model / member list")),
         "--steps": (("tpgm", "tpgm-c"), dict(type=int, default=TPGM_STEPS, help="Adam steps on the radii")),
         "--lr": (("tpgm", "tpgm-c"), dict(type=float, default=TPGM_LR, help="Adam learning rate on the radii")),
         "--batch-size": (("tpgm", "tpgm-c"), dict(type=int, default=TPGM_BATCH, help="held-out images per step")),
@@ -388,7 +422,7 @@ def main(argv=None):
     }
     kinds = {"soup": ("greedy", "uniform"), "ensemble": ("greedy", "output")}
     for name, help_ in (("wise", "WiSE-FT α sweep"), ("tpgm", "TPGM projection"), ("tpgm-c", "TPGM with a radius penalty"),
-                        ("soup", "uniform / greedy model soup"), ("ensemble", "output / greedy ensemble")):
+                        ("soup", "uniform / greedy model soup"), ("stock", "Model Stock"), ("ensemble", "output / greedy ensemble")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ckpt", nargs="+", required=True, help="run directories (or their final.pt)")
         p.add_argument("--data-root", default="", help="dataset folder if it moved since training (default: the run's)")
@@ -403,7 +437,7 @@ def main(argv=None):
     a = parser.parse_args(argv)
     if a.command.startswith("tpgm") and len(a.ckpt) != 1:
         raise SystemExit(f"error: {a.command} projects one fine-tuned run; got {len(a.ckpt)}")
-    commands = {"wise": cmd_wise, "tpgm": cmd_tpgm, "tpgm-c": cmd_tpgm, "soup": cmd_soup, "ensemble": cmd_ensemble}
+    commands = {"wise": cmd_wise, "tpgm": cmd_tpgm, "tpgm-c": cmd_tpgm, "soup": cmd_soup, "stock": cmd_soup, "ensemble": cmd_ensemble}
     device = get_device(a.device)
     init_distributed(device)  # under torchrun every process scores its share of each split; rank 0 prints and writes
     a.workers = data_workers(a.workers, device)
@@ -497,7 +531,7 @@ def check_same_init(runs: list):
                 raise SystemExit(f"error: runs with seeds {seeds[0]} and {s} start from different weights "
                                  f"({first.meta['model']} with pretrained={first.meta['pretrained']!r} is initialised "
                                  "randomly per seed): soups need one shared initialisation")
-        print(f"note: members were trained with seeds {seeds}; held-out selection uses seed {first.seed}'s "
+        print(f"note: members were trained with seeds {seeds}; a greedy soup selects on seed {first.seed}'s held-out "
               "slice, which for --data folder/imagenet/domainnet overlaps the other seeds' training images")
 
 

@@ -61,7 +61,7 @@ ABLATIONS = {"flyp-single": ("flyp", "prompt=single"), "arf-no-ret": ("arf", "no
 ABLATION_WORDS = {"prompt=single", "no-cap", "no-ret", "kld", "fixed"}  # a tag holding one of these is an ablation's
 WISE_ON = ("ft", "lipsum_ft", "flyp", "arf")  # WiSE-FT curves drawn on top of these (FLYP, ARF: heads rebuilt from the merged text tower)
 TPGM_ON = ("ft", "flyp", "arf")  # TPGM projections of these
-MERGED = ("wise", "tpgm", "soup", "ensemble")  # tags of rows that combine runs rather than train one
+MERGED = ("wise", "tpgm", "soup", "stock", "ensemble")  # tags of rows that combine runs rather than train one
 TABLE_ALPHA = 0.5  # the WiSE-FT operating point shown in the table
 
 # Lipsum-FT paper, ViT-B/16 on ImageNet (IN / V2 / R / A / S); ARF from its own paper (METHODS.md).

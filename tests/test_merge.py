@@ -77,6 +77,46 @@ def test_uniform_soup_of_copies_is_the_model_and_of_two_is_the_midpoint():
     torch.testing.assert_close(merge.uniform_soup([s0, s1, s2])["w"], (s0["w"] + s1["w"] + s2["w"]) / 3)
 
 
+def test_model_stock_closed_forms():
+    s0 = random_state(0)
+    moved = lambda dw, db: {"w": s0["w"] + dw, "b": s0["b"] + db, "counter": s0["counter"] + 1}  # noqa: E731
+    d = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    # identical deltas: cos θ = 1, t = 1, the merge is the average = each run
+    same, ratios = merge.model_stock(s0, [moved(d, d[0]), moved(d, d[0])])
+    assert ratios == pytest.approx({"w": 1.0, "b": 1.0})
+    torch.testing.assert_close(same["w"], s0["w"] + d)
+    assert same["counter"] == s0["counter"] + 1  # non-float tensors: the soup's (run 0's)
+    # orthogonal deltas (disjoint entries) and opposite ones: t = 0, θ0 exactly
+    top, bottom = d * (torch.arange(5) < 2).view(5, 1), d * (torch.arange(5) >= 2).view(5, 1)
+    ortho, ratios = merge.model_stock(s0, [moved(top, d[0]), moved(bottom, -d[0])])
+    assert ratios == {"w": 0.0, "b": 0.0} and all(torch.equal(ortho[k], s0[k]) for k in ("w", "b"))
+    # N = 2 at a known angle per tensor: t = 2 cos θ / (1 + cos θ), w_H = w_0 + t · mean delta
+    u = torch.zeros(5, 3)
+    u[0, 0] = 2.0
+    v = torch.zeros(5, 3)
+    v[0, 0], v[0, 1] = 0.5, 3 ** 0.5 / 2  # 60° from u: cos θ = 1/2, t = 2/3
+    p, q = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.8, 0.6, 0.0])  # cos θ = 0.8, t = 1.6/1.8
+    two, ratios = merge.model_stock(s0, [moved(u, p), moved(v, q)])
+    assert ratios["w"] == pytest.approx(2 / 3, rel=1e-6) and ratios["b"] == pytest.approx(1.6 / 1.8, rel=1e-6)
+    torch.testing.assert_close(two["w"], s0["w"] + 2 / 3 * (u + v) / 2)
+    torch.testing.assert_close(two["b"], s0["b"] + 1.6 / 1.8 * (p + q) / 2)
+    # N = 3: cos θ is the mean over the pairs; deltas e1, e2, e1: (0 + 1 + 0) / 3, t = 3·(1/3) / (1 + 2·(1/3)) = 0.6
+    e1, e2 = torch.zeros(5, 3), torch.zeros(5, 3)
+    e1[1, 1], e2[2, 2] = 1.0, 1.0
+    three, ratios = merge.model_stock(s0, [moved(e1, p), moved(e2, p), moved(e1, p)])
+    assert ratios["w"] == pytest.approx(0.6) and ratios["b"] == pytest.approx(1.0)
+    torch.testing.assert_close(three["w"], s0["w"] + 0.6 * (2 * e1 + e2) / 3)
+    # a tensor no run moved stays θ0 (and has no t); a run that did not move it makes it orthogonal
+    still, ratios = merge.model_stock(s0, [moved(u, 0 * p), moved(v, 0 * p)])
+    assert "b" not in ratios and torch.equal(still["b"], s0["b"])
+    half, ratios = merge.model_stock(s0, [moved(u, p), moved(v, 0 * p)])
+    assert ratios["b"] == 0.0 and torch.equal(half["b"], s0["b"])
+    with pytest.raises(SystemExit, match="at least two"):
+        merge.model_stock(s0, [moved(u, p)])
+    with pytest.raises(SystemExit, match="different architectures"):
+        merge.model_stock(s0, [moved(u, p), {**moved(v, q), "w": torch.zeros(4, 3)}])
+
+
 def test_ensemble_of_one_is_the_model():
     logits = torch.randn(7, 4)
     assert torch.equal(merge.ensemble_logits([logits]), logits)
@@ -257,6 +297,36 @@ def test_soup_refuses_other_architectures_and_initialisations(runs, tmp_path):
         merge.main(["soup", "--ckpt", runs["a"], "runs/ft-wide-s0"])
     with pytest.raises(SystemExit, match="shared initialisation"):  # a random-init model differs per seed
         merge.main(["soup", "--ckpt", runs["a"], "runs/ft-s1"])
+
+
+def test_stock_cli_on_two_seeds_from_one_init_and_refusal_of_another_init(runs, tmp_path):
+    """Two FT runs of seeds 0 and 1 from one weights file: `merge.py stock` writes a run whose weights are
+    model_stock(θ0, runs), its t per tensor and rows tagged "stock"; runs from two random inits are refused."""
+    weights = tmp_path / "tiny-init.pt"
+    common.seed_everything(0)
+    torch.save(common.load_clip(runs["common"][5])[0].state_dict(), weights)
+    micro = [*runs["common"], "--pretrained", str(weights), "--steps", "3", "--lr", "1e-3"]
+    for seed in (0, 1):
+        baselines.main(["--method", "ft", *micro, "--seed", str(seed), "--out", f"runs/ft-s{seed}"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "merge.py"), "stock", "--ckpt", "runs/ft-s0", "runs/ft-s1", "--workers",
+                           "0", "--out", "runs/stock"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(results("runs/stock", "stock")) == {"test", "sketch"}
+    assert all(r["members"] == ["runs/ft-s0", "runs/ft-s1"] for r in results("runs/stock", "stock").values())
+    ratios = json.loads(Path("runs/stock/ratios.json").read_text())
+    assert ratios and all(0 <= t <= 1 for t in ratios.values()) and "head" in ratios
+    assert not any(k.startswith("clip.transformer") for k in ratios)  # FT froze the text tower: no run moved it
+    members = [common.load_run(f"runs/ft-s{s}", "cpu") for s in (0, 1)]
+    state0 = common.run_theta0(members[0], "cpu").state_dict()
+    want, want_ratios = merge.model_stock(state0, [r.model.state_dict() for r in members])
+    got = common.load_run("runs/stock", "cpu")
+    assert got.method == "ft+stock" and want_ratios == pytest.approx(ratios)
+    assert all(torch.allclose(got.model.state_dict()[k], v) for k, v in want.items())
+    baselines.main(["--method", "ft", *runs["common"], "--steps", "1", "--seed", "1", "--out", "runs/ft-random-s1"])
+    proc = subprocess.run([sys.executable, str(REPO / "merge.py"), "stock", "--ckpt", runs["a"], "runs/ft-random-s1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "shared initialisation" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
 
 
 def test_cli_smoke(runs):
