@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tasks import FileImages, Split, Task, check_data, load_task
+from tasks import FileImages, Split, Task, check_data, check_test_domain, load_task, scored_domains
 from towers import check_batch_independent, grad_checkpointing, keyed_noise, text_modules, train_mode
 
 REPO = Path(__file__).resolve().parent
@@ -73,8 +73,9 @@ RECIPE = None  # the default of a field FT_RECIPES sets for every --data: it has
 
 @dataclass
 class TrainArgs:
-    data: str = "miniworld"  # miniworld | imagenet | domainnet | folder
+    data: str = "miniworld"  # miniworld | imagenet | domainnet | folder | domainbed
     data_root: str = ""  # dataset folder (not needed for miniworld); layouts in docs/data.md
+    test_domain: str = ""  # --data domainbed: the domain left out of training and scored (leave-one-domain-out)
     zeroshot_data: str = ""  # DIR[,DIR...]: extra classification folders scored zero-shot, with heads from the current text tower
     model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
     pretrained: str = ""  # open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a weights file
@@ -114,6 +115,10 @@ FT_RECIPES = {
                       eval_every=1_000, ckpt_every=1_000),
     "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
                    eval_every=100, ckpt_every=100),
+    # DomainBed: 5k steps, a held-out check every 300 (its checkpoint_freq), the step chosen on the
+    # training domains' held-out 20% (training-domain validation); batch 96 = its 32 per domain x 3
+    "domainbed": dict(steps=5_000, batch_size=96, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
+                      eval_every=300, ckpt_every=1_000, select="heldout"),
 }
 
 
@@ -184,6 +189,7 @@ def check_args(args):
         problems.append(f"--select {args.select!r}: choose final, or heldout with --eval-every > 0 (the steps it compares)")
     if args.grad_accum <= 0:
         problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
+    check_test_domain(args.data, args.test_domain)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
     check_batch("--batch-size", args.batch_size, args.grad_accum)
@@ -230,7 +236,7 @@ def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
     resolve_model(args.model, args.pretrained)  # a wrong --model fails before the task loads
     run = check_run(args, run_name or method) if run_dir else None  # and a run folder that is taken
     threads = set_threads(args.threads, recorded_threads(run) if args.resume and run else 0)
-    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data)
+    task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data, args.test_domain)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
     try:
@@ -1259,7 +1265,7 @@ def check_run(args, name: str) -> Path:
     """The run directory's path, refusing (before anything slow) to overwrite a started run unless
     --resume, or to resume a finished one (final.pt and its rows written). Nothing is created: start_run
     does that."""
-    run = Path(args.out or f"runs/{name}-{args.data}-{Path(args.model).stem}-s{args.seed}")
+    run = Path(args.out or f"runs/{name}-{data_tag(args)}-{Path(args.model).stem}-s{args.seed}")
     if is_main_process():
         if (run / "args.json").exists() and not args.resume:
             raise SystemExit(f"error: {run} already holds a run. Pass --resume to continue it, or --out NEW_DIR.")
@@ -1277,6 +1283,11 @@ def check_run(args, name: str) -> Path:
                 raise SystemExit(f"error: --resume would change the run in {run}: {'; '.join(changed)}. Resume with the "
                                  f"arguments in {run / 'args.json'}, or train anew with --out NEW_DIR.")
     return run
+
+
+def data_tag(args) -> str:
+    """--data in default run names: with the left-out domain of --data domainbed (domainbed-photo)."""
+    return args.data + (f"-{args.test_domain}".replace(" ", "_") if getattr(args, "test_domain", "") else "")
 
 
 def start_run(env, args):
@@ -1358,7 +1369,7 @@ def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, ze
         raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
     args = json.loads((run / "args.json").read_text())
     key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0),
-           args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data)
+           args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data, args.get("test_domain", ""))
     tasks = {} if tasks is None else tasks
     if key not in tasks:
         tasks[key] = load_task(*key)
