@@ -1287,7 +1287,7 @@ def check_run(args, name: str) -> Path:
 
 def data_tag(args) -> str:
     """--data in default run names: with the left-out domain of --data domainbed (domainbed-photo)."""
-    return args.data + (f"-{args.test_domain}".replace(" ", "_") if getattr(args, "test_domain", "") else "")
+    return args.data + (f"-{args.test_domain}".replace(" ", "_") if args.test_domain else "")
 
 
 def start_run(env, args):
@@ -1316,7 +1316,7 @@ def run_config(args, method: str, merge: Optional[dict] = None) -> dict:
     parameters (WiSE-FT's α, ...). Not the seed (rows keep it apart), nor how or where it ran."""
     values = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
     if method == "zeroshot":
-        values = {k: values.get(k) for k in ("data", "data_root", "model", "pretrained")}
+        values = {k: values.get(k) for k in ("data", "data_root", "test_domain", "model", "pretrained")}
     if values.get("select") != "heldout":  # the held-out checks then only log: they change no number
         values.pop("eval_every", None)
     return {**{k: v for k, v in sorted(values.items()) if k not in NOT_CONFIG}, **(merge or {})}

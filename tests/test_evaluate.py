@@ -27,8 +27,9 @@ def test_baselines_ft_end_to_end_and_table(tmp_path, folder_data, tiny_model):
     assert plot.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("command, flags", [("eval", ["--ckpt", "--data", "--model", "--pretrained", "--seed"]),
-                                            ("table", ["results"]), ("plot", ["results", "--out"])])
+@pytest.mark.parametrize("command, flags", [("eval", ["--ckpt", "--data", "--model", "--pretrained", "--seed",
+                                                      "--test-domain"]),
+                                            ("table", ["results", "--domainbed"]), ("plot", ["results", "--out"])])
 def test_every_subcommand_has_its_own_help(tmp_path, command, flags):
     out = run_script([str(REPO / "evaluate.py"), command, "--help"], cwd=tmp_path).stdout
     assert out.startswith(f"usage: evaluate.py {command}") and all(f in out for f in flags)
@@ -253,6 +254,11 @@ def test_domainbed_each_test_domain_end_to_end_and_the_average_is_the_mean_of_th
     again = run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", "runs/ft-domainbed-photo-tiny-vit-s0"],
                        cwd=tmp_path).stdout
     assert f"photo            ood       acc {accs['photo']:6.2f}" in again and "sketch" not in again
+    run_script([str(REPO / "evaluate.py"), "eval", "--data", "domainbed", "--data-root", root, "--test-domain", "cartoon",
+                "--model", tiny_model, "--workers", "0"], cwd=tmp_path)  # the zero-shot model: a row of its own
+    out = run_script([str(REPO / "evaluate.py"), "table", "--domainbed", "runs"], cwd=tmp_path).stdout
+    zeroshot = next(line for line in out.splitlines() if line.startswith("| zeroshot "))
+    assert zeroshot.endswith("| incomplete (no art_painting, photo, sketch) |"), out
 
 
 def test_domainbed_table_averages_seeds_per_domain_and_marks_a_row_missing_a_domain(tmp_path):
