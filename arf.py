@@ -82,7 +82,7 @@ class Args(TrainArgs):
 # has no captions of its own: BLIP-2 writes them (the paper); ImageNet's 1.28M images need fewer
 # neighbours each to give a pool of anchors of the paper's size.
 PRESETS = {"imagenet": dict(captioner="blip2", retrieve_k=4), "domainnet": dict(captioner="blip2"),
-           "folder": dict(captioner="blip2")}
+           "folder": dict(captioner="blip2"), "domainbed": dict(captioner="blip2")}
 
 
 def arf_loss(image_emb, class_emb, labels, logit_scale, caption_emb=None, caption_ids=None,

@@ -67,8 +67,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, cosine_logits, encode_text, finish,
-                    frozen_copy, parse_args, pretraining_loss, set_trainable, setup, train)
+from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, cosine_logits, data_tag, encode_text,
+                    finish, frozen_copy, parse_args, pretraining_loss, set_trainable, setup, train)
 
 EMA_WINDOW = 0.2  # EMA averaging window 1/(1 − m) as a fraction of the run
 FLYP_TEMPLATE = "a photo of a {}."  # the one training prompt of --flyp-prompt single
@@ -266,7 +266,7 @@ METHODS = {"zeroshot": None, "lp": lp, "ft": ft, "lpft": lpft, "scratch": scratc
 
 def lp_head(args, task) -> torch.Tensor:
     """LP-FT's starting head: the head of the LP run of the same data, model and classes."""
-    run = Path(args.lp_run or f"runs/lp-{args.data}-{Path(args.model).stem}-s{args.seed}")
+    run = Path(args.lp_run or f"runs/lp-{data_tag(args)}-{Path(args.model).stem}-s{args.seed}")
     if not (run / "final.pt").is_file():
         raise SystemExit(f"error: LP-FT needs a finished LP run; {run/'final.pt'} does not exist. Run "
                          f"`python baselines.py --method lp` with the same --data/--model/--seed first, or pass --lp-run DIR.")

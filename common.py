@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tasks import FileImages, Split, Task, check_data, check_task_options, load_task
+from tasks import FileImages, Split, Task, check_data, check_task_options, load_task, scored_domains
 from towers import check_batch_independent, grad_checkpointing, keyed_noise, text_modules, train_mode
 
 REPO = Path(__file__).resolve().parent
@@ -73,8 +73,9 @@ RECIPE = None  # the default of a field FT_RECIPES sets for every --data: it has
 
 @dataclass
 class TrainArgs:
-    data: str = "miniworld"  # miniworld | imagenet | domainnet | folder
+    data: str = "miniworld"  # miniworld | imagenet | domainnet | folder | domainbed
     data_root: str = ""  # dataset folder (not needed for miniworld); layouts in docs/data.md
+    test_domain: str = ""  # --data domainbed: the domain left out of training and scored (leave-one-domain-out)
     zeroshot_data: str = ""  # [NAME=]DIR[,...]: extra classification folders scored zero-shot, with heads from the current text tower (NAME: a standard dataset, e.g. eurosat, whose names and templates are used)
     shots: int = 0  # K training images per class, drawn by the seed (same for every method), the held-out slice apart (0 = all)
     source_domain: str = "real"  # --data domainnet: the domain fine-tuned on (its test split is ID, the other four OOD)
@@ -117,6 +118,10 @@ FT_RECIPES = {
                       eval_every=1_000, ckpt_every=1_000),
     "folder": dict(steps=1_000, batch_size=128, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
                    eval_every=100, ckpt_every=100),
+    # DomainBed: 5k steps, a held-out check every 300 (its checkpoint_freq), the step chosen on the
+    # training domains' held-out 20% (training-domain validation); batch 96 = its 32 per domain x 3
+    "domainbed": dict(steps=5_000, batch_size=96, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
+                      eval_every=300, ckpt_every=1_000, select="heldout"),
 }
 
 
@@ -189,7 +194,7 @@ def check_args(args):
         problems.append(f"--grad-accum must be positive (got {args.grad_accum})")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
-    check_task_options(args.data, args.shots, args.source_domain, args.unseen_classes)
+    check_task_options(args.data, args.shots, args.source_domain, args.unseen_classes, args.test_domain)
     check_batch("--batch-size", args.batch_size, args.grad_accum)
 
 
@@ -235,7 +240,7 @@ def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
     run = check_run(args, run_name or method) if run_dir else None  # and a run folder that is taken
     threads = set_threads(args.threads, recorded_threads(run) if args.resume and run else 0)
     task = load_task(args.data, args.data_root, args.seed, args.zeroshot_data, shots=args.shots,
-                     source_domain=args.source_domain, unseen_classes=args.unseen_classes)
+                     source_domain=args.source_domain, unseen_classes=args.unseen_classes, test_domain=args.test_domain)
     clip, tokenizer, pp = load_clip(args.model, args.pretrained, device)
     train_tf, eval_tf = image_transforms(pp, args.crop_scale)
     try:
@@ -1297,8 +1302,7 @@ def check_run(args, name: str) -> Path:
     """The run directory's path, refusing (before anything slow) to overwrite a started run unless
     --resume, or to resume a finished one (final.pt and its rows written). Nothing is created: start_run
     does that."""
-    shots = f"-k{args.shots}" if args.shots else ""  # runs of one seed at several --shots get folders of their own
-    run = Path(args.out or f"runs/{name}-{args.data}{shots}-{Path(args.model).stem}-s{args.seed}")
+    run = Path(args.out or f"runs/{name}-{data_tag(args)}-{Path(args.model).stem}-s{args.seed}")
     if is_main_process():
         if (run / "args.json").exists() and not args.resume:
             raise SystemExit(f"error: {run} already holds a run. Pass --resume to continue it, or --out NEW_DIR.")
@@ -1317,6 +1321,13 @@ def check_run(args, name: str) -> Path:
                 raise SystemExit(f"error: --resume would change the run in {run}: {'; '.join(changed)}. Resume with the "
                                  f"arguments in {run / 'args.json'}, or train anew with --out NEW_DIR.")
     return run
+
+
+def data_tag(args) -> str:
+    """--data in default run names: with the left-out domain of --data domainbed (domainbed-photo) and
+    --shots K (-kK), so the runs of one seed over domains or K get folders of their own."""
+    return (args.data + (f"-{args.test_domain}".replace(" ", "_") if args.test_domain else "")
+            + (f"-k{args.shots}" if args.shots else ""))
 
 
 def start_run(env, args):
@@ -1345,8 +1356,8 @@ def run_config(args, method: str, merge: Optional[dict] = None) -> dict:
     parameters (WiSE-FT's α, ...). Not the seed (rows keep it apart), nor how or where it ran."""
     values = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
     if method == "zeroshot":
-        values = {k: values.get(k) for k in ("data", "data_root", "source_domain", "model", "pretrained", "unseen_classes")
-                  if k != "unseen_classes" or values.get(k)}  # S / U / H rows apart from plain zero-shot ones
+        values = {k: values.get(k) for k in ("data", "data_root", "source_domain", "test_domain", "model", "pretrained",
+                                             "unseen_classes") if k != "unseen_classes" or values.get(k)}  # S / U / H rows apart
     if values.get("select") != "heldout":  # the held-out checks then only log: they change no number
         values.pop("eval_every", None)
     return {**{k: v for k, v in sorted(values.items()) if k not in NOT_CONFIG}, **(merge or {})}
@@ -1400,7 +1411,7 @@ def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, ze
     args = json.loads((run / "args.json").read_text())
     key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0),
            args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data, args.get("shots", 0),
-           args.get("source_domain", "real"), args.get("unseen_classes", ""))
+           args.get("source_domain", "real"), args.get("unseen_classes", ""), args.get("test_domain", ""))
     tasks = {} if tasks is None else tasks
     if key not in tasks:
         tasks[key] = load_task(*key)

@@ -6,6 +6,7 @@ then markdown tables and ID-vs-OOD plots from results.jsonl.
   python evaluate.py eval --ckpt RUN --zeroshot-data DIR1,DIR2        # + cross-dataset zero-shot transfer
   torchrun --nproc_per_node 8 evaluate.py eval --ckpt RUN              # every split shared out over 8 processes
   python evaluate.py table runs/results.jsonl                          # markdown, mean ± std over seeds
+  python evaluate.py table --domainbed runs/results.jsonl              # leave-one-domain-out: a column per test domain
   python evaluate.py plot runs/results.jsonl --out id_vs_ood.png
 
 Rows of the table are runs of one configuration (every argument that changes the numbers:
@@ -14,8 +15,13 @@ share a name, by the fields in which they differ; for every (run, tag, split) on
 evaluation counts. Columns: ID accuracy, each OOD split, the OOD mean, each
 zero-shot transfer split and their mean, generalized zero-shot runs' (--unseen-classes) S, U and H per
 split, then ECE and NLL on ID and averaged over OOD splits.
+
+With --domainbed, the rows are the --data domainbed runs, one table per dataset (data root): a row per
+configuration but the test domain, a column per test domain (its accuracy, mean ± std over seeds) and
+the average over domains of those means; a row missing a domain has no average and names what it lacks.
 """
 import argparse
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from common import (AUTO_WORKERS, TrainArgs, check_data, data_workers, defaults, evaluate_task, get_device, init_distributed,
-                    load_run, log_results, plot_id_vs_ood, run_log_args, set_threads, setup, start_run)
+                    load_run, log_results, plot_id_vs_ood, run_log_args, scored_domains, set_threads, setup, start_run)
 
 
 GZSL_COLUMNS = (("S", "acc_seen"), ("U", "acc_unseen"), ("H", "h"))  # a generalized zero-shot row's columns per split
@@ -138,6 +144,40 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def domainbed_tables(rows: list) -> str:
+    """The leave-one-domain-out tables of the --data domainbed rows (see the module docstring): a run's
+    scored split is its test domain; the domains a row must cover are tasks' scored_domains."""
+    rows = [r for r in rows if r["data"] == "domainbed" and r["split"] == r.get("config", {}).get("test_domain")]
+    if not rows:
+        raise SystemExit("error: no --data domainbed rows (with --test-domain in their configuration) to tabulate")
+    by_root = defaultdict(list)
+    for r in rows:
+        by_root[r["config"].get("data_root", "")].append(r)
+    out = []
+    for root, rs in by_root.items():
+        title, domains = scored_domains(root, {r["split"] for r in rs})
+        groups, configs = defaultdict(lambda: defaultdict(list)), {}
+        for r in rs:  # one group per configuration but the test domain
+            config = {k: v for k, v in r["config"].items() if k != "test_domain"}
+            group = (r["method"], r.get("tag", ""), r["data"], r["model"],
+                     hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10])
+            configs[group] = config
+            groups[group][r["split"]].append(100 * r["acc"])
+        names = row_names(list(groups), configs)
+        lines = [f"**{title}** ({root})", "", "| method | seeds | " + " | ".join(domains) + " | Avg |",
+                 "|---|---|" + "---|" * (len(domains) + 1)]
+        for group, accs in groups.items():
+            missing = [d for d in domains if not accs.get(d)]
+            avg = (f"{np.mean([np.mean(accs[d]) for d in domains]):.1f}" if not missing
+                   else f"incomplete (no {', '.join(missing)})")
+            counts = sorted({len(v) for v in accs.values()})
+            seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+            lines.append(f"| {names[group]} | {seeds} | " + " | ".join(fmt(accs.get(d, []), 1) for d in domains)
+                         + f" | {avg} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def plot(rows: list, out: str) -> list:
     """ID vs OOD mean of every row of the table, with seed error bars; WiSE-FT rows (written by merge.py,
     α in their configuration) joined into one curve per run configuration. One figure per (data, model):
@@ -173,7 +213,7 @@ def evaluate_command(a):
         values = dict(data=a.data, data_root=a.data_root, model=a.model, pretrained=a.pretrained, device=a.device, out=a.out,
                       eval_batch_size=a.eval_batch_size, workers=a.workers, seed=a.seed, steps=0,
                       zeroshot_data=a.zeroshot_data, threads=a.threads, source_domain=a.source_domain,
-                      unseen_classes=a.unseen_classes)
+                      unseen_classes=a.unseen_classes, test_domain=a.test_domain)
         args = TrainArgs(**{**defaults(TrainArgs, a.data, {}), **values})  # the rest as FT's recipe has it; nothing trains
         env = setup(args, "zeroshot")
         rows = evaluate_task(env.model, env.task, env.eval_tf, env.device, a.eval_batch_size, env.workers)
@@ -198,6 +238,7 @@ def main(argv=None):
     for name, help_ in (("data", "dataset (zero-shot evaluation; a run knows its own)"), ("data_root", "dataset folder "
                         "(for a run: only if it moved)"), ("model", "open_clip architecture or miniclip (zero-shot)"),
                         ("pretrained", "open_clip tag or weights file (zero-shot)"), ("device", "cuda | cpu"),
+                        ("test_domain", "--data domainbed: the left-out domain (zero-shot; a run knows its own)"),
                         ("out", "run directory of the zero-shot evaluation"), ("zeroshot_data", "DIR[,DIR...]: "
                         "classification folders scored zero-shot with heads from the model's text tower (default: a "
                         "run's own --zeroshot-data)"), ("source_domain", "--data domainnet: the domain whose test split is ID "
@@ -211,6 +252,9 @@ def main(argv=None):
     for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("results", help="a results.jsonl, or a folder holding one: a runs root or a run folder")
+        if name == "table":
+            p.add_argument("--domainbed", action="store_true", help="leave-one-domain-out tables of the --data "
+                           "domainbed runs: a column per test domain and their average")
         if name == "plot":
             p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
             p.add_argument("--methods", default="", help="comma-separated methods to draw (default: all)")
@@ -225,7 +269,7 @@ def main(argv=None):
     if not rows:
         raise SystemExit(f"error: {path} holds no results rows: nothing to {'tabulate' if a.command == 'table' else 'plot'}")
     if a.command == "table":
-        print(markdown_table(rows))
+        print(domainbed_tables(rows) if a.domainbed else markdown_table(rows))
     else:
         chosen = [m for m in a.methods.split(",") if m]
         rows = [r for r in rows if not chosen or r["method"].split("+")[0] in chosen]

@@ -135,6 +135,18 @@ def assert_gradients_reach_only_image_tower_and_head(model, loss_fn):
             assert p.grad is None, name
 
 
+PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
+
+
+def write_domain_tree(root: Path, domains=PACS_DOMAINS, classes=("cat", "red_fox"), n: int = 5) -> str:
+    """--data domainbed layout: root/<domain>/<class>/*.jpg, n images per class and domain, a tint per class
+    and a pixel pattern per domain; the default domains are PACS's, so the dataset is recognised."""
+    for d, domain in enumerate(domains):
+        for k, name in enumerate(classes):
+            write_images(root / domain / name, n, seed=100 * d + k, colour=COLOURS[k])
+    return str(root)
+
+
 def run_script(args, cwd, env_extra=None, check=True):
     """`python ARGS` as a subprocess with the repo importable; with check, a failure shows its output."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}

@@ -27,8 +27,9 @@ def test_baselines_ft_end_to_end_and_table(tmp_path, folder_data, tiny_model):
     assert plot.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("command, flags", [("eval", ["--ckpt", "--data", "--model", "--pretrained", "--seed"]),
-                                            ("table", ["results"]), ("plot", ["results", "--out"])])
+@pytest.mark.parametrize("command, flags", [("eval", ["--ckpt", "--data", "--model", "--pretrained", "--seed",
+                                                      "--test-domain"]),
+                                            ("table", ["results", "--domainbed"]), ("plot", ["results", "--out"])])
 def test_every_subcommand_has_its_own_help(tmp_path, command, flags):
     out = run_script([str(REPO / "evaluate.py"), command, "--help"], cwd=tmp_path).stdout
     assert out.startswith(f"usage: evaluate.py {command}") and all(f in out for f in flags)
@@ -275,3 +276,58 @@ def test_bad_named_suite_gives_one_message(tmp_path, folder_data, tiny_model, su
                        "--zeroshot-data", f"{suite}={folder}"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1000:]
     assert proc.stderr.count("error:") == 1
+
+
+def test_domainbed_each_test_domain_end_to_end_and_the_average_is_the_mean_of_the_domains(tmp_path, tiny_model):
+    """FT on each of the 4 left-out domains (default run names keep them apart); the table has a column per
+    domain and their average, recomputed here by hand; `eval --ckpt` rebuilds the run's own task."""
+    import numpy as np
+
+    from conftest import PACS_DOMAINS, write_domain_tree
+
+    root = write_domain_tree(tmp_path / "pacs", n=3)
+    for domain in PACS_DOMAINS:
+        run_script([str(REPO / "baselines.py"), "--method", "ft", "--data", "domainbed", "--data-root", root,
+                    "--test-domain", domain, "--model", tiny_model, "--steps", "2", "--batch-size", "8", "--workers", "0"],
+                   cwd=tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["kind"], r["n"]) for r in rows] == [(d, "ood", 6) for d in PACS_DOMAINS]
+    assert [r["config"]["test_domain"] for r in rows] == list(PACS_DOMAINS) and rows[0]["config"]["select"] == "heldout"
+    assert len({json.dumps({k: v for k, v in r["config"].items() if k != "test_domain"}) for r in rows}) == 1
+    out = run_script([str(REPO / "evaluate.py"), "table", "--domainbed", "runs"], cwd=tmp_path).stdout
+    assert f"**PACS** ({root})" in out and "| method | seeds | art_painting | cartoon | photo | sketch | Avg |" in out
+    cells = next(line for line in out.splitlines() if line.startswith("| ft ")).strip("| ").split(" | ")
+    accs = {r["split"]: 100 * r["acc"] for r in rows}
+    assert cells == ["ft", "1", *(f"{accs[d]:.1f}" for d in PACS_DOMAINS), f"{np.mean(list(accs.values())):.1f}"]
+    again = run_script([str(REPO / "evaluate.py"), "eval", "--ckpt", "runs/ft-domainbed-photo-tiny-vit-s0"],
+                       cwd=tmp_path).stdout
+    assert f"photo            ood       acc {accs['photo']:6.2f}" in again and "sketch" not in again
+    run_script([str(REPO / "evaluate.py"), "eval", "--data", "domainbed", "--data-root", root, "--test-domain", "cartoon",
+                "--model", tiny_model, "--workers", "0"], cwd=tmp_path)  # the zero-shot model: a row of its own
+    out = run_script([str(REPO / "evaluate.py"), "table", "--domainbed", "runs"], cwd=tmp_path).stdout
+    zeroshot = next(line for line in out.splitlines() if line.startswith("| zeroshot "))
+    assert zeroshot.endswith("| incomplete (no art_painting, photo, sketch) |"), out
+
+
+def test_domainbed_table_averages_seeds_per_domain_and_marks_a_row_missing_a_domain(tmp_path):
+    """Per domain the mean over seeds; the average is the mean of those means; a configuration lacking a
+    domain has no average; rows of other --data are left out."""
+    def row(method, domain, seed, acc, lr=1e-5):
+        config = {"data": "domainbed", "data_root": "/gone/PACS", "test_domain": domain, "lr": lr}
+        return {"run": f"runs/{method}-{domain}-{lr}-s{seed}", "method": method, "data": "domainbed", "model": "m",
+                "split": domain, "kind": "ood", "acc": acc, "seed": seed, "config": config, "config_id": f"{domain}{lr}"}
+    accs = {"art_painting": (0.5, 0.7), "cartoon": (0.4, 0.4), "photo": (0.9, 0.8), "sketch": (0.2, 0.3)}
+    rows = [row("ft", d, s, a) for d, pair in accs.items() for s, a in enumerate(pair)]
+    rows += [row("ft", d, 0, 0.5, lr=3e-5) for d in ("art_painting", "photo")]
+    rows.append({**row("ft", "photo", 0, 0.1), "data": "folder", "run": "runs/a-folder-run"})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_script([str(REPO / "evaluate.py"), "table", "--domainbed", "results.jsonl"], cwd=tmp_path).stdout
+    lines = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in out.splitlines()
+             if line.startswith("| ft")}
+    per_domain = [100 * sum(pair) / 2 for pair in accs.values()]
+    assert lines["ft (lr=1e-05)"][2:] == ["60.0 ± 14.1", "40.0 ± 0.0", "85.0 ± 7.1", "25.0 ± 7.1", f"{sum(per_domain) / 4:.1f}"]
+    assert lines["ft (lr=3e-05)"][1:] == ["1", "50.0", "", "50.0", "", "incomplete (no cartoon, sketch)"], out
+    assert "**PACS** (/gone/PACS)" in out  # the data root is gone: the domains are PACS's, recognised from the rows
+    (tmp_path / "folder.jsonl").write_text(json.dumps(rows[-1]) + "\n")
+    proc = run_script([str(REPO / "evaluate.py"), "table", "--domainbed", "folder.jsonl"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "error: no --data domainbed rows" in proc.stderr and "Traceback" not in proc.stderr

@@ -423,3 +423,47 @@ def test_shots_with_unseen_classes_draw_k_images_of_each_seen_class_only(folder_
     task = tasks.load_task("folder", folder_data, shots=2, unseen_classes=str(tmp_path / "unseen.txt"))
     counts = np.bincount(np.asarray(task.train.images.labels), minlength=4)
     assert task.unseen == [2] and counts.tolist() == [2, 2, 0, 2]  # classes in folder order: cat, dog, owl, red_fox
+
+
+def test_domainbed_holds_out_a_fixed_fifth_of_each_training_domain_and_scores_only_the_left_out_one(tmp_path):
+    """Leave-one-domain-out: for every test domain, the training domains split 80/20 into train and held-out
+    (round(20%) of each domain), the test domain is the one scored split (ood) and never in train or
+    held-out; a domain's held-out images are the same for every seed and whichever domain is left out."""
+    from conftest import PACS_DOMAINS, write_domain_tree
+
+    root = Path(write_domain_tree(tmp_path / "pacs", n=6))  # 12 images per domain: 2 (round(2.4)) held out
+    images = {d: {str(p) for p in (root / d).rglob("*.jpg")} for d in PACS_DOMAINS}
+    held_of = {}
+    for test in PACS_DOMAINS:
+        for seed in (0, 1):
+            task = tasks.load_task("domainbed", str(root), seed, test_domain=test)
+            assert task.name == "PACS" and task.classnames == ["cat", "red fox"]
+            assert [(s.name, s.kind) for s in task.tests] == [(test, "ood")]
+            assert set(task.tests[0].images.paths) == images[test]
+            train, held = set(task.train.images.paths), set(task.heldout.images.paths)
+            assert not (train | held) & images[test] and not train & held
+            for d in PACS_DOMAINS:
+                if d != test:
+                    assert train | held >= images[d] and len(held & images[d]) == round(0.2 * len(images[d]))
+                    assert held_of.setdefault(d, held & images[d]) == held & images[d]  # seeds and test domains alike
+            labels = dict(zip(task.heldout.images.paths, task.heldout.images.labels))
+            assert all(labels[p] == (1 if "/red_fox/" in p else 0) for p in held)
+    assert all(len(h) == 2 for h in held_of.values())
+
+
+def test_domainbed_messages_and_any_folder_of_domains(tmp_path):
+    """A missing, unknown or misplaced --test-domain is one message (an unknown one lists the domains);
+    domain folders of no DomainBed dataset are a task named after their folder."""
+    from conftest import write_domain_tree
+
+    root = write_domain_tree(tmp_path / "mine", domains=("north", "south", "east"), n=2)
+    task = tasks.load_task("domainbed", root, 0, test_domain="east")
+    assert task.name == "domainbed:mine" and len(task.train.images) == 8 - 2 and len(task.heldout.images) == 2
+    for data, domain, message in (("domainbed", "", "--data domainbed needs --test-domain NAME"),
+                                  ("domainbed", "west", "--test-domain 'west' is not a domain of " + root
+                                   + "; its domains: east, north, south"),
+                                  ("folder", "east", "--test-domain 'east' is for --data domainbed")):
+        with pytest.raises(SystemExit, match="error: " + message.replace("(", r"\(")):
+            tasks.load_task(data, root, 0, test_domain=domain)
+    with pytest.raises(SystemExit, match="--test-domain 'east' is for --data domainbed"):
+        common.make_args(common.TrainArgs, "folder", test_domain="east")
