@@ -248,14 +248,15 @@ def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
     return Env(device, task, clip, tokenizer, model, train_tf, eval_tf, run, method, threads, workers, rank, world)
 
 
-def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, head_from_text: bool = False,
+def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float | Callable] = None, head_from_text: bool = False,
           streams: Optional[dict] = None, teacher: Optional[nn.Module] = None) -> Trained:
     """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch, step)` (or a
     ContrastiveLoss over the global batch) and returns the weights to evaluate. AdamW (fused on CUDA),
     warm-up + cosine, bf16 autocast on CUDA, gradient accumulation and clipping; after every step a
     trained logit scale is clamped to [0, MAX_LOGIT_SCALE], the EMA updated, the held-out slice scored
     when due, a checkpoint written when due. Under torchrun, DistributedDataParallel averages gradients.
-      ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ (θ_ema = θ0 at the start): scored and returned.
+      ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ (θ_ema = θ0 at the start): scored and returned; m is a
+                      number, or a function of the step (0-based) it follows (m = 1: no update that step).
       teacher         a frozen copy of env.model that the loss reads (CaRot's EMA teacher): it is θ_ema
                       (with ema_decay), in every checkpoint, and the student is scored and returned.
       head_from_text  rebuild the head from the current text tower before every held-out check and at
@@ -307,7 +308,8 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
                 with torch.no_grad():
                     model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             if ema is not None:
-                ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
+                m = ema_decay(step) if callable(ema_decay) else ema_decay
+                ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], m)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
             record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms}
             if heldout_due(args, step + 1, best.on):

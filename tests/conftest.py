@@ -220,7 +220,7 @@ def train_matrix(base: Path, model: str, port: int, methods=METHODS, configs=CON
     micro = ["--data", "folder", "--data-root", str(data), "--model", model, "--steps", "3", "--batch-size", "8",
              "--lr", "1e-3", "--eval-every", "0", "--ckpt-every", "0", "--workers", "0", "--crop-scale", "0.5"]
     extra = {"ema": ["--ema-decay", "0.5"], "lipsum_ft": ["--lam", "10"], "car_ft": ["--beta", "10"],
-             "carot": ["--ema-momentum", "0.5", "--lam-sd", "10"],
+             "carot": ["--ema-momentum", "0.5", "--lam-sd", "10"],  # ψ updated every step of 3
              "arf": ["--captioner", "dataset", "--captions", str(base / "caps.tsv"), "--pool", str(pool), "--retrieve-k", "2",
                      "--ret-batch-size", "4", "--cache", str(base / "cache")]}
     (base / "driver.py").write_text(DRIVER)
