@@ -64,7 +64,7 @@ PROJECTIONS = ("head.proj", "attnpool.c_proj")  # Linear image-tower projections
 class Args(TrainArgs):
     lam_oc: float = 0.2  # λ_OC, weight of the orthogonality constraint ‖W_vᵀW_v − I‖_F on the image projection
     lam_sd: float = 1.5  # λ_SD, weight of the self-distillation from the EMA teacher
-    lam_cross: float = 0.05  # λ_cross, weight of ‖W_v W_tᵀ‖_F (the official command's --cross_fnorm; 0 = the paper's equations)
+    lam_cross: float = 0.05  # λ_cross, weight of ‖W_v W_tᵀ‖_F (the official command's; 0 = the paper's equations)
     ema_momentum: float = 0.9  # m, the teacher's EMA momentum after the warm-up
     ema_momentum_start: float = 0.05  # m_0, the momentum at step 0, raised linearly to m
     ema_warmup: float = 0.2  # w, fraction of the run over which the momentum goes from m_0 to m
@@ -95,7 +95,7 @@ def self_distillation(image, text, image_t, text_t, scale, scale_t) -> torch.Ten
     T = s_ψ · image_t text_tᵀ (unit rows [N, D]), each softmax over a row, batch mean, in float32."""
     s = (scale * image @ text.t()).float()  # [N, N]
     t = (scale_t * image_t @ text_t.t()).float()  # [N, N]
-    kl = lambda a, b: F.kl_div(a.log_softmax(1), b.log_softmax(1), log_target=True, reduction="batchmean")  # Σ p_t (log p_t − log p_s)
+    kl = lambda a, b: F.kl_div(a.log_softmax(1), b.log_softmax(1), log_target=True, reduction="batchmean")  # KL(σ(b) ‖ σ(a))
     return kl(s, t) + kl(s.t(), t.t())
 
 
@@ -135,8 +135,8 @@ def teacher_momentum(step: int, args) -> float:
     1 (ψ unchanged) at the others. The official schedule, with K = round(ema_every · steps) ≥ 1."""
     if step % max(1, round(args.ema_every * args.steps)):
         return 1.0
-    warm = args.ema_warmup * args.steps
-    return args.ema_momentum if step >= warm else args.ema_momentum_start + (args.ema_momentum - args.ema_momentum_start) * step / warm
+    warm, m0, m = args.ema_warmup * args.steps, args.ema_momentum_start, args.ema_momentum
+    return m if step >= warm else m0 + (m - m0) * step / warm
 
 
 def template_ids(seed: int, step: int, index: torch.Tensor, n_templates: int) -> torch.Tensor:
