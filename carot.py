@@ -37,7 +37,7 @@ Choices (ours):
   * The update period as a fraction of the run, K = round(0.02 · steps) (500 of 25k), so that a short
     run's teacher moves too (miniworld: every 6 of 300 steps).
   * W_v: open_clip's `visual.proj`, else the Linear `visual.head.proj` (timm) or `visual.attnpool.c_proj`
-    (ResNets) transposed; none stops with a message. W_t: `text_projection` (needed when λ_cross > 0).
+    (ResNets) transposed; none stops with a message. W_t: the text tower's `text_projection` (needed when λ_cross > 0).
   * Exactness: L_MCL and L_SD run over the global batch (common.ContrastiveLoss, the teacher's rows
     gathered too); L_OC and L_cross depend on the projections only, counted once per step under
     --grad-accum. The teacher is common.train's EMA (`teacher=`, the step's m from `ema_decay`): in every
@@ -123,11 +123,13 @@ def visual_projection(visual) -> torch.Tensor:
 
 
 def text_projection(clip) -> torch.Tensor:
-    """W_t [width_t, D]: the text tower's last projection (open_clip's CLIP.text_projection)."""
-    if not isinstance(getattr(clip, "text_projection", None), torch.nn.Parameter):
-        raise SystemExit(f"error: --lam-cross needs the text projection W_t (clip.text_projection), which "
-                         f"{type(clip).__name__} has not; pass --lam-cross 0")
-    return clip.text_projection
+    """W_t [width_t, D]: the text tower's last projection, `text_projection` of open_clip's CLIP or of the
+    tower of a CustomTextCLIP (.text), a Parameter [width_t, D] or a Linear (weight [D, width_t])."""
+    proj = getattr(getattr(clip, "text", clip), "text_projection", None)
+    if isinstance(proj, (torch.nn.Parameter, torch.nn.Linear)):
+        return proj if isinstance(proj, torch.nn.Parameter) else proj.weight.t()
+    raise SystemExit(f"error: --lam-cross needs the text tower's projection W_t (text_projection), which "
+                     f"{type(clip).__name__} has not; pass --lam-cross 0")
 
 
 def teacher_momentum(step: int, args) -> float:

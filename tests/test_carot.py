@@ -2,6 +2,9 @@
 forms and hand computations, the loss against FLYP's at λ = 0, the teacher's momentum schedule, the
 projection it constrains, kill-and-resume with the EMA teacher, the script end to end on folders, and
 1 process = --grad-accum 2 = torchrun x2."""
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 import baselines
 import carot
 import common
-from conftest import assert_script_trains_on_folders, close, randn, train_matrix
+from conftest import REPO, assert_script_trains_on_folders, close, randn, run_script, train_matrix
 
 
 def test_orthogonality_is_zero_at_an_orthogonal_projection_and_its_closed_form_otherwise():
@@ -75,6 +78,17 @@ def test_visual_projection_is_the_trained_parameter_or_a_message(tiny_classifier
     assert torch.equal(carot.visual_projection(timm_like), timm_like.head.proj.weight.t())  # [width 6, D 4]
     with pytest.raises(SystemExit, match="error: CaRot constrains"):
         carot.visual_projection(torch.nn.Linear(3, 3))
+
+
+def test_on_siglip_the_text_projection_is_a_linear_and_the_run_trains(tmp_path, folder_data, tiny_siglip):
+    clip, _, _ = common.load_clip(tiny_siglip)
+    assert torch.equal(carot.text_projection(clip), clip.text.text_projection.weight.t())  # [width_t, D]
+    run_script([str(REPO / "carot.py"), "--data", "folder", "--data-root", folder_data, "--model", tiny_siglip, "--steps", "2",
+                "--batch-size", "8", "--out", "runs/r"], cwd=tmp_path)
+    log = [json.loads(x) for x in (tmp_path / "runs" / "r" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["cross"] > 0 and math.isfinite(r["loss"]) for r in log)
+    with pytest.raises(SystemExit, match="--lam-cross 0"):
+        carot.text_projection(torch.nn.Module())
 
 
 def test_resume_continues_the_teacher(tmp_path, tiny_model, folder_data, monkeypatch):
