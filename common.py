@@ -258,14 +258,17 @@ def setup(args, method: str, run_dir: bool = True, run_name: str = "") -> Env:
     return Env(device, task, clip, tokenizer, model, train_tf, eval_tf, run, method, threads, workers, rank, world)
 
 
-def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = None, head_from_text: bool = False,
-          streams: Optional[dict] = None) -> Trained:
+def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float | Callable] = None, head_from_text: bool = False,
+          streams: Optional[dict] = None, teacher: Optional[nn.Module] = None) -> Trained:
     """Optimises the parameters of `env.model` that require grad with `loss_fn(model, batch, step)` (or a
     ContrastiveLoss over the global batch) and returns the weights to evaluate. AdamW (fused on CUDA),
     warm-up + cosine, bf16 autocast on CUDA, gradient accumulation and clipping; after every step a
     trained logit scale is clamped to [0, MAX_LOGIT_SCALE], the EMA updated, the held-out slice scored
     when due, a checkpoint written when due. Under torchrun, DistributedDataParallel averages gradients.
-      ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ (θ_ema = θ0 at the start): scored and returned.
+      ema_decay       keep θ_ema ← m·θ_ema + (1−m)·θ (θ_ema = θ0 at the start): scored and returned; m is a
+                      number, or a function of the step (0-based) it follows (m = 1: no update that step).
+      teacher         a frozen copy of env.model that the loss reads (CaRot's EMA teacher): it is θ_ema
+                      (with ema_decay), in every checkpoint, and the student is scored and returned.
       head_from_text  rebuild the head from the current text tower before every held-out check and at
                       the end (methods whose loss trains the text tower, not the head).
       streams         {name: (images, global batch)}: extra data, each micro-batch's share under
@@ -286,7 +289,8 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.steps, args.warmup))
-    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
+    ema = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
+    scored = model if ema is None or teacher is not None else ema  # the weights checked on the held-out slice and returned
     ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad] if ema else []
     scale_trains = model.clip.logit_scale.requires_grad
     start = resume(run, model, opt, sched, ema, args.steps) if args.resume else 0
@@ -316,11 +320,12 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
                 with torch.no_grad():
                     model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             if ema is not None:
-                ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], ema_decay)
+                m = ema_decay(step) if callable(ema_decay) else ema_decay
+                ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], m)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
             record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms}
             if heldout_due(args, step + 1, best.on):
-                record["heldout_acc"] = best.score(env, args, ema if ema is not None else model, head_from_text, step + 1, bar)
+                record["heldout_acc"] = best.score(env, args, scored, head_from_text, step + 1, bar)
                 train_mode(model)
             if log:
                 log.write(json.dumps(record) + "\n")
@@ -330,13 +335,12 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float] = Non
     data.report_unreadable()
     if log:
         log.close()
-    result = ema if ema is not None else model
     if best.on:  # the weights to evaluate are the best held-out step's; the rows will say which
-        best.load_into(result)
+        best.load_into(scored)
     elif head_from_text:
         rebuild_head_from_text(model, env.task)
     model.eval()
-    return Trained(result.eval(), best.step if best.on else args.steps, best.on, head_from_text)
+    return Trained(scored.eval(), best.step if best.on else args.steps, best.on, head_from_text)
 
 
 def hold_head_fixed(model: ClipClassifier, task: Task):

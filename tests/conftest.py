@@ -232,6 +232,7 @@ def train_matrix(base: Path, model: str, port: int, methods=METHODS, configs=CON
     micro = ["--data", "folder", "--data-root", str(data), "--model", model, "--steps", "3", "--batch-size", "8",
              "--lr", "1e-3", "--eval-every", "0", "--ckpt-every", "0", "--workers", "0", "--crop-scale", "0.5"]
     extra = {"ema": ["--ema-decay", "0.5"], "lipsum_ft": ["--lam", "10"], "car_ft": ["--beta", "10"],
+             "carot": ["--ema-momentum", "0.5", "--lam-sd", "10"],  # ψ updated every step of 3
              "arf": ["--captioner", "dataset", "--captions", str(base / "caps.tsv"), "--pool", str(pool), "--retrieve-k", "2",
                      "--ret-batch-size", "4", "--cache", str(base / "cache")]}
     (base / "driver.py").write_text(DRIVER)
@@ -240,8 +241,8 @@ def train_matrix(base: Path, model: str, port: int, methods=METHODS, configs=CON
         runs = base / config
         jobs = []
         for m in ["zeroshot", *methods]:
-            script = str(REPO / (f"{m}.py" if m in ("lipsum_ft", "car_ft", "arf") else "baselines.py"))
-            method = [] if m in ("lipsum_ft", "car_ft", "arf") else ["--method", m]
+            script = str(REPO / (f"{m}.py" if m in ("lipsum_ft", "car_ft", "arf", "carot") else "baselines.py"))
+            method = [] if m in ("lipsum_ft", "car_ft", "arf", "carot") else ["--method", m]
             lp = ["--lp-run", str(runs / "lp")] if m == "lpft" else []
             jobs.append((script, [*method, *micro, *(flags or []), *extra.get(m, []), *lp, "--out", str(runs / m)]))
         launcher = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]

@@ -183,12 +183,13 @@ def test_presets_hold_only_departures_from_the_ft_recipe():
     import arf
     import baselines
     import car_ft
+    import carot
     import lipsum_ft
 
     departures = {("baselines:lp", "lr"), ("baselines:lp", "weight_decay"), ("baselines:flyp", "batch_size"),
-                  ("baselines:flyp", "steps")}
+                  ("baselines:flyp", "steps"), ("carot", "batch_size"), ("carot", "steps")}
     presets = {"lipsum_ft": (lipsum_ft.Args, lipsum_ft.PRESETS), "car_ft": (car_ft.Args, car_ft.PRESETS),
-               "arf": (arf.Args, arf.PRESETS)}
+               "arf": (arf.Args, arf.PRESETS), "carot": (carot.Args, carot.PRESETS)}
     presets.update({f"baselines:{m}": (baselines.Args, p) for m, p in baselines.PRESETS.items()})
     for name, (args_cls, by_data) in presets.items():
         assert set(by_data) <= set(common.FT_RECIPES), name
@@ -540,14 +541,14 @@ def test_threads_follow_the_free_cores_and_the_flag(tmp_path, folder_data, tiny_
     assert "CPU threads: 1 (the resumed run's own" in out
 
 
-@pytest.mark.parametrize("script", ["baselines.py", "lipsum_ft.py", "car_ft.py", "arf.py"])
+@pytest.mark.parametrize("script", ["baselines.py", "lipsum_ft.py", "car_ft.py", "arf.py", "carot.py"])
 def test_every_method_file_offers_zeroshot_data_and_threads(script):
     out = run_script([script, "--help"], cwd=REPO).stdout
     assert "--zeroshot-data" in out and "--threads" in out and "--select" in out
 
 
 # ------------------------------------------------------------------------ the house rule
-METHOD_FILES = ("lipsum_ft.py", "car_ft.py", "arf.py", "baselines.py", "merge.py", "evaluate.py")
+METHOD_FILES = ("lipsum_ft.py", "car_ft.py", "arf.py", "carot.py", "baselines.py", "merge.py", "evaluate.py")
 
 
 def public_names(path: Path) -> list:
