@@ -336,6 +336,10 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     assert not list((runs / "ft" / "ckpt").glob("step_*.pt"))  # a finished run keeps final.pt, not its step checkpoints
     live = torch.load(runs / "ema" / "ckpt" / "step_2.pt", weights_only=False)["model"]  # kept: --keep-checkpoints
     assert not torch.equal(live["clip.visual.conv1.weight"], theta0["clip.visual.conv1.weight"])
+    # LoRA: final.pt holds the merged weights under FT's keys; only the targeted projections and the head moved.
+    assert set(final["lora"]) == set(final["ft"])
+    assert {k for k, v in final["lora"].items() if not torch.equal(v, theta0[k])} == {
+        "head", *(f"clip.visual.transformer.resblocks.0.{t}" for t in VIT_TARGETS)}
     # FLYP: the text tower trained and the saved head is the zero-shot head of that text tower.
     assert not torch.equal(final["flyp"]["clip.token_embedding.weight"], theta0["clip.token_embedding.weight"])
     model, _, _ = common.load_classifier(runs / "flyp")
