@@ -56,17 +56,11 @@ Choices where the papers are silent:
   * λ values: our copy of the Lipsum-FT paper lacks its swept numbers. Ours are untuned starting
     points (KD, FeatKD λ = 1; L2SP λ = 0.1); sweep them on the held-out slice (`heldout`), never a test
     split, before reading much into a baseline's row.
-  * LoRA targets: every nn.Linear of the image tower plus nn.MultiheadAttention's packed in_proj_weight. On
-    open_clip's ViT that is each block's attn.in_proj_weight, attn.out_proj, mlp.c_fc and mlp.c_proj; on
-    a ResNet tower the attention pool's projections (convolutions stay θ0); on a timm tower its Linears.
-    The packed [3D, D] q/k/v weight gets ONE rank-r update (a Linear D → 3D, as peft treats it), not the
-    paper's q/v-only pair. Biases, LayerNorms, embeddings and the projection stay θ0. Init as the paper's
-    code: A Kaiming-uniform (nn.Linear's rule, seeded by --seed), B = 0, so step 0 is exactly FT's θ0.
-    Defaults r = 16, α = 2r = 32 (common CLIP/ViT LoRA practice; the paper fixes α to its first r). The
-    lr is LORA_LR_FACTOR × FT's (B = 0 and the α/r-scaled update need larger steps than full FT; LoRA
-    recipes use 1e-4–1e-3 where full FT of CLIP uses 1e-5); FT's weight decay stays, pulling B·A to 0.
-    final.pt holds the MERGED weights W0 + (α/r)BA under the usual keys (no LoRA keys), so evaluate.py
-    and merge.py work unchanged, and WiSE-FT at α' is exactly θ0 + α'·(α/r)BA on the targets.
+  * LoRA: targets every nn.Linear of the image tower and each nn.MultiheadAttention's packed q/k/v
+    weight (ViT: attn.in_proj_weight, attn.out_proj, mlp.c_fc, mlp.c_proj), the packed [3D, D] weight with
+    ONE rank-r update (not the paper's q/v pair); A Kaiming-uniform (seeded), B = 0: step 0 is θ0. r = 16,
+    α = 2r (common CLIP practice); lr LORA_LR_FACTOR × FT's. final.pt holds the merged W0 + (α/r)BA under
+    the usual keys, so WiSE-FT at α' is exactly θ0 + α'(α/r)BA on the targets (METHODS.md, "LoRA").
 
 Run:  python baselines.py --method ft        (miniworld + miniclip, CPU, minutes)
       python baselines.py --method lp && python baselines.py --method lpft
@@ -285,53 +279,41 @@ def flyp(model, args, task) -> Recipe:
 class LowRank(nn.Module):
     """The parametrization W0 ↦ W0 + (α/r)·B·A of one weight W0 [out, in]: A [r, in], B [out, r] = 0."""
 
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
+    def __init__(self, w0: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
-        out, inp = weight.shape
-        a = torch.empty(rank, inp, dtype=weight.dtype)
-        nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=generator)  # nn.Linear's init, as LoRA's code
-        self.A = nn.Parameter(a.to(weight.device))  # [r, in]
-        self.B = nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype, device=weight.device))  # [out, r]
+        a = nn.init.kaiming_uniform_(torch.empty(rank, w0.shape[1], dtype=w0.dtype), a=5 ** 0.5, generator=generator)
+        self.A = nn.Parameter(a.to(w0.device))  # [r, in]: nn.Linear's init, as LoRA's code
+        self.B = nn.Parameter(w0.new_zeros(w0.shape[0], rank))  # [out, r]
         self.scaling = alpha / rank
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         return w0 + self.scaling * (self.B @ self.A)  # [out, in]: W = W0 + (α/r)·B·A
 
 
-def lora_targets(tower: nn.Module) -> list:
-    """(module, weight name) of every nn.Linear and packed nn.MultiheadAttention q/k/v weight of a tower."""
-    return [(m, "weight") if isinstance(m, nn.Linear) else (m, "in_proj_weight") for m in tower.modules()
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)]
-
-
-def add_lora(tower: nn.Module, rank: int, alpha: float, seed: int) -> list:
-    """Puts W0 + (α/r)·B·A on every target weight of the tower (A seeded by `seed`, B = 0) and returns the
-    targets; only the A and B it creates require grad here."""
-    targets = lora_targets(tower)
+def lora(model, args, task) -> Recipe:
+    """LoRA: FT's loss; every nn.Linear weight and packed nn.MultiheadAttention q/k/v weight of the image
+    tower moves only by (α/r)·B·A (A seeded, B = 0); A, B and the head train. Its merge folds each update
+    into its weight under the weight's own key (final.pt: no LoRA keys)."""
+    set_trainable(model, image=False, head=True)
+    tower = model.clip.visual
+    targets = [(m, "weight") if isinstance(m, nn.Linear) else (m, "in_proj_weight") for m in tower.modules()
+               if isinstance(m, nn.Linear) or (isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)]
     if not targets:
         raise SystemExit(f"error: --method lora: the image tower ({type(tower).__name__}) has no nn.Linear or "
                          "nn.MultiheadAttention weight to put a low-rank update on")
     smallest = min(min(getattr(m, name).shape) for m, name in targets)
-    if not 1 <= rank <= smallest:
-        raise SystemExit(f"error: --lora-rank {rank}: choose 1 to {smallest} (the smallest targeted weight's side)")
-    g = torch.Generator().manual_seed(seed)
+    if not 1 <= args.lora_rank <= smallest:
+        raise SystemExit(f"error: --lora-rank {args.lora_rank}: choose 1 to {smallest} (the smallest targeted weight's side)")
+    g = torch.Generator().manual_seed(args.seed)
     for m, name in targets:
-        parametrize.register_parametrization(m, name, LowRank(getattr(m, name), rank, alpha, g))
-    return targets
+        parametrize.register_parametrization(m, name, LowRank(getattr(m, name), args.lora_rank, args.lora_alpha, g))
 
+    def merge():
+        for m, name in targets:
+            if parametrize.is_parametrized(m, name):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
 
-def merge_lora(targets: list):
-    """Folds each update into its weight: W0 + (α/r)·B·A under the weight's own name, no LoRA keys left."""
-    for m, name in targets:
-        if parametrize.is_parametrized(m, name):
-            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-
-
-def lora(model, args, task) -> Recipe:
-    """LoRA: FT's loss; the image tower's projections move only by (α/r)·B·A; A, B and the head train."""
-    set_trainable(model, image=False, head=True)
-    targets = add_lora(model.clip.visual, args.lora_rank, args.lora_alpha, args.seed)
-    return Recipe(classifier_ce, tag=f"r={args.lora_rank} alpha={args.lora_alpha:g}", merge=lambda: merge_lora(targets))
+    return Recipe(classifier_ce, tag=f"r={args.lora_rank} alpha={args.lora_alpha:g}", merge=merge)
 
 
 METHODS = {"zeroshot": None, "lp": lp, "ft": ft, "lpft": lpft, "scratch": scratch, "ema": ema, "l2sp": l2sp,

@@ -47,21 +47,6 @@ def test_same_weights_as_one_process(finals, method, config):
     assert moved or method == "lp", f"{method} did not train its image tower"  # not a comparison of untouched models
 
 
-@pytest.fixture(scope="module")
-def lora_finals(tmp_path_factory, tiny_model):
-    """LoRA alone (not in conftest.METHODS, which tests/test_families.py also trains on its ResNet and
-    ConvNeXt towers) on the tiny ViT, under every configuration."""
-    return train_matrix(tmp_path_factory.mktemp("scale-lora"), tiny_model, port=29581, methods=["lora"])[0]
-
-
-@pytest.mark.parametrize("config", ["accum2", "torchrun2"])
-def test_lora_gives_the_merged_weights_of_one_process(lora_finals, config):
-    one, other = lora_finals["one"]["lora"], lora_finals[config]["lora"]
-    assert set(one) == set(other) and not close(one, other), close(one, other)[:4]
-    key = "clip.visual.transformer.resblocks.0.mlp.c_fc.weight"
-    assert not torch.equal(one[key], lora_finals["one"]["zeroshot"][key])  # not a comparison of untouched models
-
-
 def test_lp_leaves_every_frozen_weight_bitwise_at_theta0(finals):
     theta0, lp = finals["one"]["zeroshot"], finals["one"]["lp"]
     assert [k for k in theta0 if not torch.equal(theta0[k], lp[k])] == ["head"]
