@@ -56,11 +56,9 @@ Choices where the papers are silent:
   * λ values: our copy of the Lipsum-FT paper lacks its swept numbers. Ours are untuned starting
     points (KD, FeatKD λ = 1; L2SP λ = 0.1); sweep them on the held-out slice (`heldout`), never a test
     split, before reading much into a baseline's row.
-  * LoRA: targets every nn.Linear of the image tower and each nn.MultiheadAttention's packed q/k/v
-    weight (ViT: attn.in_proj_weight, attn.out_proj, mlp.c_fc, mlp.c_proj), the packed [3D, D] weight with
-    ONE rank-r update (not the paper's q/v pair); A Kaiming-uniform (seeded), B = 0: step 0 is θ0. r = 16,
-    α = 2r (common CLIP practice); lr LORA_LR_FACTOR × FT's. final.pt holds the merged W0 + (α/r)BA under
-    the usual keys, so WiSE-FT at α' is exactly θ0 + α'(α/r)BA on the targets (METHODS.md, "LoRA").
+  * LoRA: one rank-r update on each nn.Linear and packed q/k/v in_proj_weight of the image tower (not the
+    paper's q/v pair); A Kaiming-uniform (seeded), B = 0; r = 16, α = 2r; lr LORA_LR_FACTOR × FT's. final.pt
+    holds the merged W0 + (α/r)BA under the usual keys: WiSE-FT scales the update (METHODS.md, "LoRA").
 
 Run:  python baselines.py --method ft        (miniworld + miniclip, CPU, minutes)
       python baselines.py --method lp && python baselines.py --method lpft
@@ -291,9 +289,8 @@ class LowRank(nn.Module):
 
 
 def lora(model, args, task) -> Recipe:
-    """LoRA: FT's loss; every nn.Linear weight and packed nn.MultiheadAttention q/k/v weight of the image
-    tower moves only by (α/r)·B·A (A seeded, B = 0); A, B and the head train. Its merge folds each update
-    into its weight under the weight's own key (final.pt: no LoRA keys)."""
+    """LoRA: FT's loss; each nn.Linear and packed nn.MultiheadAttention q/k/v weight of the image tower moves
+    by (α/r)·B·A only; A, B and the head train. Its merge folds B·A into each weight's own key (final.pt)."""
     set_trainable(model, image=False, head=True)
     tower = model.clip.visual
     targets = [(m, "weight") if isinstance(m, nn.Linear) else (m, "in_proj_weight") for m in tower.modules()
