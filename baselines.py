@@ -14,6 +14,8 @@
   flyp      FLYP (Goyal et al. 2023, "Finetune like you pretrain"): no CE head; CLIP's own contrastive loss
             between each image and its class prompt, both towers + s train; the head is rebuilt from
             the fine-tuned text tower for evaluation.
+  lora      LoRA (Hu et al. 2022): FT's loss, but each image-tower projection W0 only moves by a low-rank
+            update (α/r)·B·A; A, B and the head train, everything else is frozen.
 
       L_FT(θ, W)  = CE(s · n(f_θ(x)) Wᵀ, y)                       (lp, lpft, scratch, ema: same loss)
       L_L2SP      = L_FT + λ/2 · ‖θ − θ0‖²                         (θ = image tower, head excluded)
@@ -22,6 +24,7 @@
       L_FLYP      = ½ [CE(S, I) + CE(Sᵀ, I)],  S_ij = s · n(f_θ(x_i)) · n(g_φ(prompt(y_j)))
                     (SigLIP: −(1/B) Σ_ij log σ(y_ij (S_ij + b)), y_ij = ±1, its pretraining loss)
       EMA         θ_ema ← m · θ_ema + (1 − m) · θ after every step, θ_ema = θ0 at the start
+      LoRA        W = W0 + (α/r) · B A,  A [r, in], B [out, r] = 0 at the start   (loss L_FT; W0 frozen)
 
 Choices where the papers are silent:
   * LP optimiser: AdamW in the same loop (augmentation, schedule, checkpoints) as FT, head only, lr
@@ -53,9 +56,13 @@ Choices where the papers are silent:
   * λ values: our copy of the Lipsum-FT paper lacks its swept numbers. Ours are untuned starting
     points (KD, FeatKD λ = 1; L2SP λ = 0.1); sweep them on the held-out slice (`heldout`), never a test
     split, before reading much into a baseline's row.
+  * LoRA: one rank-r update on each nn.Linear and packed q/k/v in_proj_weight of the image tower (not the
+    paper's q/v pair); A Kaiming-uniform (seeded), B = 0; r = 16, α = 2r; lr LORA_LR_FACTOR × FT's. final.pt
+    holds the merged W0 + (α/r)BA under the usual keys: WiSE-FT scales the update (METHODS.md, "LoRA").
 
 Run:  python baselines.py --method ft        (miniworld + miniclip, CPU, minutes)
       python baselines.py --method lp && python baselines.py --method lpft
+      python baselines.py --method lora --lora-rank 8 --lora-alpha 16
       python baselines.py --method ft --data imagenet --data-root DIR --model ViT-B-16 --pretrained openai
 """
 import argparse
@@ -66,6 +73,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
 from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, cosine_logits, data_tag, encode_text,
                     finish, frozen_copy, parse_args, pretraining_loss, set_trainable, setup, train)
@@ -74,17 +83,20 @@ EMA_WINDOW = 0.2  # EMA averaging window 1/(1 − m) as a fraction of the run
 FLYP_TEMPLATE = "a photo of a {}."  # the one training prompt of --flyp-prompt single
 FLYP_DUPLICATES = "masked"  # same-class prompts in a batch: "masked" from the negatives | "negative" (FLYP's code)
 LP_LR_FACTOR = 10.0  # LP's lr relative to FT's (a linear head tolerates, and needs, larger steps)
+LORA_LR_FACTOR = 10.0  # LoRA's lr relative to FT's (the low-rank update starts at B = 0 and needs larger steps)
 
 
 @dataclass
 class Args(TrainArgs):
-    method: str = "ft"  # zeroshot | lp | ft | lpft | scratch | ema | l2sp | kd | featkd | flyp
+    method: str = "ft"  # zeroshot | lp | ft | lpft | scratch | ema | l2sp | kd | featkd | flyp | lora
     l2sp_lambda: float = 0.1  # l2sp: λ, weight of ½‖θ − θ0‖² (summed over every image-tower parameter)
     kd_lambda: float = 1.0  # kd: λ, weight of τ²·KL(softmax(z0/τ) ‖ softmax(z/τ))
     kd_tau: float = 1.0  # kd: temperature τ on top of the model's own scale s
     featkd_lambda: float = 1.0  # featkd: λ, weight of ‖f_θ(x) − f_θ0(x)‖²
     ema_decay: float = -1.0  # ema: m in θ_ema ← m·θ_ema + (1−m)·θ; -1 = 1 − 1/(EMA_WINDOW·steps)
     lp_run: str = ""  # lpft: the LP run whose head starts FT (default runs/lp-<data>-<model>-s<seed>)
+    lora_rank: int = 16  # lora: r, the rank of each update B·A
+    lora_alpha: float = 32.0  # lora: α; the update B·A is scaled by α/r
     flyp_prompt: str = "random"  # flyp: random (a random template of the task's per image per step, FLYP's data) | single (FLYP_TEMPLATE)
 
 
@@ -93,6 +105,7 @@ class Args(TrainArgs):
 PRESETS = {
     "lp": {data: dict(lr=LP_LR_FACTOR * recipe["lr"], weight_decay=0.0) for data, recipe in FT_RECIPES.items()},
     "flyp": {"imagenet": dict(batch_size=512, steps=25_000)},
+    "lora": {data: dict(lr=LORA_LR_FACTOR * recipe["lr"]) for data, recipe in FT_RECIPES.items()},
 }
 
 
@@ -147,6 +160,7 @@ class Recipe:
     tag: str = ""  # the results rows' tag: the method's own knob values
     ema_decay: Optional[float] = None  # evaluate the EMA of the weights with this decay (common.train keeps it)
     head_from_text: bool = False  # evaluate with the head rebuilt from the fine-tuned text tower
+    merge: Optional[Callable] = None  # folds the method's extra weights into the usual keys before final.pt (LoRA)
 
 
 def classifier_ce(model, batch, step):
@@ -260,8 +274,47 @@ def flyp(model, args, task) -> Recipe:
     return Recipe(ContrastiveLoss(embed, loss), tag="" if args.flyp_prompt == "random" else "prompt=single", head_from_text=True)
 
 
+class LowRank(nn.Module):
+    """The parametrization W0 ↦ W0 + (α/r)·B·A of one weight W0 [out, in]: A [r, in], B [out, r] = 0."""
+
+    def __init__(self, w0: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        a = nn.init.kaiming_uniform_(torch.empty(rank, w0.shape[1], dtype=w0.dtype), a=5 ** 0.5, generator=generator)
+        self.A = nn.Parameter(a.to(w0.device))  # [r, in]: nn.Linear's init, as LoRA's code
+        self.B = nn.Parameter(w0.new_zeros(w0.shape[0], rank))  # [out, r]
+        self.scaling = alpha / rank
+
+    def forward(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0 + self.scaling * (self.B @ self.A)  # [out, in]: W = W0 + (α/r)·B·A
+
+
+def lora(model, args, task) -> Recipe:
+    """LoRA: FT's loss; each nn.Linear and packed nn.MultiheadAttention q/k/v weight of the image tower moves
+    by (α/r)·B·A only; A, B and the head train. Its merge folds B·A into each weight's own key (final.pt)."""
+    set_trainable(model, image=False, head=True)
+    tower = model.clip.visual
+    targets = [(m, "weight") if isinstance(m, nn.Linear) else (m, "in_proj_weight") for m in tower.modules()
+               if isinstance(m, nn.Linear) or (isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)]
+    if not targets:
+        raise SystemExit(f"error: --method lora: the image tower ({type(tower).__name__}) has no nn.Linear or "
+                         "nn.MultiheadAttention weight to put a low-rank update on")
+    smallest = min(min(getattr(m, name).shape) for m, name in targets)
+    if not 1 <= args.lora_rank <= smallest:
+        raise SystemExit(f"error: --lora-rank {args.lora_rank}: choose 1 to {smallest} (the smallest targeted weight's side)")
+    g = torch.Generator().manual_seed(args.seed)
+    for m, name in targets:
+        parametrize.register_parametrization(m, name, LowRank(getattr(m, name), args.lora_rank, args.lora_alpha, g))
+
+    def merge():
+        for m, name in targets:
+            if parametrize.is_parametrized(m, name):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+
+    return Recipe(classifier_ce, tag=f"r={args.lora_rank} alpha={args.lora_alpha:g}", merge=merge)
+
+
 METHODS = {"zeroshot": None, "lp": lp, "ft": ft, "lpft": lpft, "scratch": scratch, "ema": ema, "l2sp": l2sp,
-           "kd": kd, "featkd": featkd, "flyp": flyp}
+           "kd": kd, "featkd": featkd, "flyp": flyp, "lora": lora}
 
 
 def lp_head(args, task) -> torch.Tensor:
@@ -300,7 +353,11 @@ def main(argv=None):
     if args.method == "zeroshot":
         return finish(env, args)
     recipe = METHODS[args.method](env.model, args, env.task)
+    if recipe.merge and args.resume and (env.run / "final.pt").is_file():
+        recipe.merge()  # a trained run's final.pt holds merged weights: it loads into the merged model
     trained = train(env, recipe.loss_fn, args, ema_decay=recipe.ema_decay, head_from_text=recipe.head_from_text)
+    if recipe.merge:
+        recipe.merge()
     return finish(env, args, trained, tag=recipe.tag)
 
 

@@ -59,7 +59,7 @@ import lipsum_ft  # noqa: E402
 from retrieval import write_section  # noqa: E402
 
 # method: issue #10's target ratio to FT
-TARGETS = {"ft": 1.0, "lp": None, "ema": 1.05, "l2sp": 1.1, "kd": 1.2, "featkd": 1.2, "flyp": None,
+TARGETS = {"ft": 1.0, "lp": None, "ema": 1.05, "l2sp": 1.1, "kd": 1.2, "featkd": 1.2, "flyp": None, "lora": None,
            "car_ft": 1.2, "lipsum_ft": 1.25, "arf": 2.0}
 TEACHER = ("kd", "featkd", "car_ft", "lipsum_ft")  # methods that run the frozen θ0 image tower every step
 

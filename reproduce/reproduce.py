@@ -44,6 +44,7 @@ METHODS = [
     ("featkd", "baselines", ["--method", "featkd"]),
     ("flyp", "baselines", ["--method", "flyp"]),
     ("flyp-single", "baselines", ["--method", "flyp", "--flyp-prompt", "single"]),  # FLYP with one prompt, not a random template
+    ("lora", "baselines", ["--method", "lora"]),  # low-rank updates of the image tower, merged into final.pt
     ("car_ft", "car_ft", []),
     ("lipsum_ft", "lipsum_ft", []),
     ("arf", "arf", []),

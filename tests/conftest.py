@@ -204,7 +204,7 @@ def close(a: dict, b: dict, atol=1e-5) -> list:
 
 # The method matrix: every method under 1 process, --grad-accum 2 and torchrun x2 (tests/test_scale.py
 # for the ViT, tests/test_families.py for the other model families)
-METHODS = ["lp", "ft", "lpft", "scratch", "ema", "l2sp", "kd", "featkd", "flyp", "lipsum_ft", "car_ft", "arf"]
+METHODS = ["lp", "ft", "lpft", "scratch", "ema", "l2sp", "kd", "featkd", "flyp", "lora", "lipsum_ft", "car_ft", "arf"]
 CONFIGS = {"one": [], "accum2": ["--grad-accum", "2"], "torchrun2": None}  # None: torchrun --nproc_per_node 2
 DRIVER = """
 import json, runpy, sys

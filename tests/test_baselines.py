@@ -182,6 +182,102 @@ def test_flyp_pairs_each_image_with_its_template_or_the_single_prompt(tiny):
         wiring("flyp", model, task, flyp_prompt="all")
 
 
+VIT_TARGETS = ["attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+
+
+def lora_update(model) -> dict:
+    """{name of a targeted weight in the state dict: (α/r)·B·A} of a model with LoRA on its image tower."""
+    return {f"clip.visual.{n.replace('.parametrizations', '').removesuffix('.original')}": p.scaling * (p.B @ p.A)
+            for n, p in ((n.rsplit(".", 1)[0], m) for n, m in model.clip.visual.named_modules()
+                         if isinstance(m, baselines.LowRank))}
+
+
+def test_lora_starts_at_theta0_trains_only_a_b_and_head_and_its_update_is_low_rank(tiny):
+    model, task, batch = tiny
+    keys0 = list(model.state_dict())
+    before = model(batch["image"])
+    recipe = wiring("lora", model, task, lora_rank=2, lora_alpha=3.0)
+    assert torch.equal(model(batch["image"]), before)  # B = 0: step 0 is FT's θ0, bit for bit
+    assert {f"clip.visual.transformer.resblocks.0.{t}" for t in VIT_TARGETS} == set(lora_update(model))  # the tiny ViT's 1 block
+    lowrank = [m for m in model.modules() if isinstance(m, baselines.LowRank)]
+    assert all(m.A.shape[0] == 2 and m.B.shape[1] == 2 and m.scaling == 1.5 for m in lowrank)
+    assert all(not torch.equal(m.A, torch.zeros_like(m.A)) and torch.equal(m.B, torch.zeros_like(m.B)) for m in lowrank)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["head", *[n for n, _ in model.named_parameters() if n.endswith((".A", ".B"))]]
+    assert len(trainable) == 1 + 2 * 4
+    recipe.loss_fn(model, batch, 0)[0].backward()  # at B = 0 only B (and the head) get a non-zero gradient
+    assert model.head.grad.abs().sum() > 0 and all(m.B.grad.abs().sum() > 0 and m.A.grad.abs().sum() == 0 for m in lowrank)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    with torch.no_grad():
+        for m in lowrank:
+            m.B.normal_()
+    for m in lowrank:
+        m.A.grad = m.B.grad = None
+    recipe.loss_fn(model, batch, 0)[0].backward()  # once B moved, A learns too
+    assert all(m.A.grad.abs().sum() > 0 for m in lowrank)
+    theta0 = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".original")}
+    update = {k: v.detach().clone() for k, v in lora_update(model).items()}
+    assert all(torch.linalg.matrix_rank(u).item() == 2 for u in update.values())  # rank r, not full
+    recipe.merge()  # final.pt: merged weights under FT's keys
+    state = model.state_dict()
+    assert set(state) == set(keys0) and not [m for m in model.modules() if isinstance(m, baselines.LowRank)]
+    for k, u in update.items():
+        w0 = theta0[k.replace(k.rsplit(".", 1)[1], "parametrizations." + k.rsplit(".", 1)[1] + ".original")]
+        assert torch.equal(state[k], w0 + u), k
+
+
+def test_lora_rank_alpha_are_args_and_a_bad_rank_stops_with_a_message(tiny):
+    assert (baselines.Args.lora_rank, baselines.Args.lora_alpha) == (16, 32.0)
+    assert baselines.parse(["--method", "lora"]).lr == baselines.LORA_LR_FACTOR * common.FT_RECIPES["miniworld"]["lr"]
+    model, task, _ = tiny
+    with pytest.raises(SystemExit, match="--lora-rank 33: choose 1 to 32"):
+        wiring("lora", model, task, lora_rank=33)
+
+
+def test_wise_of_a_lora_run_scales_its_low_rank_update(tiny):
+    """WiSE-FT at α' between θ0 and a LoRA run's merged weights = θ0 + α'·(α/r)·B·A on the targets."""
+    import merge
+
+    model, task, _ = tiny
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = wiring("lora", model, task, lora_rank=3, lora_alpha=6.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, baselines.LowRank):
+                m.B.normal_()
+        model.head.add_(1.0)
+    update = {k: v.detach().clone() for k, v in lora_update(model).items()}
+    recipe.merge()
+    half = merge.wise(state0, model.state_dict(), 0.5)
+    assert len(update) == 4
+    for k, v in half.items():
+        if k in update:
+            assert torch.allclose(v, state0[k] + 0.5 * update[k], atol=1e-6), k
+        elif k == "head":
+            assert torch.allclose(v, state0[k] + 0.5, atol=1e-6)
+        else:
+            assert torch.equal(v, state0[k]), k  # every other tensor stays θ0
+
+
+def test_lora_resumes_from_a_mid_run_checkpoint_and_evaluates_a_trained_final_pt(tmp_path, folder_data, tiny_model):
+    micro = ["--method", "lora", "--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4",
+             "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "2", "--workers", "0", "--threads", "1"]
+    run_script([str(REPO / "baselines.py"), *micro, "--out", "runs/a"], cwd=tmp_path)
+    run_script([str(REPO / "baselines.py"), *micro, "--out", "runs/b", "--keep-checkpoints"], cwd=tmp_path)
+    b = tmp_path / "runs" / "b"
+    assert any(".A" in k for k in torch.load(b / "ckpt" / "step_2.pt", weights_only=False)["model"])  # A, B resumable
+    (b / "final.pt").unlink()
+    (b / "results.jsonl").unlink()
+    (b / "ckpt" / "step_4.pt").unlink(missing_ok=True)
+    run_script([str(REPO / "baselines.py"), *micro, "--out", "runs/b", "--resume"], cwd=tmp_path)  # from step 2
+    a = torch.load(tmp_path / "runs" / "a" / "final.pt", weights_only=False)["model"]
+    assert set(a) == set(torch.load(b / "final.pt", weights_only=False)["model"])
+    assert all(torch.equal(v, torch.load(b / "final.pt", weights_only=False)["model"][k]) for k, v in a.items())
+    (b / "results.jsonl").unlink()  # trained, rows lost: --resume evaluates final.pt's merged weights
+    proc = run_script([str(REPO / "baselines.py"), *micro, "--out", "runs/b", "--resume"], cwd=tmp_path)
+    assert "holds the trained weights" in proc.stdout and (b / "results.jsonl").is_file()
+
+
 def test_lpft_without_an_lp_run_says_what_to_run(tiny, tmp_path):
     model, task, _ = tiny
     with pytest.raises(SystemExit, match="--method lp"):
@@ -240,6 +336,10 @@ def test_every_method_end_to_end(tmp_path, folder_data, tiny_model):
     assert not list((runs / "ft" / "ckpt").glob("step_*.pt"))  # a finished run keeps final.pt, not its step checkpoints
     live = torch.load(runs / "ema" / "ckpt" / "step_2.pt", weights_only=False)["model"]  # kept: --keep-checkpoints
     assert not torch.equal(live["clip.visual.conv1.weight"], theta0["clip.visual.conv1.weight"])
+    # LoRA: final.pt holds the merged weights under FT's keys; only the targeted projections and the head moved.
+    assert set(final["lora"]) == set(final["ft"])
+    assert {k for k, v in final["lora"].items() if not torch.equal(v, theta0[k])} == {
+        "head", *(f"clip.visual.transformer.resblocks.0.{t}" for t in VIT_TARGETS)}
     # FLYP: the text tower trained and the saved head is the zero-shot head of that text tower.
     assert not torch.equal(final["flyp"]["clip.token_embedding.weight"], theta0["clip.token_embedding.weight"])
     model, _, _ = common.load_classifier(runs / "flyp")

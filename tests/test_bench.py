@@ -11,7 +11,7 @@ def test_step_time_micro_table_has_every_method_and_the_floors(tmp_path, tiny_mo
     import step_time
 
     monkeypatch.chdir(tmp_path)
-    methods = "ft,lp,ema,l2sp,kd,featkd,flyp,car_ft,lipsum_ft,arf"  # ARF reads --fake-data's captions and pool
+    methods = "ft,lp,ema,l2sp,kd,featkd,flyp,lora,car_ft,lipsum_ft,arf"  # ARF reads --fake-data's captions and pool
     step_time.main(["--fake-data", "32", "--model", tiny_model, "--batch-size", "4", "--rounds", "2", "--steps", "1",
                     "--methods", methods, "--no-write"])
     out = capsys.readouterr().out

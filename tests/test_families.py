@@ -90,7 +90,7 @@ def test_a_random_layer_that_cannot_be_keyed_stops_at_once_naming_it(tmp_path, f
     assert not (tmp_path / "runs" / "pd" / "log.jsonl").exists() or not (tmp_path / "runs" / "pd" / "log.jsonl").read_text()
 
 
-@pytest.mark.parametrize("method", ["ft", "flyp"])  # the image tower; both towers
+@pytest.mark.parametrize("method", ["ft", "flyp", "lora"])  # the image tower; both towers; low-rank updates
 def test_grad_checkpointing_gives_the_same_weights(tmp_path, folder_data, tiny_model, method):
     run_script(micro(folder_data, tiny_model, "runs/plain", "--method", method), cwd=tmp_path)
     run_script(micro(folder_data, tiny_model, "runs/ckpt", "--method", method, "--grad-checkpointing"), cwd=tmp_path)
