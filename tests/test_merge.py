@@ -14,7 +14,7 @@ import baselines
 import common
 import merge
 from common import evaluate_split, load_task
-from conftest import COLOURS, write_images
+from conftest import COLOURS, stable_seed, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def module_runs(tmp_path_factory, tiny_model):
     data = base / "folder"
     for split, n in (("train", 12), ("test", 4), ("sketch", 4)):
         for k, name in enumerate(["cat", "dog", "red_fox", "owl"]):
-            write_images(data / split / name, n, seed=hash((split, k)) % 2**32, colour=COLOURS[k])
+            write_images(data / split / name, n, seed=stable_seed(split, k), colour=COLOURS[k])
     runs = base / "runs"
     micro = ["--data", "folder", "--data-root", str(data), "--model", tiny_model, "--batch-size", "8", "--workers", "0"]
     baselines.main(["--method", "zeroshot", *micro, "--out", str(runs / "zs-s0")])
