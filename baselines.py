@@ -42,7 +42,7 @@ Choices where the papers are silent:
     out of the sigmoid loss's sum on SigLIP); with no duplicates the loss is exactly CLIP's (SigLIP's).
     FLYP's code keeps them as negatives (set FLYP_DUPLICATES to "negative"). Prompts: FLYP's data has
     one row per (image, template) over all of the dataset's templates, so an epoch pairs each image with
-    a random template; here image i at step t gets template `flyp_template_ids(seed, t, i)` of the task's set (a pure function: the same in every
+    a random template; here image i at step t gets template `common.template_ids(seed, t, i)` of the task's set (a pure function: the same in every
     process, micro-batch and resumed run). `--flyp-prompt single` is the ablation with one prompt,
     FLYP_TEMPLATE, for every image. Evaluation uses the head rebuilt from the fine-tuned text tower with
     the task's full template set. The logit scale (and a SigLIP's logit bias) trains; the scale is
@@ -70,14 +70,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, cosine_logits, data_tag, encode_text,
-                    finish, frozen_copy, parse_args, pretraining_loss, set_trainable, setup, train)
+from common import (FT_RECIPES, ContrastiveLoss, TrainArgs, as_template_fns, class_prompts, cosine_logits, data_tag,
+                    encode_text, finish, frozen_copy, parse_args, pretraining_loss, set_trainable, setup, template_ids, train)
 
 EMA_WINDOW = 0.2  # EMA averaging window 1/(1 − m) as a fraction of the run
 FLYP_TEMPLATE = "a photo of a {}."  # the one training prompt of --flyp-prompt single
@@ -240,12 +239,6 @@ def featkd(model, args, task) -> Recipe:
     return Recipe(loss_fn, tag=f"lambda={args.featkd_lambda:g}")
 
 
-def flyp_template_ids(seed: int, step: int, index: torch.Tensor, n_templates: int) -> torch.Tensor:
-    """The template of each training image (`index` into the training split, [B]) at this step: a pure
-    function of (seed, step, image), so every process and micro-batch agrees, and a resumed run too."""
-    return torch.tensor([np.random.default_rng((seed, step, i)).integers(n_templates) for i in index.tolist()])  # [B]
-
-
 def flyp(model, args, task) -> Recipe:
     """FLYP: no CE head; CLIP's contrastive loss between each image and a prompt of its class (a random
     template per image per step, or FLYP_TEMPLATE), both towers and s train, and the head is rebuilt
@@ -258,14 +251,10 @@ def flyp(model, args, task) -> Recipe:
 
     def embed(m, batch, step):  # a micro-batch's rows; the loss is over the global batch (common.ContrastiveLoss)
         host = batch["host"]  # label, index on the CPU: the prompts are chosen without waiting for the device
-        template = flyp_template_ids(args.seed, step, host["index"], len(templates))  # [B]
-        pairs, inverse = torch.stack([host["label"], template], 1).unique(dim=0, return_inverse=True)
-        pairs = [tuple(p) for p in pairs.tolist()]  # each (class, template) of the batch once
-        new = [p for p in pairs if p not in tokens]
-        if new:
-            tokens.update(zip(new, m.tokenizer([templates[t](task.classnames[c]) for c, t in new])))
-        device = batch["image"].device
-        text = encode_text(m.clip, torch.stack([tokens[p] for p in pairs]).to(device))[inverse.to(device)]  # [B, D]
+        template = template_ids(args.seed, step, host["index"], len(templates))  # [B]
+        prompts, inverse = class_prompts(m.tokenizer, task.classnames, templates, tokens, host["label"], template,
+                                         batch["image"].device)  # [P, L], [B]
+        text = encode_text(m.clip, prompts)[inverse]  # [B, D]
         return {"image": m.image_features(batch["image"]), "text": text, "label": batch["label"]}
 
     def loss(rows, scale, bias):

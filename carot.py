@@ -50,12 +50,11 @@ Run:  python carot.py                                    (miniworld + miniclip, 
 """
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (ContrastiveLoss, TrainArgs, as_template_fns, encode_text, finish, frozen_copy, once_per_step, parse_args,
-                    pretraining_loss, set_trainable, setup, train)
+from common import (ContrastiveLoss, TrainArgs, as_template_fns, class_prompts, encode_text, finish, frozen_copy,
+                    once_per_step, parse_args, pretraining_loss, set_trainable, setup, template_ids, train)
 
 PROJECTIONS = ("head.proj", "attnpool.c_proj")  # Linear image-tower projections used when there is no visual.proj
 
@@ -141,12 +140,6 @@ def teacher_momentum(step: int, args) -> float:
     return m if step >= warm else m0 + (m - m0) * step / warm
 
 
-def template_ids(seed: int, step: int, index: torch.Tensor, n_templates: int) -> torch.Tensor:
-    """The template of each training image (`index` [B]) at this step, a pure function of (seed, step,
-    image): the same in every process, micro-batch and resumed run (FLYP's rule in baselines.py)."""
-    return torch.tensor([np.random.default_rng((seed, step, i)).integers(n_templates) for i in index.tolist()])  # [B]
-
-
 def make_loss(model, teacher, task, args) -> ContrastiveLoss:
     """The student's and teacher's rows of a micro-batch, and the CaRot loss on the global batch's."""
     templates = as_template_fns(task.templates)
@@ -154,14 +147,9 @@ def make_loss(model, teacher, task, args) -> ContrastiveLoss:
 
     def embed(m, batch, step):
         host = batch["host"]  # label, index on the CPU
-        template = template_ids(args.seed, step, host["index"], len(templates))  # [B]
-        pairs, inverse = torch.stack([host["label"], template], 1).unique(dim=0, return_inverse=True)
-        pairs = [tuple(p) for p in pairs.tolist()]  # each (class, template) of the batch once
-        new = [p for p in pairs if p not in tokens]
-        if new:
-            tokens.update(zip(new, m.tokenizer([templates[t](task.classnames[c]) for c, t in new])))
-        device = batch["image"].device
-        prompts, inverse = torch.stack([tokens[p] for p in pairs]).to(device), inverse.to(device)  # [P, L], [B]
+        template = template_ids(args.seed, step, host["index"], len(templates))  # [B]: FLYP's rule
+        prompts, inverse = class_prompts(m.tokenizer, task.classnames, templates, tokens, host["label"], template,
+                                         batch["image"].device)  # [P, L], [B]
         with torch.no_grad():
             image_t, text_t = teacher.image_features(batch["image"]), encode_text(teacher.clip, prompts)[inverse]  # [B, D] x2
         return {"image": m.image_features(batch["image"]), "text": encode_text(m.clip, prompts)[inverse],  # [B, D] x2

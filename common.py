@@ -834,6 +834,26 @@ def encode_text(clip, tokens: torch.Tensor) -> torch.Tensor:
     return out["text_features"] if isinstance(out, dict) else out[1]  # [N, D]
 
 
+def template_ids(seed: int, step: int, index: torch.Tensor, n_templates: int) -> torch.Tensor:
+    """The template of each training image (`index` into the training split, [B]) at this step (FLYP's
+    random prompt per image per step): a pure function of (seed, step, image), so every process and
+    micro-batch agrees, and a resumed run too."""
+    return torch.tensor([np.random.default_rng((seed, step, i)).integers(n_templates) for i in index.tolist()])  # [B]
+
+
+def class_prompts(tokenizer, classnames, templates, tokens: dict, labels, templates_of, device) -> tuple:
+    """The prompts of a batch whose image i is of class labels[i] with template templates_of[i] ([B] each,
+    on the CPU: chosen without waiting for the device): (the token ids of each distinct (class, template)
+    pair once [P, L], each image's pair [B]), both on `device`. `tokens` caches every pair's token ids,
+    so a prompt is tokenized once per run."""
+    pairs, inverse = torch.stack([labels, templates_of], 1).unique(dim=0, return_inverse=True)
+    pairs = [tuple(p) for p in pairs.tolist()]  # each (class, template) of the batch once
+    new = [p for p in pairs if p not in tokens]
+    if new:
+        tokens.update(zip(new, tokenizer([templates[t](classnames[c]) for c, t in new])))
+    return torch.stack([tokens[p] for p in pairs]).to(device), inverse.to(device)  # [P, L], [B]
+
+
 @torch.no_grad()
 def template_embeddings(clip, tokenizer, classnames, templates, device=None, batch_size: int = 2048) -> torch.Tensor:
     """Per-prompt text embeddings n(g(template_t(class_k))) as [K, T, D]; CAR-FT's context head

@@ -263,3 +263,22 @@ def train_matrix(base: Path, model: str, port: int, methods=METHODS, configs=CON
         out[config] = {m: torch.load(runs / m / "final.pt", weights_only=False)["model"]
                        for m in ["zeroshot", *methods] if (runs / m / "final.pt").is_file()}
     return out, jobs
+
+
+def kill_at_step(module, monkeypatch, step: int):
+    """Ctrl-C in a method file's training: its `train` gets a ContrastiveLoss whose embed raises
+    KeyboardInterrupt at `step` (the steps before it done, their checkpoints written). Returns the real
+    `train`, to put back for the resume."""
+    import common
+
+    real_train = module.train
+
+    def train(env, loss_fn, args, **kw):
+        def killed(model, batch, s):
+            if s == step:
+                raise KeyboardInterrupt
+            return loss_fn.embed(model, batch, s)
+        return real_train(env, common.ContrastiveLoss(killed, loss_fn.loss), args, **kw)
+
+    monkeypatch.setattr(module, "train", train)
+    return real_train

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import arf
 import common
 from common import FileImages, load_classifier, zeroshot_head
-from conftest import REPO, make_pool, run_script, write_images
+from conftest import REPO, kill_at_step, make_pool, run_script, write_images
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 
@@ -160,16 +160,7 @@ def test_resume_continues_the_anchor_stream(tmp_path, tiny_model, folder_data, m
             "--ret-batch-size", "4", "--eval-every", "0", "--ckpt-every", "2", "--captioner", "dataset", "--captions",
             str(root / "caps.tsv"), "--pool", str(pool), "--retrieve-k", "2", "--cache", str(tmp_path / "cache")]
     arf.main(base + ["--out", str(tmp_path / "straight")])
-    real_train = arf.train
-
-    def killed_at_step_3(env, loss_fn, args, **kw):
-        def killed(model, batch, step):
-            if step == 3:  # 3 steps done, the newest checkpoint is step 2's
-                raise KeyboardInterrupt
-            return loss_fn.embed(model, batch, step)
-        return real_train(env, common.ContrastiveLoss(killed, loss_fn.loss), args, **kw)
-
-    monkeypatch.setattr(arf, "train", killed_at_step_3)
+    real_train = kill_at_step(arf, monkeypatch, 3)  # 3 steps done, the newest checkpoint is step 2's
     with pytest.raises(SystemExit, match="interrupted. Last checkpoint: .*step_2.pt"):  # Ctrl-C's message
         arf.main(base + ["--out", str(tmp_path / "resumed")])
     monkeypatch.setattr(arf, "train", real_train)

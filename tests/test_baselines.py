@@ -153,12 +153,12 @@ def test_flyp_trains_both_towers_and_scale_not_head(tiny):
 
 def test_flyp_template_is_a_pure_function_of_seed_step_and_image():
     index = torch.arange(64)
-    ids = baselines.flyp_template_ids(0, 5, index, 14)  # [64]
-    assert torch.equal(ids, baselines.flyp_template_ids(0, 5, index, 14))  # recomputed: same (processes, resume)
-    assert torch.equal(ids[10:20], baselines.flyp_template_ids(0, 5, index[10:20], 14))  # per image, not per batch
+    ids = common.template_ids(0, 5, index, 14)  # [64]
+    assert torch.equal(ids, common.template_ids(0, 5, index, 14))  # recomputed: same (processes, resume)
+    assert torch.equal(ids[10:20], common.template_ids(0, 5, index[10:20], 14))  # per image, not per batch
     assert ids.min() >= 0 and ids.max() < 14 and len(set(ids.tolist())) > 5  # images get different templates
-    assert not torch.equal(ids, baselines.flyp_template_ids(0, 6, index, 14))  # ... that change between steps
-    assert not torch.equal(ids, baselines.flyp_template_ids(1, 5, index, 14))  # ... and seeds
+    assert not torch.equal(ids, common.template_ids(0, 6, index, 14))  # ... that change between steps
+    assert not torch.equal(ids, common.template_ids(1, 5, index, 14))  # ... and seeds
 
 
 def test_flyp_pairs_each_image_with_its_template_or_the_single_prompt(tiny):
@@ -170,13 +170,13 @@ def test_flyp_pairs_each_image_with_its_template_or_the_single_prompt(tiny):
         recipe = wiring("flyp", model, task, flyp_prompt=prompt, seed=2)
         rows = recipe.loss_fn.embed(model, batch, 7)
         if prompt == "random":
-            chosen = baselines.flyp_template_ids(2, 7, batch["index"], len(task.templates))
+            chosen = common.template_ids(2, 7, batch["index"], len(task.templates))
             texts = [task.templates[t].format(task.classnames[c]) for c, t in zip(batch["label"].tolist(), chosen.tolist())]
         else:  # the one prompt of the ablation
             texts = [baselines.FLYP_TEMPLATE.format(task.classnames[c]) for c in batch["label"].tolist()]
         assert torch.allclose(rows["text"], encode(texts), atol=1e-6), prompt
         assert recipe.tag == ("" if prompt == "random" else "prompt=single")
-    different = [baselines.flyp_template_ids(2, s, batch["index"], 2) for s in range(8)]
+    different = [common.template_ids(2, s, batch["index"], 2) for s in range(8)]
     assert len({tuple(d.tolist()) for d in different}) > 1  # the texts move between steps
     with pytest.raises(SystemExit, match="--flyp-prompt"):
         wiring("flyp", model, task, flyp_prompt="all")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import baselines
 import carot
 import common
-from conftest import REPO, assert_script_trains_on_folders, randn, run_script
+from conftest import REPO, assert_script_trains_on_folders, kill_at_step, randn, run_script
 
 
 def test_orthogonality_is_zero_at_an_orthogonal_projection_and_its_closed_form_otherwise():
@@ -97,16 +97,7 @@ def test_resume_continues_the_teacher(tmp_path, tiny_model, folder_data, monkeyp
     base = ["--data", "folder", "--data-root", folder_data, "--model", tiny_model, "--steps", "4", "--batch-size", "8",
             "--eval-every", "0", "--ckpt-every", "2", "--ema-momentum", "0.5", "--lam-sd", "10", "--lr", "1e-3"]  # ψ updated every step
     carot.main(base + ["--out", str(tmp_path / "straight")])
-    real_train = carot.train
-
-    def killed_at_step_3(env, loss_fn, args, **kw):
-        def killed(model, batch, step):
-            if step == 3:  # 3 steps done, the newest checkpoint is step 2's
-                raise KeyboardInterrupt
-            return loss_fn.embed(model, batch, step)
-        return real_train(env, common.ContrastiveLoss(killed, loss_fn.loss), args, **kw)
-
-    monkeypatch.setattr(carot, "train", killed_at_step_3)
+    real_train = kill_at_step(carot, monkeypatch, 3)  # 3 steps done, the newest checkpoint is step 2's
     with pytest.raises(SystemExit, match="interrupted. Last checkpoint: .*step_2.pt"):
         carot.main(base + ["--out", str(tmp_path / "resumed")])
     assert torch.load(tmp_path / "resumed" / "ckpt" / "step_2.pt", weights_only=False)["ema"] is not None  # ψ saved
