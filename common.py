@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import hashlib
 import inspect
@@ -1577,6 +1578,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+EXIT_WAIT_S = 30  # at exit, how long a gloo process waits for the others before tearing its group down
 PEERS_LOST = []  # set once a run has lost a process: its process group must not be torn down politely
 
 
@@ -1585,6 +1587,9 @@ def close_distributed():
     that skipped this sometimes aborted at exit: "terminate called without an active exception"). Not
     after a lost process, where the group is broken and an NCCL teardown could wait on the dead peer."""
     if dist.is_initialized() and not PEERS_LOST:
+        if dist.get_backend() == "gloo":  # leave together: a rank whose peer is still mid-write aborted once at teardown
+            with contextlib.suppress(RuntimeError):  # a peer that stopped on its own error: leave after EXIT_WAIT_S anyway
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_WAIT_S), wait_all_ranks=True)
         dist.destroy_process_group()
 
 

@@ -187,7 +187,7 @@ def test_presets_hold_only_departures_from_the_ft_recipe():
     import lipsum_ft
 
     departures = {("baselines:lp", "lr"), ("baselines:lp", "weight_decay"), ("baselines:flyp", "batch_size"),
-                  ("baselines:flyp", "steps"), ("carot", "batch_size"), ("carot", "steps")}
+                  ("baselines:flyp", "steps"), ("carot", "batch_size"), ("carot", "steps"), ("baselines:lora", "lr")}
     presets = {"lipsum_ft": (lipsum_ft.Args, lipsum_ft.PRESETS), "car_ft": (car_ft.Args, car_ft.PRESETS),
                "arf": (arf.Args, arf.PRESETS), "carot": (carot.Args, carot.PRESETS)}
     presets.update({f"baselines:{m}": (baselines.Args, p) for m, p in baselines.PRESETS.items()})
