@@ -1578,7 +1578,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-EXIT_WAIT_S = 30  # at exit, how long a gloo process waits for the others before tearing its group down
+EXIT_WAIT_S = 10  # at exit, how long a gloo process waits for the others before tearing its group down
 PEERS_LOST = []  # set once a run has lost a process: its process group must not be torn down politely
 
 
