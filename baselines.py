@@ -30,9 +30,8 @@ Choices where the papers are silent:
   * LP optimiser: AdamW in the same loop (augmentation, schedule, checkpoints) as FT, head only, lr
     10× FT's and no weight decay (decoupled decay would shrink the head towards 0, not towards W);
     not L-BFGS on cached features, so LP is resumable and LP-FT's head saw FT's augmentation.
-  * LP-FT hand-off: `--method lp` first, then `--method lpft` loads the head from that run's final.pt
-    (`--lp-run`, default the LP run of the same data/model/seed); the image tower restarts from θ0,
-    with a fresh optimiser and FT's recipe.
+  * LP-FT hand-off: `--method lp`, then `--method lpft` loads that run's head (`--lp-run`, default the LP
+    run of the same data/model/seed); the image tower restarts from θ0 with FT's recipe.
   * EMA decay: m = 1 − 1/(EMA_WINDOW · steps), an averaging window of a fifth of the run, which is
     0.9999 at ImageNet's 50k steps and 0.999 at DomainNet's 5k (the usual 0.999–0.9999); constant m
     (no warm-up of m); only trainable weights are averaged (the frozen ones are equal anyway). The
@@ -41,21 +40,18 @@ Choices where the papers are silent:
     own prompt. We mask those pairs out of both softmaxes (common.clip_contrastive_loss's "masked" rule;
     out of the sigmoid loss's sum on SigLIP); with no duplicates the loss is exactly CLIP's (SigLIP's).
     FLYP's code keeps them as negatives (set FLYP_DUPLICATES to "negative"). Prompts: FLYP's data has
-    one row per (image, template) over all of the dataset's templates, so an epoch pairs each image with
-    a random template; here image i at step t gets template `common.template_ids(seed, t, i)` of the task's set (a pure function: the same in every
-    process, micro-batch and resumed run). `--flyp-prompt single` is the ablation with one prompt,
-    FLYP_TEMPLATE, for every image. Evaluation uses the head rebuilt from the fine-tuned text tower with
-    the task's full template set. The logit scale (and a SigLIP's logit bias) trains; the scale is
-    clamped to ≤ 100 after each step (common.train, as in open_clip's training). The loss is over the
-    global batch under torchrun and --grad-accum (common.ContrastiveLoss: features gathered with
-    gradient; open_clip's feature cache, one extra no-grad forward per micro-batch when accumulating).
+    one row per (image, template), so an epoch pairs each image with a random template; here image i at
+    step t gets template common.template_ids(seed, t, i) of the task's set (the same in every process,
+    micro-batch and resumed run). `--flyp-prompt single` is the ablation with FLYP_TEMPLATE for every
+    image. Evaluation uses the head rebuilt from the fine-tuned text tower with the task's templates. The
+    logit scale (and a SigLIP's logit bias) trains; the scale is clamped to ≤ 100 after each step. The
+    loss is over the global batch under torchrun and --grad-accum (common.ContrastiveLoss).
   * KD: τ² keeps λ's meaning across τ (Hinton); the teacher is θ0's image tower + W + θ0's scale.
     FeatKD: f unnormalised (incl. projection), squared distance summed over D, mean over the batch.
     L2SP: AdamW's weight decay of the FT recipe stays on. Teachers/anchors are frozen copies of θ0 and
     see the same augmented batch as the student.
-  * λ values: our copy of the Lipsum-FT paper lacks its swept numbers. Ours are untuned starting
-    points (KD, FeatKD λ = 1; L2SP λ = 0.1); sweep them on the held-out slice (`heldout`), never a test
-    split, before reading much into a baseline's row.
+  * λ values (our copy of the Lipsum-FT paper lacks its sweep): untuned starting points (KD, FeatKD 1;
+    L2SP 0.1); sweep them on the held-out slice, never a test split, before reading much into a row.
   * LoRA: one rank-r update on each nn.Linear and packed q/k/v in_proj_weight of the image tower (not the
     paper's q/v pair); A Kaiming-uniform (seeded), B = 0; r = 16, α = 2r; lr LORA_LR_FACTOR × FT's. final.pt
     holds the merged W0 + (α/r)BA under the usual keys: WiSE-FT scales the update (METHODS.md, "LoRA").
