@@ -341,8 +341,9 @@ def combined_run(a, runs, chosen: list, what: str) -> tuple:
 
 
 def log_combined(out: Path, method: str, runs, members: list, rows: list, tag: str):
-    """A combination's rows: seed -1 (it has none of its own) and the member list on every row."""
-    log_results(out, method, run_log_args(runs[0], seed=-1), [{**r, "members": members} for r in rows],
+    """A combination's rows, filed under its first run's seed (--ckpt order, as its args.json), with the member
+    list on every row: Model Stock of (ft seed s, ft seed s') is paired with FT of seed s."""
+    log_results(out, method, run_log_args(runs[0]), [{**r, "members": members} for r in rows],
                 runs[0].args.get("steps", 0), tag=tag, merge={"merge": tag, "candidates": len(runs)})
 
 

@@ -1,8 +1,9 @@
 """Reproduce the papers' tables and figures on miniworld with one command.
 
 Runs every method with every seed (and the ablations of ARF's anchors, FLYP's single prompt and
-Lipsum-FT's Table 3), then WiSE-FT on FT, Lipsum-FT, FLYP and ARF, TPGM on FT, FLYP and ARF, a greedy
-soup of the FT seeds, the energy gap of every fine-tuned run and the text-space diagnostics
+Lipsum-FT's Table 3), then WiSE-FT on FT, Lipsum-FT, FLYP, ARF and LoRA, TPGM on FT, FLYP and ARF, a greedy
+soup of the FT seeds, Model Stock of each FT seed s with a second FT run (seed s + STOCK_PARTNER, in
+RUNS/stock-partners: not a row of its own), the energy gap of every fine-tuned run and the text-space diagnostics
 (reproduce/diagnostics.py), and writes RESULTS.md (Table-1-shaped table, mean ± std over seeds; the
 papers' ImageNet numbers beside ours as a shape comparison; the ordering claims checked) with two
 figures: ID vs OOD with the WiSE-FT curves (Lipsum-FT paper Figure 5 shape) and energy gap vs relative
@@ -46,6 +47,7 @@ METHODS = [
     ("flyp-single", "baselines", ["--method", "flyp", "--flyp-prompt", "single"]),  # FLYP with one prompt, not a random template
     ("lora", "baselines", ["--method", "lora"]),  # low-rank updates of the image tower, merged into final.pt
     ("car_ft", "car_ft", []),
+    ("carot", "carot", []),
     ("lipsum_ft", "lipsum_ft", []),
     ("arf", "arf", []),
     ("arf-no-ret", "arf", ["--no-ret"]),  # ARF's ablations: captions alone,
@@ -60,9 +62,10 @@ ABLATIONS = {"flyp-single": ("flyp", "prompt=single"), "arf-no-ret": ("arf", "no
              "lipsum-kld": ("lipsum_ft", "lam=1 kld"), "lipsum-fixed": ("lipsum_ft", "lam=1 fixed"),
              "lipsum-fixed-kld": ("lipsum_ft", "lam=1 kld fixed")}
 ABLATION_WORDS = {"prompt=single", "no-cap", "no-ret", "kld", "fixed"}  # a tag holding one of these is an ablation's
-WISE_ON = ("ft", "lipsum_ft", "flyp", "arf")  # WiSE-FT curves drawn on top of these (FLYP, ARF: heads rebuilt from the merged text tower)
+WISE_ON = ("ft", "lipsum_ft", "flyp", "arf", "lora")  # WiSE-FT curves drawn on top of these (FLYP, ARF: heads rebuilt from the merged text tower)
 TPGM_ON = ("ft", "flyp", "arf")  # TPGM projections of these
 MERGED = ("wise", "tpgm", "soup", "stock", "ensemble")  # tags of rows that combine runs rather than train one
+STOCK_PARTNER = 100  # Model Stock (N = 2) of FT seed s merges ft-s{s} with an FT run of seed s + 100, filed under seed s
 TABLE_ALPHA = 0.5  # the WiSE-FT operating point shown in the table
 
 # Lipsum-FT paper, ViT-B/16 on ImageNet (IN / V2 / R / A / S); ARF from its own paper (METHODS.md).
@@ -404,7 +407,7 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
               "|---|---|---|---|---|---|---|"]
     p_zs_id, p_zs_ood, p_ft_ood = PAPER["zeroshot"][0], float(np.mean(PAPER["zeroshot"][1:])), float(np.mean(PAPER["ft"][1:]))
     o_zs_id, o_ft_ood = mean("zeroshot", id_col), mean("ft", "OOD mean")
-    for method in ("ft", "lipsum_ft", "arf", "car_ft"):
+    for method in ("ft", "lipsum_ft", "arf", "car_ft", "carot", "lora"):
         paper = PAPER.get(method)
         p_cells = ["", "", ""]
         if paper:
@@ -432,6 +435,11 @@ def write_results(runs: Path, out_md: Path, figures: Path, seeds: list, wall: fl
         ("WiSE-FT α=0.5 on FT beats FT on OOD", mean("ft", "OOD mean", table_tag) > mean("ft", "OOD mean")),
         ("WiSE on Lipsum-FT beats WiSE on FT on OOD (α=0.5)",
          mean("lipsum_ft", "OOD mean", table_tag) > mean("ft", "OOD mean", table_tag)),
+        ("Model Stock of two FT runs beats FT on ID", mean("ft", id_col, "stock") > mean("ft", id_col)),
+        ("Model Stock of two FT runs beats FT on OOD", mean("ft", "OOD mean", "stock") > mean("ft", "OOD mean")),
+        ("CaRot beats FLYP on OOD", mean("carot", "OOD mean") > mean("flyp", "OOD mean")),
+        ("CaRot has a lower OOD ECE than FLYP", mean("carot", "ECE OOD") < mean("flyp", "ECE OOD")),
+        ("WiSE-FT α=0.5 on LoRA beats LoRA on OOD", mean("lora", "OOD mean", table_tag) > mean("lora", "OOD mean")),
     ]
     lines += ["", "## The papers' ordering claims, checked on these numbers", "",
               "| claim | holds here |", "|---|---|"]
@@ -492,6 +500,13 @@ def main(argv=None):
             if name in chosen and name != "zeroshot":
                 jobs.append((f"gap-{name}-s{seed}", lambda n=name, s=seed: importlib.import_module("lipsum_ft").main(
                     ["--report-energy-gap", str(runs / f"{n}-s{s}")]), (f"{name}-s{seed}",)))
+        if "ft" in chosen:  # Model Stock's second run: its own results.jsonl (RUNS/stock-partners), not an FT row
+            partner = runs / "stock-partners" / f"ft-s{seed + STOCK_PARTNER}"
+            argv = ["--method", "ft", "--seed", str(seed + STOCK_PARTNER), "--threads", str(torch_threads), *extra]
+            jobs.append((f"ft-partner-s{seed}", train_job("baselines", argv, partner), ()))
+            jobs.append((f"stock-ft-s{seed}", lambda s=seed, p=partner: merge.main(
+                ["stock", "--ckpt", str(runs / f"ft-s{s}"), str(p), "--out", str(runs / f"stock-ft-s{s}")]),
+                (f"ft-s{seed}", f"ft-partner-s{seed}")))
     if "ft" in chosen and len(seeds) > 1:
         jobs.append(("soup-ft", lambda: merge.main(["soup", "--kind", "greedy", "--out", str(runs / "soup-greedy-ft"),
                                                     "--ckpt", *[str(runs / f"ft-s{s}") for s in seeds]]),

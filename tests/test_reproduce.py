@@ -41,7 +41,11 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
     for label in labels:
         assert f"| {label}" in report, label
     assert "| ft (wise a=0.5) | 2 |" in report and "| lipsum_ft (wise a=0.5) | 2 |" in report
-    assert "| ft (tpgm) | 2 |" in report and "soup" in report
+    assert "| ft (tpgm) | 2 |" in report and "soup" in report and "| lora (wise a=0.5) | 2 |" in report
+    assert "| ft (stock) | 2 |" in report  # Model Stock of each FT seed with its partner, filed under that seed
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert not any("stock-partners" in r["run"] for r in rows)  # the partners are no FT rows, only members
+    assert any("stock-partners" in m for r in rows for m in r.get("members", []))
     for method in ("flyp", "arf"):  # merges of the methods that classify with their text tower
         assert f"| {method} (wise a=0.5) | 2 |" in report and f"| {method} (tpgm) | 2 |" in report, method
     robust = report[report.index("## Effective robustness"):report.index("## Shape comparison")]
