@@ -29,7 +29,12 @@ is left above it is overhead a fix could remove. Lipsum-FT's floor adds its M ne
 step through the frozen text tower (timed alone the same way). ARF's floor is its two towers' forward
 and backward on everything it trains on (the batch plus the retrieved images; class prompts, captions
 and retrieved captions) and the AdamW update of both towers, timed alone each round with a plain sum
-as the loss: its design cost, before any overhead.
+as the loss: its design cost, before any overhead. CaRot's floor is FLYP's step (its L_MCL, both
+towers trained) plus its EMA teacher's forward of both towers on the same images and class prompts
+(timed alone; the teacher's own update, every 2% of the run, is not timed). LoRA's floor is the image
+tower's forward and a backward that reaches the first block without any weight gradient (the low-rank
+factors sit in every block, so the input gradient of each must be computed): timed alone, on a copy
+with every weight frozen and the images requiring gradient.
 
 Memory: on CUDA the peak allocated memory during a step (weights, optimiser state, teachers and
 activations); on CPU, which has no allocator statistics, the bytes of the new tensors autograd saves
@@ -54,13 +59,14 @@ sys.path.insert(0, str(REPO))
 import arf  # noqa: E402
 import baselines  # noqa: E402
 import car_ft  # noqa: E402
+import carot  # noqa: E402
 import common  # noqa: E402
 import lipsum_ft  # noqa: E402
 from retrieval import write_section  # noqa: E402
 
 # method: issue #10's target ratio to FT
 TARGETS = {"ft": 1.0, "lp": None, "ema": 1.05, "l2sp": 1.1, "kd": 1.2, "featkd": 1.2, "flyp": None, "lora": None,
-           "car_ft": 1.2, "lipsum_ft": 1.25, "arf": 2.0}
+           "car_ft": 1.2, "lipsum_ft": 1.25, "arf": 2.0, "carot": None}
 TEACHER = ("kd", "featkd", "car_ft", "lipsum_ft")  # methods that run the frozen θ0 image tower every step
 
 
@@ -144,8 +150,27 @@ def build(method: str, base, env, args, batch):
             total.backward()
             towers_opt.step()
             towers_opt.zero_grad(set_to_none=True)
+    elif method == "carot":
+        cargs = carot.Args(data=args.data, steps=args.steps * args.rounds)
+        common.set_trainable(model, image=True, text=True, head=False, scale=True)
+        teacher = common.frozen_copy(model)
+        loss_fn = carot.make_loss(model, teacher, env.task, cargs)
+        template = common.as_template_fns(env.task.templates)[0]
+        prompts = model.tokenizer([template(env.task.classnames[c]) for c in batch["label"].unique().tolist()]).to(env.device)  # [P, context]
+
+        def floor():  # the EMA teacher's forward of both towers (on top of FLYP's step)
+            with torch.no_grad(), common.autocast(env.device):
+                teacher.image_features(batch["image"]), common.encode_text(teacher.clip, prompts)
     else:
         raise SystemExit(f"unknown method {method!r}; choose from {', '.join(TARGETS)}")
+    if method == "lora":
+        frozen, images = common.frozen_copy(model.clip.visual).train(), batch["image"].detach().clone().requires_grad_(True)
+
+        def floor():  # forward + backward to the input, no weight gradient: what any adapter in every block pays
+            with common.autocast(env.device):
+                total = frozen(images).float().sum()
+            total.backward()
+            images.grad = None
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
     pairs = [(e, q) for e, q in zip(ema.parameters(), model.parameters()) if q.requires_grad] if ema else []
 
@@ -293,6 +318,10 @@ def main(argv=None):
     floor_ratio = {m: (median["ft"] + forward + own.get(m, 0)) / median["ft"] for m in TEACHER if m in methods}
     if "arf" in methods:
         floor_ratio["arf"] = own["arf"] / median["ft"]
+    if "carot" in methods and "flyp" in methods:
+        floor_ratio["carot"] = (median["flyp"] + own["carot"]) / median["ft"]
+    if "lora" in methods:
+        floor_ratio["lora"] = own["lora"] / median["ft"]
     mem_what = "peak allocated MiB" if device.type == "cuda" else "saved-for-backward MiB"
     threads = torch.get_num_threads()
     command = "python bench/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -305,7 +334,9 @@ def main(argv=None):
              f"{(median['ft'] + forward) / median['ft']:.2f}× FT here."
              + (f" Lipsum-FT's {lipsum_ft.NUM_TEXTS} random texts through the frozen text tower: {own['lipsum_ft']:.0f} ms more."
                 if "lipsum_ft" in own else "") + (f" ARF's two towers' forward + backward on its {len(batch['label'])} images, "
-             f"retrieved images and all their texts, plus AdamW on both towers, alone: {floor_ratio['arf']:.2f}× FT." if "arf" in floor_ratio else ""), "",
+             f"retrieved images and all their texts, plus AdamW on both towers, alone: {floor_ratio['arf']:.2f}× FT." if "arf" in floor_ratio else "")
+             + (f" CaRot's EMA teacher on both towers: {own['carot']:.0f} ms on top of FLYP's step." if "carot" in floor_ratio else "")
+             + (f" LoRA's image-tower forward + backward to the input, no weight gradient: {own['lora']:.0f} ms." if "lora" in floor_ratio else ""), "",
              f"| method | ms / step | ratio to FT | target | floor | {mem_what} |", "|---|---|---|---|---|---|"]
     for m in methods:
         ratio, target = median[m] / median["ft"], TARGETS.get(m)

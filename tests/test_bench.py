@@ -11,7 +11,7 @@ def test_step_time_micro_table_has_every_method_and_the_floors(tmp_path, tiny_mo
     import step_time
 
     monkeypatch.chdir(tmp_path)
-    methods = "ft,lp,ema,l2sp,kd,featkd,flyp,lora,car_ft,lipsum_ft,arf"  # ARF reads --fake-data's captions and pool
+    methods = "ft,lp,ema,l2sp,kd,featkd,flyp,lora,car_ft,lipsum_ft,arf,carot"  # ARF reads --fake-data's captions and pool
     step_time.main(["--fake-data", "32", "--model", tiny_model, "--batch-size", "4", "--rounds", "2", "--steps", "1",
                     "--methods", methods, "--no-write"])
     out = capsys.readouterr().out
@@ -21,6 +21,8 @@ def test_step_time_micro_table_has_every_method_and_the_floors(tmp_path, tiny_mo
     assert rows["kd"][5].strip() and not rows["ema"][5].strip()  # the θ0-forward floor stands beside teachers only
     assert float(rows["kd"][5]) > 1.0
     assert float(rows["arf"][5]) > 0  # ARF's design floor: both towers on its images and texts
+    assert float(rows["carot"][5]) > float(rows["flyp"][3])  # FLYP's step + the EMA teacher's forward
+    assert 0 < float(rows["lora"][5])  # forward + backward to the input of the frozen image tower
     assert "θ0 image forward alone" in out and "generated 32 px images" in out
 
 
