@@ -73,6 +73,7 @@ TPGM_STEPS = 200
 TPGM_BATCH = 128  # held-out images per radius step
 TPGM_INIT = 0.5  # radii start at this fraction of ‖θ_ft − θ0‖ (official TPGM code)
 TPGM_C_REG = 1.0  # μ: weight of TPGM-C's mean-ratio penalty (the Lipsum-FT paper sweeps 0.1–5)
+TASK_FIELDS = ("data", "data_root", "zeroshot_data", "source_domain", "unseen_classes", "test_domain")  # what the scored task is made of (common.load_run)
 TPGM_TEMPLATES = 16  # a text-head run's radii see the head of all its templates up to this many, else this many per step
 
 
@@ -215,10 +216,7 @@ def cmd_wise(a, device):
     for path in a.ckpt:
         run = load_run(path, device, a.data_root, tasks)
         first = run if first is None else first
-        if differ := [k for k in ("data", "data_root", "source_domain", "model", "pretrained")
-                      if run.args.get(k) != first.args.get(k)]:
-            raise SystemExit(f"error: {run.dir} and {first.dir} differ in {', '.join(differ)}: their WiSE-FT curves "
-                             "would share one table. Run merge.py wise on each.")
+        check_together([first, run], "their WiSE-FT curves would share one table. Run merge.py wise on each.")
         state0, state1 = run_endpoints(run, device)
         print(f"WiSE-FT on {run.dir} ({run.method}): α in {alphas}, every image loaded once and scored by each")
         models = []  # θ_α for every α side by side (len(alphas) copies of the model in memory), sharing the tokenizer
@@ -383,10 +381,7 @@ def cmd_soup(a, device):  # soup and stock
 def cmd_ensemble(a, device):
     tasks = {}
     runs = [load_run(p, device, a.data_root, tasks) for p in a.ckpt]
-    for r in runs[1:]:
-        if (r.meta["classnames"] != runs[0].meta["classnames"] or r.args["data"] != runs[0].args["data"]
-                or r.args.get("source_domain") != runs[0].args.get("source_domain")):
-            raise SystemExit(f"error: {r.dir} and {runs[0].dir} were fine-tuned on different tasks")
+    check_together(runs, "an ensemble's members must be scored on one task", same_model=False)
     task = runs[0].task
     chosen = list(range(len(runs)))
     if a.kind == "greedy":
@@ -506,20 +501,25 @@ def save_run(out: Path, state: dict, run, method: str, extra: dict, files: Optio
     (out / "args.json").write_text(json.dumps({**run.args, "method": method, "out": str(out), **extra}, indent=2))
 
 
+def check_together(runs: list, why: str, same_model: bool = True):
+    """Runs combined into one model, curve or table are scored on one task: the same TASK_FIELDS and classes,
+    and (same_model) the same model and weights file; else one message naming the fields that differ. The
+    seed, --shots and the recipe may differ (soups are made of runs that differ in them)."""
+    first = runs[0]
+    for r in runs[1:]:
+        differ = [k for k in TASK_FIELDS if r.args.get(k, "") != first.args.get(k, "")]
+        differ += [k for k in ("classnames", *(("model", "pretrained") if same_model else ())) if r.meta[k] != first.meta[k]]
+        if differ:
+            raise SystemExit(f"error: {r.dir} and {first.dir} differ in {', '.join(differ)}: {why}")
+
+
 def check_same_init(runs: list):
     """Soups average weights, which only makes sense from one initialisation and architecture: the same
     model, weights file, classes and state-dict layout, and (for a randomly initialised model) the same
     initial weights whatever the seeds."""
     first = runs[0]
-    for r in runs[1:]:
-        if r.meta["model"] != first.meta["model"]:
-            raise SystemExit(f"error: {r.dir} is a {r.meta['model']} and {first.dir} a {first.meta['model']}: "
-                             "weights of different architectures cannot be averaged")
-        if r.meta["pretrained"] != first.meta["pretrained"]:
-            raise SystemExit(f"error: {r.dir} starts from pretrained={r.meta['pretrained']!r} and {first.dir} from "
-                             f"{first.meta['pretrained']!r}: soups need one shared initialisation")
-        if r.meta["classnames"] != first.meta["classnames"]:
-            raise SystemExit(f"error: {r.dir} and {first.dir} were fine-tuned on different class lists")
+    check_together(runs, "weights of different architectures, initialisations or tasks cannot be averaged (soups "
+                         "and Model Stock need one shared initialisation)")
     check_compatible([r.model.state_dict() for r in runs], [str(r.dir) for r in runs])
     seeds = sorted({r.seed for r in runs})
     if len(seeds) > 1:  # a random-init architecture differs per seed: compare the actual θ0 weights

@@ -408,3 +408,22 @@ def test_effective_robustness_margin():
 def test_parse_alphas():
     assert merge.parse_alphas("0:1:0.1") == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     assert merge.parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]
+
+
+def test_check_together_names_every_task_field_that_differs():
+    """WiSE-FT curves, soups, Model Stock and ensembles refuse runs scored on different tasks, whatever the
+    field (a DomainBed test domain, GZSL's unseen classes, the zero-shot folders), naming it; seed, shots and
+    recipe may differ. Ensembles may mix models."""
+    from argparse import Namespace
+
+    meta = {"classnames": ["a", "b"], "model": "m", "pretrained": "p"}
+    base = Namespace(dir="runs/x", args={"data": "domainbed", "test_domain": "sketch", "seed": 0, "lr": 1e-5}, meta=meta)
+    merge.check_together([base, Namespace(dir="runs/y", args={**base.args, "seed": 1, "shots": 4, "lr": 3e-5}, meta=meta)], "x")
+    for field, value in (("test_domain", "photo"), ("unseen_classes", "b"), ("zeroshot_data", "zs"), ("data_root", "/d")):
+        other = Namespace(dir="runs/y", args={**base.args, field: value}, meta=meta)
+        with pytest.raises(SystemExit, match=f"differ in {field}: why"):
+            merge.check_together([base, other], "why")
+    other = Namespace(dir="runs/y", args=base.args, meta={**meta, "model": "m2"})
+    merge.check_together([base, other], "x", same_model=False)
+    with pytest.raises(SystemExit, match="differ in model"):
+        merge.check_together([base, other], "x")
