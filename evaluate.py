@@ -188,8 +188,11 @@ def plot(rows: list, out: str) -> list:
         stem = Path(out)
         return [plot([r for r in rows if (r["data"], Path(r["model"]).stem) == g],
                      str(stem.with_name(f"{stem.stem}-{g[0]}-{g[1]}{stem.suffix}")))[0] for g in groups]
-    columns, table, configs, _ = summarise(rows)
-    id_col = columns[0]
+    id_col = next((r["split"] for r in rows if r["kind"] == "id"), None)
+    if id_col is None:  # DomainBed: the left-out domain is the only test split
+        print(f"note: no ID split in these rows, so no ID-vs-OOD plot ({out} not written)")
+        return []
+    _, table, configs, _ = summarise(rows)
     names = row_names(list(table), configs)
     points, curves = [], defaultdict(list)
     for group, cols in table.items():

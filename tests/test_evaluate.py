@@ -331,3 +331,7 @@ def test_domainbed_table_averages_seeds_per_domain_and_marks_a_row_missing_a_dom
     (tmp_path / "folder.jsonl").write_text(json.dumps(rows[-1]) + "\n")
     proc = run_script([str(REPO / "evaluate.py"), "table", "--domainbed", "folder.jsonl"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "error: no --data domainbed rows" in proc.stderr and "Traceback" not in proc.stderr
+    domainbed = [r for r in rows if r["data"] == "domainbed"]  # the left-out domain is the only split: no ID axis
+    (tmp_path / "db.jsonl").write_text("".join(json.dumps(r) + "\n" for r in domainbed))
+    out = run_script([str(REPO / "evaluate.py"), "plot", "db.jsonl", "--out", "db.png"], cwd=tmp_path).stdout
+    assert "no ID split" in out and not (tmp_path / "db.png").exists()
