@@ -203,7 +203,8 @@ def figure(result: dict, per_class: int, out: Path):
     axes[0].axhline(FT_OOD_LOSS, color="grey", lw=0.8, ls=":")
     axes[1].axhline(MAX_ID_COST, color="grey", lw=0.8, ls=":")
     axes[2].axhline(MIN_OOD_GAIN, color="grey", lw=0.8, ls=":")
-    titles = ("FT against zero-shot (points)", "ΔID vs FT of the same seed (bar: ≥ −1)", "ΔOOD mean vs FT (bar: ≥ +3)")
+    titles = (f"FT − zero-shot (bars: ID ≥ +{FT_GAIN:g}, OOD / ZS ≤ {FT_OOD_LOSS:g})", f"ΔID vs FT of the same seed (bar: ≥ {MAX_ID_COST:g})",
+              f"ΔOOD mean vs FT of the same seed (bar: ≥ +{MIN_OOD_GAIN:g})")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log")
         ax.set_xticks([x[k] for k in ks], [f"full\n({per_class}/class)" if k == 0 else str(k) for k in ks])
@@ -228,7 +229,7 @@ def report(result: dict, seeds: list, per_class: int, command: str, timing: str,
              f"results.jsonl under `{runs}`. K = training images per class (`--shots K`, drawn per seed, nested in K); "
              "the held-out slice is the same at every K (METHODS.md, Regimes). ± = std over seeds; SE = standard error "
              "of the seed-mean Δ from the per-image differences on the same test images.", "", timing, "",
-             f"![regime map]({figure_link})", "",
+             f"![regime map]({figure_link})", "", "Figure: means over seeds, error bars = std over seeds; dotted lines = the bars.", "",
              "## FT against zero-shot, and FT's WiSE-FT bulge", "",
              "| K | zero-shot ID / OOD / ZS | FT ΔID vs ZS | FT ΔOOD vs ZS | FT ΔZS vs ZS | WiSE bulge per seed (α: best α < 1 ID − FT ID) |",
              "|---|---|---|---|---|---|"]
