@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "reproduce"))
 import reproduce  # noqa: E402
 
-DEFAULT_METHODS = "zeroshot,ft,lipsum_ft,kd,car_ft,arf,flyp"  # issue #32; any row of reproduce.METHODS may be added
+DEFAULT_METHODS = "zeroshot,ft,lipsum_ft,kd,car_ft,arf,flyp,carot,lora"  # issue #32's and the methods since; any row of reproduce.METHODS
 # issue #32's acceptance bars, in points
 FT_GAIN, FT_OOD_LOSS, FT_ZS_LOSS, BULGE = 7.0, -4.0, -4.0, 0.5  # FT ID − ZS ≥, FT OOD − ZS ≤, FT ZS − ZS ≤, bulge > (every seed)
 MAX_ID_COST, MIN_OOD_GAIN = -1.0, 3.0  # a robust method against FT: ΔID ≥ and ΔOOD ≥
@@ -93,7 +93,7 @@ def jobs_of(a, runs: Path, seeds: list, shots: list, methods: list, extra: list,
                 more = ({"lpft": ["--lp-run", str(runs / k_name(k) / f"lp-s{s}")]}.get(name, [])
                         + (a.arf_args.split() if file == "arf" else []))
                 argv = [*argv, *more, "--shots", str(k), "--seed", str(s), "--threads", str(threads), *extra]
-                needs = (f"lp-{k_name(k)}-s{s}",) if name == "lpft" else ()
+                needs = (f"lp-{k_name(k)}-s{s}",) if name == "lpft" and "lp" in methods else ()  # LP-FT's head: LP's
                 jobs.append((f"{name}-{k_name(k)}-s{s}", reproduce.train_job(file, argv, runs / k_name(k) / f"{name}-s{s}"), needs))
             ft = runs / k_name(k) / f"ft-s{s}"
             jobs.append((f"wise-ft-{k_name(k)}-s{s}", lambda ft=ft: merge.main(
@@ -123,7 +123,7 @@ def summarise(a, runs: Path, seeds: list, shots: list, methods: list) -> dict:
     per seed], "methods": {method: (paired_with_ft's columns, {kind: paired SE})}, "zs": zero-shot (ID, OOD, ZS) mean}."""
     import evaluate
 
-    zs_rows = [r for r in evaluate.read_results(runs / "zeroshot" / "results.jsonl") if r.get("tag", "") == ""]
+    zs_rows = [r for r in evaluate.read_results(runs / "zeroshot" / "results.jsonl") if r.get("tag", "") == "" and r["seed"] in seeds]
     zs_dirs = [runs / "zeroshot" / f"zeroshot-s{s}" for s in seeds]
     out = {}
     for k in shots:
