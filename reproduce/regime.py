@@ -184,10 +184,9 @@ def figure(result: dict, per_class: int, out: Path):
     top = max([k for k in ks if k] or [1])
     x = {k: k if k else max(2 * top, per_class) for k in ks}  # the full set at its own size per class (or right of the rest)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    for j, (label, bar) in enumerate((("ID", FT_GAIN), ("OOD mean", FT_OOD_LOSS), ("ZS transfer", FT_ZS_LOSS))):
-        y = [np.mean([d[j] for d in result[k]["ft"]]) for k in ks]
-        e = [np.std([d[j] for d in result[k]["ft"]]) for k in ks]
-        axes[0].errorbar([x[k] for k in ks], y, yerr=e, marker="o", capsize=3, label=f"FT − zero-shot, {label}")
+    for j, label in enumerate(("ID", "OOD mean", "ZS transfer")):
+        axes[0].errorbar([x[k] for k in ks], [np.mean([d[j] for d in result[k]["ft"]]) for k in ks],
+                         yerr=[np.std([d[j] for d in result[k]["ft"]]) for k in ks], marker="o", capsize=3, label=f"FT − zero-shot, {label}")
     axes[0].plot([x[k] for k in ks], [np.mean([b for _, b in result[k]["bulge"]]) for k in ks], "k--", marker="s",
                  label="WiSE-FT bulge (best α < 1 ID − FT ID)")
     methods = sorted({m for k in ks for m in result[k]["methods"]})
@@ -199,10 +198,8 @@ def figure(result: dict, per_class: int, out: Path):
             shift = 1 + 0.03 * (n - len(methods) / 2)  # methods side by side, not on top of each other
             ax.errorbar([x[k] * shift for k in have], [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals],
                         marker=style[m][1], color=style[m][0], capsize=3, label=m)
-    axes[0].axhline(FT_GAIN, color="grey", lw=0.8, ls=":")
-    axes[0].axhline(FT_OOD_LOSS, color="grey", lw=0.8, ls=":")
-    axes[1].axhline(MAX_ID_COST, color="grey", lw=0.8, ls=":")
-    axes[2].axhline(MIN_OOD_GAIN, color="grey", lw=0.8, ls=":")
+    for ax, bar in ((axes[0], FT_GAIN), (axes[0], FT_OOD_LOSS), (axes[1], MAX_ID_COST), (axes[2], MIN_OOD_GAIN)):
+        ax.axhline(bar, color="grey", lw=0.8, ls=":")
     titles = (f"FT − zero-shot (bars: ID ≥ +{FT_GAIN:g}, OOD / ZS ≤ {FT_OOD_LOSS:g})", f"ΔID vs FT of the same seed (bar: ≥ {MAX_ID_COST:g})",
               f"ΔOOD mean vs FT of the same seed (bar: ≥ +{MIN_OOD_GAIN:g})")
     for ax, title in zip(axes, titles):
