@@ -74,14 +74,25 @@ def check_shots(shots: list, seeds: list, extra: list) -> dict:
     return per_class
 
 
+def scored_job(module: str, argv: list, out: Path):
+    """reproduce.train_job, then the run's per-image correctness on every split (reproduce.correct's cache, which
+    the paired SEs read): one more evaluation per run, in the job's worker rather than serially in the report."""
+    train = reproduce.train_job(module, argv, out)
+
+    def fn():
+        if not ((out / "final.pt").is_file() and (out / "results.jsonl").is_file()):  # finished, then stopped while scoring
+            train()
+        reproduce.correct(out, "heldout")
+    return fn
+
+
 def jobs_of(a, runs: Path, seeds: list, shots: list, methods: list, extra: list, threads: int) -> list:
     """(job, fn, needs) of the map: zero-shot per seed, then per K and seed each method and WiSE-FT on FT."""
     import merge
 
     module = {name: (file, argv) for name, file, argv in reproduce.METHODS}
-    jobs = [(f"zeroshot-s{s}", reproduce.train_job("baselines", ["--method", "zeroshot", "--seed", str(s), "--threads",
-                                                                 str(threads), *extra], runs / "zeroshot" / f"zeroshot-s{s}"), ())
-            for s in seeds]
+    jobs = [(f"zeroshot-s{s}", scored_job("baselines", ["--method", "zeroshot", "--seed", str(s), "--threads", str(threads), *extra],
+                                          runs / "zeroshot" / f"zeroshot-s{s}"), ()) for s in seeds]
     for k in shots:
         if k == 0 and a.full_from:
             continue  # K = full is read from reproduce.py's runs
@@ -94,7 +105,7 @@ def jobs_of(a, runs: Path, seeds: list, shots: list, methods: list, extra: list,
                         + (a.arf_args.split() if file == "arf" else []))
                 argv = [*argv, *more, "--shots", str(k), "--seed", str(s), "--threads", str(threads), *extra]
                 needs = (f"lp-{k_name(k)}-s{s}",) if name == "lpft" and "lp" in methods else ()  # LP-FT's head: LP's
-                jobs.append((f"{name}-{k_name(k)}-s{s}", reproduce.train_job(file, argv, runs / k_name(k) / f"{name}-s{s}"), needs))
+                jobs.append((f"{name}-{k_name(k)}-s{s}", scored_job(file, argv, runs / k_name(k) / f"{name}-s{s}"), needs))
             ft = runs / k_name(k) / f"ft-s{s}"
             jobs.append((f"wise-ft-{k_name(k)}-s{s}", lambda ft=ft: merge.main(
                 ["wise", "--ckpt", str(ft), "--alphas", a.wise_alphas, "--plot", str(ft / "wise_curve.png")]), (f"ft-{k_name(k)}-s{s}",)))

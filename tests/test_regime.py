@@ -74,6 +74,13 @@ def test_regime_rerun_and_full_from(regime_map):
     regime.main(argv)  # a rerun trains nothing: the .done markers and the weights are the first invocation's
     assert sorted(p.name for p in (runs / ".done").iterdir()) == done and len(done) == 2 + 2 * 2 * 3
     assert (runs / "k2" / "lipsum_ft-s0" / "final.pt").stat().st_mtime_ns == stamp
+    # a job stopped after training, while scoring per image (no .done, no correct-*.npy): the rerun scores, trains nothing
+    (runs / ".done" / "lipsum_ft-k2-s0").unlink()
+    for f in (runs / "k2" / "lipsum_ft-s0").glob("correct-*.npy"):
+        f.unlink()
+    regime.main(argv)
+    assert (runs / ".done" / "lipsum_ft-k2-s0").exists() and (runs / "k2" / "lipsum_ft-s0" / "correct-test.npy").exists()
+    assert (runs / "k2" / "lipsum_ft-s0" / "final.pt").stat().st_mtime_ns == stamp
     # K = full read from another runs folder (reproduce.py's), which must hold full-set runs
     again = regime.main([*argv, "--full-from", str(runs / "full")])
     assert again[0]["methods"]["lipsum_ft"][0]["ood"] == result[0]["methods"]["lipsum_ft"][0]["ood"]
