@@ -12,12 +12,14 @@ finished jobs (RUNS/.done/<job>), an interrupted training run resumes, --workers
 It writes --out (markdown) and --figures/regime_map.png: per K, FT against zero-shot (ΔID, ΔOOD, ΔZS), FT's
 WiSE-FT bulge per seed, each method against FT of the same seed (ΔID / ΔOOD / ΔZS, ± std over seeds, the
 paired per-image standard error of the seed-mean Δ, the OOD margin over FT's WiSE-FT curve), and issue #32's
-bars per K with the ones that fail named. Every number comes from the runs' results.jsonl.
+bars per K with the ones that fail named. Every number comes from the runs' results.jsonl and the per-image
+correctness each job saves (reproduce.correct). --full-from RUNS takes K = full from reproduce.py's runs (the same
+presets, so the same runs when --extra is empty there and here); only those caches are written into RUNS.
 
 Model selection at small K (METHODS.md, "Regimes"): the held-out slice is never carved from the K shots.
 On miniworld it is a split rendered apart from training (miniworld.task.TASK_SIZES["heldout"] = 1,000
-images, 41-42 per class); on --data folder / imagenet / domainnet it is taken from the training set BEFORE
-the K shots are drawn from the rest (tasks.base.heldout_split, then few_shot). So it does not shrink with
+images, 41-42 per class); on --data folder / imagenet / domainnet / domainbed it is taken from the training set
+BEFORE the K shots are drawn from the rest (the loader's held-out slice, then tasks.few_shot). So it does not shrink with
 K: every K, and every λ / β of a sweep at that K, is selected on the same held-out images. The map runs each
 method's preset coefficient; choose λ / β at a K with
 `python reproduce/sweep.py lipsum_ft --flag lam --values ... --extra "--shots K" --ref RUNS/k<K>`.
