@@ -7,6 +7,9 @@
 Each (value, seed) trains with the method file's miniworld preset and `--FLAG value` into
 RUNS/<method>-<flag><value>-s<seed> (a rerun skips finished runs, like reproduce/reproduce.py). The FT
 reference is reproduce/reproduce.py's (`--ref`, default runs/reproduce): its FT runs and their WiSE-FT curves.
+At K training images per class (`--extra "--shots K"`; METHODS.md, Regimes) the runs go to
+RUNS/<method>-k<K>-<flag><value>-s<seed> and the FT reference must be at the same K: reproduce/regime.py's
+RUNS/k<K> (`--ref runs/regime/k10`); a --ref at another K is refused. The held-out slice does not shrink with K.
 
 Choice rule (held-out data only, never a test split): the largest value, i.e. the strongest
 regularisation, whose mean held-out accuracy is at most MAX_HELDOUT_DROP points below FT's mean
@@ -14,6 +17,7 @@ held-out accuracy on the same seeds. Every attempt's test numbers are reported b
 reader sees what the rule gave up. Writes the table to --out (default docs/sweep_<method>_<flag>.md).
 """
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -32,6 +36,13 @@ MAX_HELDOUT_DROP = 1.0  # points of held-out accuracy the chosen value may give 
 def heldout_acc(run_dir: Path) -> float:
     """Held-out accuracy (%) of a run's final weights."""
     return 100 * float(reproduce.correct(run_dir, "heldout").mean())
+
+
+def shots_of(extra: list) -> int:
+    """The --shots K of a run's arguments (0 = the full training set)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--shots", type=int, default=0)
+    return p.parse_known_args(extra)[0].shots
 
 
 def main(argv=None):
@@ -57,11 +68,18 @@ def main(argv=None):
         raise SystemExit(f"error: no FT reference run {', '.join(missing)}: run `python reproduce/reproduce.py --methods ft` first")
     extra = a.extra.split()
     name = extra[extra.index("--method") + 1] if "--method" in extra else a.module  # baselines --method kd -> kd
+    shots = shots_of(extra)
+    ref_shots = {str(r): json.loads((r / "args.json").read_text()).get("shots", 0) for r in ft_runs if (r / "args.json").is_file()}
+    if any(k != shots for k in ref_shots.values()):
+        raise SystemExit(f"error: the sweep trains with --shots {shots} but its FT reference --ref {ref} does not ("
+                         + ", ".join(f"{r}: --shots {k}" for r, k in ref_shots.items() if k != shots) + "); pass FT runs of the same K "
+                         f"as --ref (reproduce/regime.py's RUNS/{f'k{shots}' if shots else 'full'})")
+    label = f"{name}-k{shots}" if shots else name  # a sweep at K has its own runs and report
     failed = []
     with open(runs / "sweep.log", "a") as log:
         for v in values:
             for s in seeds:
-                job = f"{name}-{a.flag}{v}-s{s}"
+                job = f"{label}-{a.flag}{v}-s{s}"
                 argv = [*extra, f"--{a.flag}", v, "--seed", str(s)]
                 if not reproduce.run_job(job, runs, reproduce.train_job(a.module, argv, runs / job), log):
                     failed.append(job)
@@ -70,7 +88,7 @@ def main(argv=None):
 
     ft_heldout = float(np.mean([heldout_acc(r) for r in ft_runs]))
     ref_rows = [r for r in evaluate.read_results(ref / "results.jsonl") if r["method"] == "ft" and r["seed"] in seeds]
-    lines = [f"# Sweep of `--{a.flag}` for {name} on miniworld", "",
+    lines = [f"# Sweep of `--{a.flag}` for {name}" + (f" at K = {shots} training images per class" if shots else ""), "",
              f"Written by `python reproduce/sweep.py {shlex.join(cli)}` (seeds {a.seeds}). FT reference: {ref} (held-out "
              f"{ft_heldout:.1f}%). Δ columns are against FT of the same seed, mean ± std; margin = OOD-mean margin over "
              "that seed's FT WiSE-FT curve at equal ID (reproduce/reproduce.py). SE: standard error of the Δ over the "
@@ -79,7 +97,7 @@ def main(argv=None):
              "points below FT's.", "",
              "| value | held-out acc | Δheld-out vs FT | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve (seeds) | chosen |",
              "|---|---|---|---|---|---|---|---|"]
-    dirs = {v: [runs / f"{name}-{a.flag}{v}-s{s}" for s in seeds] for v in values}
+    dirs = {v: [runs / f"{label}-{a.flag}{v}-s{s}" for s in seeds] for v in values}
     tests = reproduce.test_splits(ft_runs[0])
     splits = {"heldout": ["heldout"], **{k: [n for n, t in tests.items() if t.kind == k] for k in ("id", "ood", "zeroshot")}}
     held = {v: [heldout_acc(d) for d in dirs[v]] for v in values}
@@ -95,7 +113,7 @@ def main(argv=None):
                      f"{reproduce.cell(cols['margin'])} ({sum(not np.isnan(m) for m in cols['margin'])}) | "
                      f"{'**yes**' if v == chosen else ''} |")
     lines.append("")
-    out = Path(a.out or REPO / "docs" / f"sweep_{name}_{a.flag}.md")
+    out = Path(a.out or REPO / "docs" / f"sweep_{name}_{a.flag}{f'_k{shots}' if shots else ''}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print("\n".join(lines))
