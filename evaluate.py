@@ -28,12 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (AUTO_WORKERS, TrainArgs, check_data, data_workers, defaults, evaluate_task, get_device, init_distributed,
-                    load_run, log_results, plot_id_vs_ood, run_log_args, scored_domains, set_threads, setup, start_run)
+import torch
+import torch.nn.functional as F
+
+from common import (AUTO_WORKERS, ClipClassifier, TrainArgs, atomic_save, check_data, data_workers, defaults, evaluate_task,
+                    get_device, init_distributed, load_clip, load_run, load_task, log_results, plot_id_vs_ood, resolve_model,
+                    run_log_args, scored_domains, seed_everything, set_threads, setup, start_run, zeroshot_head)
 
 
 GZSL_COLUMNS = (("S", "acc_seen"), ("U", "acc_unseen"), ("H", "h"))  # a generalized zero-shot row's columns per split
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
+EXPORTED = ("open_clip_model.pt", "head.pt", "open_clip_config.json")  # what `export` writes (module docstring)
+SAME_INIT_COS = 0.9  # `import`: each tower's weights must have at least this cosine with θ0's (same initialisation)
 
 
 def read_results(path) -> list:
@@ -230,6 +236,99 @@ def evaluate_command(a):
     return rows
 
 
+def write_json(value, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def export_command(a):
+    """RUN -> OUT/open_clip_model.pt (the CLIP's plain state dict: open_clip.create_model_and_transforms(MODEL,
+    pretrained=it) loads it), OUT/head.pt (head [K, D], class names, logit scale, head_from_text: logits =
+    exp(logit_scale) · n(encode_image(x)) @ headᵀ) and OUT/open_clip_config.json (the architecture, for a
+    config open_clip does not ship: open_clip.add_model_config). --alpha: WiSE-FT's θ_α of the run."""
+    from merge import load_run_weights, run_endpoints, wise
+
+    run = load_run(a.run, "cpu")
+    if a.alpha is not None:
+        load_run_weights(run, wise(*run_endpoints(run, "cpu"), a.alpha))
+    name = resolve_model(run.meta["model"], run.meta["pretrained"])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clip = run.model.clip
+    atomic_save({k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}, out / EXPORTED[0])
+    atomic_save({"head": run.model.head.detach().cpu(), "classnames": list(run.meta["classnames"]),  # [K, D]
+                 "logit_scale": clip.logit_scale.item(), "head_from_text": bool(run.meta.get("head_from_text")),
+                 "model": name, "pretrained": run.meta["pretrained"], "data": run.args["data"], "method": run.method,
+                 "alpha": a.alpha, "source": str(run.dir)}, out / EXPORTED[1])
+    import open_clip
+
+    write_json(open_clip.get_model_config(name), out / EXPORTED[2])
+    print(f"exported {run.dir}{f' (WiSE-FT α={a.alpha:g})' if a.alpha is not None else ''} to {out}: "
+          f"open_clip.create_model_and_transforms({name!r}, pretrained={str(out / EXPORTED[0])!r})")
+    return out
+
+
+def tower_cosines(state: dict, state0: dict) -> dict:
+    """{tower: cosine between its float weights in `state` and in θ0's}: the image tower (visual.*) and the rest."""
+    image = [k for k in state0 if k.startswith("visual.")]
+    cos = {}
+    for tower, keys in (("image tower", image), ("text tower", [k for k in state0 if k not in image])):
+        keys = [k for k in keys if state0[k].is_floating_point()]
+        x, y = (torch.cat([s[k].double().flatten() for k in keys]) for s in (state, state0))  # [P]
+        cos[tower] = F.cosine_similarity(x, y, dim=0).item()
+    return cos
+
+
+def import_command(a):
+    """An open_clip checkpoint fine-tuned elsewhere from --model/--pretrained (a random-weight --model: from
+    --seed's weights) -> a run folder (args.json, final.pt) that eval and merge.py take, then evaluated. Its
+    head: the zero-shot head of its own text tower (default; a merge rebuilds it from the merged text tower),
+    or --head FILE (an export's head.pt). Refused with one message when its tensors are not --model's (names
+    and shapes), or when either tower's weights have a cosine below SAME_INIT_COS with θ0's (not fine-tuned
+    from that initialisation). Its configuration names the file (and its sha1), so its rows keep apart."""
+    import open_clip
+
+    check_data(a.data)
+    out, path = Path(a.out), Path(a.checkpoint)
+    if (out / "args.json").exists():
+        raise SystemExit(f"error: {out} already holds a run: pass another --out")
+    seed_everything(a.seed)
+    clip, tokenizer, _ = load_clip(a.model, a.pretrained)
+    state0 = clip.state_dict()
+    try:
+        state = open_clip.factory.load_state_dict(str(path))  # a plain state dict or {"state_dict": ...} (open_clip's training)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same message
+        raise SystemExit(f"error: could not read {path} as an open_clip checkpoint ({type(e).__name__}: {e})") from None
+    odd = (sorted(set(state0) ^ set(state)) + [k for k in state0 if k in state and state[k].shape != state0[k].shape])
+    cos = {} if odd else tower_cosines(state, state0)
+    if odd or min(cos.values()) < SAME_INIT_COS:
+        why = (f"{len(odd)} tensor(s) missing, extra or of another shape ({', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''})"
+               if odd else ", ".join(f"{t} cosine {c:.3f} with θ0's" for t, c in cos.items()) + f" (< {SAME_INIT_COS})")
+        raise SystemExit(f"error: {path} is not a fine-tune of --model {a.model} from --pretrained {a.pretrained!r}"
+                         f"{' (seed ' + str(a.seed) + ')' if not a.pretrained else ''}: {why}. Import checkpoints of that "
+                         "architecture fine-tuned from those weights")
+    clip.load_state_dict(state)
+    task = load_task(a.data, a.data_root, a.seed, a.zeroshot_data, source_domain=a.source_domain, test_domain=a.test_domain)
+    saved = torch.load(a.head, map_location="cpu", weights_only=True) if a.head else None
+    if saved and saved["classnames"] != task.classnames:
+        raise SystemExit(f"error: --head {a.head} holds {len(saved['classnames'])} classes other than --data {a.data}'s")
+    head = saved["head"] if saved else zeroshot_head(clip, tokenizer, task.classnames, task.templates)  # [K, D]
+    meta = {"method": a.method, "model": a.model, "pretrained": a.pretrained, "data": a.data, "classnames": task.classnames,
+            "head_from_text": saved["head_from_text"] if saved else True, "step": 0, "selected": False}
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+    args = {"method": a.method, **{k: getattr(a, k) for k in ("data", "data_root", "test_domain", "zeroshot_data",
+            "source_domain", "model", "pretrained", "seed")}, "steps": 0, "out": str(out),
+            "imported": f"{path.resolve()} (sha1 {digest}){' + head ' + a.head if a.head else ''}"}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": ClipClassifier(clip, head, tokenizer).state_dict(), "meta": meta}, out / "final.pt")
+    write_json(args, out / "args.json")
+    print(f"imported {path} as the run {out} (cosine with θ0: "
+          + ", ".join(f"{t} {c:.4f}" for t, c in cos.items()) + "); evaluating it")
+    a.ckpt = str(out)
+    return evaluate_command(a)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +348,27 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zero-shot model (a random-weight --model)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
+    p = sub.add_parser("export", help="a run as an open_clip checkpoint + its head (head.pt)")
+    p.add_argument("run", help="a run directory (trained, merged or imported)")
+    p.add_argument("--out", required=True, help="folder for open_clip_model.pt, head.pt, open_clip_config.json")
+    p.add_argument("--alpha", type=float, default=None, help="export WiSE-FT's θ_α of the run instead (0 = θ0, 1 = the run)")
+    p = sub.add_parser("import", help="an open_clip checkpoint fine-tuned elsewhere as a run of this repo")
+    p.add_argument("checkpoint", help="open_clip checkpoint (a state dict, or open_clip training's {'state_dict': ...})")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--head", default="", help="an export's head.pt (default: the zero-shot head of the checkpoint's text tower)")
+    p.add_argument("--method", default="imported", help="the method name its rows carry")
+    for name, default, help_ in (("model", TrainArgs.model, "open_clip architecture (or config JSON) it was fine-tuned from"),
+                                 ("pretrained", "", "the open_clip tag or weights file it was fine-tuned from"),
+                                 ("data", TrainArgs.data, "dataset to evaluate and merge it on"), ("data_root", "", "dataset folder"),
+                                 ("source_domain", TrainArgs.source_domain, "--data domainnet: the ID domain"),
+                                 ("test_domain", "", "--data domainbed: the left-out domain"),
+                                 ("zeroshot_data", "", "[NAME=]DIR[,...]: extra folders scored zero-shot"), ("device", "", "cuda | cpu")):
+        p.add_argument("--" + name.replace("_", "-"), default=default, help=help_)
+    for name, default, help_ in (("seed", 0, "the task's seed (held-out slice) and a random-weight --model's initial weights"),
+                                 ("eval_batch_size", TrainArgs.eval_batch_size, "batch size for evaluation"),
+                                 ("workers", AUTO_WORKERS, "DataLoader worker processes (-1: from the free cores)"),
+                                 ("threads", 0, "torch CPU threads (0 = the cores free at start)")):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=help_)
     for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("results", help="a results.jsonl, or a folder holding one: a runs root or a run folder")
@@ -259,8 +379,8 @@ def main(argv=None):
             p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
             p.add_argument("--methods", default="", help="comma-separated methods to draw (default: all)")
     a = parser.parse_args(argv)
-    if a.command == "eval":
-        return evaluate_command(a)
+    if a.command in ("eval", "export", "import"):
+        return {"eval": evaluate_command, "export": export_command, "import": import_command}[a.command](a)
     path = Path(a.results) / "results.jsonl" if Path(a.results).is_dir() else Path(a.results)
     if not path.is_file():
         raise SystemExit(f"error: {path} does not exist (every run appends its rows to its own folder's and to "

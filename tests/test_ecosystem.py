@@ -1,0 +1,172 @@
+"""Runs in and out of the repo: export to open_clip and import back (the round trip, merges of an imported
+run, refusals), --report-to tensorboard read back, `evaluate.py curves`, top-5 / per-class recall, and
+`table --format csv|json`."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import baselines
+import common
+import evaluate
+import merge
+from conftest import COLOURS, stable_seed, write_images
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads, and on a shared 2-core box they cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ft_run(tmp_path_factory, tiny_model):
+    """One short FT run on a generated 4-class folder (random-weight tiny ViT, seed 0), made once; its
+    WiSE-FT α = 0 and 1 rows written; every test writes its own outputs."""
+    base = tmp_path_factory.mktemp("eco")
+    data = base / "folder"
+    for split, n in (("train", 12), ("test", 4), ("sketch", 4)):
+        for k, name in enumerate(["cat", "dog", "red_fox", "owl"]):
+            write_images(data / split / name, n, seed=stable_seed(split, k), colour=COLOURS[k])
+    run = base / "runs" / "ft"
+    baselines.main(["--method", "ft", "--data", "folder", "--data-root", str(data), "--model", tiny_model, "--steps", "3",
+                    "--batch-size", "8", "--lr", "1e-3", "--eval-every", "2", "--workers", "0", "--report-to", "tensorboard",
+                    "--out", str(run)])
+    merge.main(["wise", "--ckpt", str(run), "--alphas", "0,1", "--workers", "0", "--plot", str(base / "w.png")])
+    return {"run": run, "data": str(data), "model": tiny_model}
+
+
+def rows_of(run: Path, tag: str = "") -> dict:
+    rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    return {r["split"]: {k: r[k] for k in ("acc", "ece", "nll", "n", "top5", "recall") if k in r} for r in rows if r["tag"] == tag}
+
+
+def image_batch():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # [B, 3, H, W]
+
+
+def test_round_trip_export_open_clip_import_eval_and_wise(ft_run, tmp_path):
+    import open_clip
+
+    evaluate.main(["export", str(ft_run["run"]), "--out", str(tmp_path / "exp")])
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted(evaluate.EXPORTED)
+    open_clip.add_model_config(ft_run["model"])
+    clip, _, _ = open_clip.create_model_and_transforms(Path(ft_run["model"]).stem, pretrained=str(tmp_path / "exp" / evaluate.EXPORTED[0]))
+    run = common.load_run(ft_run["run"], "cpu")
+    with torch.no_grad():
+        want, got = run.model.clip.eval().encode_image(image_batch()), clip.eval().encode_image(image_batch())  # [B, D]
+    assert (want - got).abs().max() <= 1e-6
+    head = torch.load(tmp_path / "exp" / "head.pt", weights_only=True)  # a plain file: no pickled code
+    assert torch.equal(head["head"], run.model.head.detach()) and head["classnames"] == run.task.classnames
+    assert head["head_from_text"] is False and head["logit_scale"] == run.model.clip.logit_scale.item()
+
+    imported = tmp_path / "runs" / "imp"
+    evaluate.main(["import", str(tmp_path / "exp" / evaluate.EXPORTED[0]), "--model", ft_run["model"], "--data", "folder",
+                   "--data-root", ft_run["data"], "--head", str(tmp_path / "exp" / "head.pt"), "--workers", "0", "--out", str(imported)])
+    original = rows_of(ft_run["run"])
+    assert rows_of(imported) == original and set(original) == {"test", "sketch"}
+    config = json.loads((imported / "results.jsonl").read_text().splitlines()[0])["config"]
+    assert "exp/open_clip_model.pt (sha1 " in config["imported"]  # its rows never average with a run trained here
+
+    merge.main(["wise", "--ckpt", str(imported), "--alphas", "0,1", "--workers", "0", "--plot", str(tmp_path / "w.png")])
+    for tag in ("wise a=0", "wise a=1"):
+        assert rows_of(imported, tag) == rows_of(ft_run["run"], tag), tag
+    assert rows_of(imported, "wise a=1") == original
+
+    # the default head is the zero-shot head of the checkpoint's own text tower: FT leaves that tower as θ0's,
+    # so the imported run with it is WiSE-FT's α = 0 head on the fine-tuned image tower
+    evaluate.main(["import", str(tmp_path / "exp" / evaluate.EXPORTED[0]), "--model", ft_run["model"], "--data", "folder",
+                   "--data-root", ft_run["data"], "--workers", "0", "--out", str(tmp_path / "runs" / "zshead")])
+    zs = common.load_run(tmp_path / "runs" / "zshead", "cpu")
+    assert zs.meta["head_from_text"] is True
+    assert torch.equal(zs.model.head, common.run_theta0(run, "cpu").head)
+
+
+def test_export_of_a_merged_run_and_of_wise_alpha(ft_run, tmp_path):
+    merge.main(["soup", "--kind", "uniform", "--ckpt", str(ft_run["run"]), str(ft_run["run"]), "--workers", "0",
+                "--out", str(tmp_path / "soup")])
+    evaluate.main(["export", str(tmp_path / "soup"), "--out", str(tmp_path / "e1")])
+    run = common.load_run(ft_run["run"], "cpu")
+    soup = torch.load(tmp_path / "e1" / "open_clip_model.pt", weights_only=True)
+    assert all(torch.equal(soup[k], v) for k, v in run.model.clip.state_dict().items())  # a soup of one run is that run
+    evaluate.main(["export", str(ft_run["run"]), "--alpha", "0", "--out", str(tmp_path / "e0")])
+    theta0 = common.run_theta0(run, "cpu")
+    zero = torch.load(tmp_path / "e0" / "open_clip_model.pt", weights_only=True)
+    assert all(torch.equal(zero[k], v) for k, v in theta0.clip.state_dict().items())
+    assert torch.equal(torch.load(tmp_path / "e0" / "head.pt", weights_only=True)["head"], theta0.head.detach())
+
+
+def test_import_refuses_another_architecture_or_initialisation(ft_run, tmp_path, tiny_model):
+    common.seed_everything(1)  # the tiny ViT with seed 1's random weights: another initialisation
+    other, _, _ = common.load_clip(tiny_model)
+    torch.save(other.state_dict(), tmp_path / "other_init.pt")
+    torch.save({"state_dict": {k: v for k, v in other.state_dict().items() if k != "text_projection"}},
+               tmp_path / "other_arch.pt")
+    base = ["--model", tiny_model, "--data", "folder", "--data-root", ft_run["data"], "--workers", "0"]
+    with pytest.raises(SystemExit, match=r"not a fine-tune of --model .* \(seed 0\): image tower cosine 0\.\d+ with θ0's"):
+        evaluate.main(["import", str(tmp_path / "other_init.pt"), *base, "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"not a fine-tune .*: 1 tensor\(s\) missing, extra or of another shape \(text_projection\)"):
+        evaluate.main(["import", str(tmp_path / "other_arch.pt"), *base, "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # the same weights declared as seed 1's are accepted: the rule is "from the stated initialisation"
+    evaluate.main(["import", str(tmp_path / "other_init.pt"), *base, "--seed", "1", "--out", str(tmp_path / "c")])
+    assert (tmp_path / "c" / "results.jsonl").is_file()
+
+
+# ---------------------------------------------------------------- --report-to
+def tensorboard_scalars(run: Path) -> dict:
+    """{tag: {step: value}} of every event file in RUN/tensorboard, as TensorBoard shows them (an earlier
+    file's steps purged by a resumed run's purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert all(len({s for s, _ in v}) == len(v) for v in scalars.values()), "a step shown twice"
+    return {tag: dict(v) for tag, v in scalars.items()}
+
+
+def as_float32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()  # event files hold float32
+
+
+def test_report_to_tensorboard_logs_what_log_jsonl_logs_and_a_resume_purges_the_redone_steps(ft_run, tmp_path):
+    log = [json.loads(x) for x in (ft_run["run"] / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "ce", "lr", "grad_norm", "images_per_s", "heldout_acc"} <= {k for r in log for k in r}
+    want = {k: {r["step"]: as_float32(r[k]) for r in log if k in r} for k in {k for r in log for k in r} - {"step"}}
+    assert tensorboard_scalars(ft_run["run"]) == want
+
+    run = tmp_path / "r"  # killed after step 2's checkpoint, before its rows: the resume redoes steps 3 and 4
+    micro = ["--method", "ft", "--data", "folder", "--data-root", ft_run["data"], "--model", ft_run["model"], "--steps", "4",
+             "--batch-size", "8", "--lr", "1e-3", "--ckpt-every", "2", "--keep-checkpoints", "--workers", "0", "--out", str(run)]
+    baselines.main([*micro, "--report-to", "tensorboard"])
+    first = tensorboard_scalars(run)["loss"]
+    (run / "final.pt").unlink()
+    (run / "results.jsonl").unlink()
+    baselines.main([*micro, "--resume"])  # no tracker on the resume: the event files keep the first pass
+    assert tensorboard_scalars(run)["loss"] == first
+    for f in (run / "final.pt", run / "results.jsonl"):
+        f.unlink()
+    baselines.main([*micro, "--report-to", "tensorboard", "--resume"])  # a resume may turn tracking on (not the run's identity)
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and len(list((run / "tensorboard").iterdir())) == 2
+    assert tensorboard_scalars(run)["loss"] == {r["step"]: as_float32(r["loss"]) for r in log}
+
+
+def test_report_to_is_not_part_of_the_configuration_and_a_missing_package_is_one_message(monkeypatch):
+    args = common.make_args(common.TrainArgs, "miniworld")
+    assert common.run_config(args, "ft") == common.run_config(common.make_args(common.TrainArgs, "miniworld",
+                                                                               report_to="tensorboard"), "ft")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"^error: --report-to tensorboard,wandb needs wandb, which is not installed: "
+                                         r"pip install wandb$"):
+        common.make_args(common.TrainArgs, "miniworld", report_to="tensorboard,wandb")
+    with pytest.raises(SystemExit, match="unknown mlflow"):
+        common.make_args(common.TrainArgs, "miniworld", report_to="mlflow")
