@@ -329,6 +329,48 @@ def import_command(a):
     return evaluate_command(a)
 
 
+def curves(runs: list, out: str) -> str:
+    """Every log.jsonl quantity but the step, learning rate, gradient norm and throughput (the loss and its
+    terms, held-out accuracy in %) against step: a panel each, a colour and line style per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {}
+    for run in runs:
+        path = Path(run) if str(run).endswith(".jsonl") else Path(run) / "log.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        if not lines:
+            raise SystemExit(f"error: {path} is {'empty' if path.is_file() else 'missing'}: no training steps to draw "
+                             "(a run writes a line per step; zero-shot, merged and imported runs train nothing)")
+        logs[str(run)] = lines
+    keys = [k for k in dict.fromkeys(k for lines in logs.values() for r in lines for k in r)
+            if k not in ("step", "lr", "grad_norm", "images_per_s")]
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4.5 * cols, 3.2 * -(-len(keys) // cols)), squeeze=False,
+                             sharex=True)
+    handles = {}
+    for i, (name, lines) in enumerate(logs.items()):
+        for ax, key in zip(axes.flat, keys):
+            pts = [(r["step"], 100 * r[key] if key == "heldout_acc" else r[key]) for r in lines if key in r]
+            handles[name] = ax.plot(*zip(*pts) if pts else ([], []), ["-", "--", ":", "-."][i % 4], color=f"C{i % 10}",
+                                    marker="o" if key == "heldout_acc" else None, markersize=4)[0]
+    for ax, key in zip(axes.flat, keys):
+        ax.set(title="held-out accuracy (%)" if key == "heldout_acc" else key, xlabel="step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.tick_params(labelbottom=True)  # shared steps, but every panel labelled: a column may end above the last row
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(3, len(logs)), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out} ({len(keys)} panels, {len(logs)} run(s))")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,6 +411,9 @@ def main(argv=None):
                                  ("workers", AUTO_WORKERS, "DataLoader worker processes (-1: from the free cores)"),
                                  ("threads", 0, "torch CPU threads (0 = the cores free at start)")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=help_)
+    p = sub.add_parser("curves", help="loss terms and held-out accuracy against step, from each run's log.jsonl")
+    p.add_argument("runs", nargs="+", help="run directories (or their log.jsonl)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write")
     for name, help_ in (("table", "markdown table, mean ± std over seeds"), ("plot", "ID-vs-OOD figure")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("results", help="a results.jsonl, or a folder holding one: a runs root or a run folder")
@@ -379,6 +424,8 @@ def main(argv=None):
             p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
             p.add_argument("--methods", default="", help="comma-separated methods to draw (default: all)")
     a = parser.parse_args(argv)
+    if a.command == "curves":
+        return curves(a.runs, a.out)
     if a.command in ("eval", "export", "import"):
         return {"eval": evaluate_command, "export": export_command, "import": import_command}[a.command](a)
     path = Path(a.results) / "results.jsonl" if Path(a.results).is_dir() else Path(a.results)

@@ -170,3 +170,28 @@ def test_report_to_is_not_part_of_the_configuration_and_a_missing_package_is_one
         common.make_args(common.TrainArgs, "miniworld", report_to="tensorboard,wandb")
     with pytest.raises(SystemExit, match="unknown mlflow"):
         common.make_args(common.TrainArgs, "miniworld", report_to="mlflow")
+
+
+# ---------------------------------------------------------------- curves
+def test_curves_draws_every_loss_term_and_heldout_accuracy_and_names_a_missing_or_empty_log(ft_run, tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    other.mkdir()
+    log = [json.loads(x) for x in (ft_run["run"] / "log.jsonl").read_text().splitlines()]
+    (other / "log.jsonl").write_text("".join(json.dumps({**r, "loss": r["loss"] / 2, "reg": r["step"] / 10}) + "\n" for r in log))
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its lines back
+    out = evaluate.main(["curves", str(ft_run["run"]), str(other), "--out", str(tmp_path / "curves.png")])
+    assert Path(out).stat().st_size > 10_000
+    panels = {ax.get_title(): [(list(x.get_xdata()), list(x.get_ydata())) for x in ax.lines] for ax in figures[0].axes if ax.lines}
+    assert list(panels) == ["loss", "ce", "held-out accuracy (%)", "reg"]  # in log order; step, lr, grad norm, throughput not drawn
+    assert panels["loss"] == [([1, 2, 3], [r["loss"] for r in log]), ([1, 2, 3], [r["loss"] / 2 for r in log])]
+    assert panels["held-out accuracy (%)"] == [([2], [100 * log[1]["heldout_acc"]])] * 2
+    assert panels["reg"] == [([], []), ([1, 2, 3], [0.1, 0.2, 0.3])]  # the first run has no such term: an empty line
+    assert [t.get_text() for t in figures[0].legends[0].get_texts()] == [str(ft_run["run"]), str(other)]
+    (other / "log.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: .*other/log.jsonl is empty: no training steps to draw"):
+        evaluate.main(["curves", str(ft_run["run"]), str(other)])
+    with pytest.raises(SystemExit, match=r"^error: .*nowhere/log.jsonl is missing: no training steps to draw"):
+        evaluate.main(["curves", str(tmp_path / "nowhere")])
