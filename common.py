@@ -51,6 +51,7 @@ from tracking import Trackers, reporters
 
 REPO = Path(__file__).resolve().parent
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+TOP_K = 5  # the k of the top-k accuracy in every results row ("top5"; clip_benchmark's acc5)
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
 FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads, data_workers)
 AUTO_WORKERS = -1  # --workers value that means: from the free cores (data_workers)
@@ -1097,7 +1098,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
 # Evaluation: accuracy, ECE and NLL of every test split, sharded under torchrun
 # ----------------------------------------------------------------------------------------------
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict:
-    """Accuracy, expected calibration error (equal-width confidence bins) and NLL."""
+    """Accuracy, expected calibration error (equal-width confidence bins), NLL, and clip_benchmark's other two:
+    top-5 accuracy (label among the min(5, K) highest logits: 1 when K <= 5) and mean per-class recall (the
+    mean over the classes present of the fraction of their images classified right)."""
     logits, labels = logits.float(), labels.long()
     logp = logits.log_softmax(-1)  # [N, K]
     conf, pred = logp.exp().max(-1)  # [N]
@@ -1110,7 +1113,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int
         if in_bin.any():
             ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
     nll = F.nll_loss(logp, labels)
-    return {"acc": correct.mean().item(), "ece": ece.item(), "nll": nll.item(), "n": len(labels)}
+    top5 = (logits.topk(min(TOP_K, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()  # [N]
+    recall = torch.stack([correct[labels == c].mean() for c in labels.unique()]).mean()
+    return {"acc": correct.mean().item(), "ece": ece.item(), "nll": nll.item(), "n": len(labels), "top5": top5.mean().item(),
+            "recall": recall.item()}
 
 
 def gzsl_metrics(logits: torch.Tensor, labels: torch.Tensor, unseen: list) -> dict:

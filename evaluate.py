@@ -1,5 +1,6 @@
-"""Evaluation and reporting: accuracy, ECE (15 equal-width bins) and NLL on every split of a task,
-then markdown tables and ID-vs-OOD plots from results.jsonl.
+"""Evaluation and reporting: accuracy, ECE (15 equal-width bins), NLL, top-5 accuracy and mean per-class recall
+on every split of a task, then tables (markdown, CSV, JSON) and ID-vs-OOD plots from results.jsonl, and
+training curves from log.jsonl; runs out to open_clip (export) and open_clip fine-tunes in as runs (import).
 
   python evaluate.py eval --ckpt runs/ft-miniworld-miniclip-s0        # a fine-tuned checkpoint
   python evaluate.py eval --model ViT-B-16 --pretrained openai --data imagenet --data-root DIR   # zero-shot
@@ -8,6 +9,10 @@ then markdown tables and ID-vs-OOD plots from results.jsonl.
   python evaluate.py table runs/results.jsonl                          # markdown, mean ± std over seeds
   python evaluate.py table --domainbed runs/results.jsonl              # leave-one-domain-out: a column per test domain
   python evaluate.py plot runs/results.jsonl --out id_vs_ood.png
+  python evaluate.py table runs/results.jsonl --format csv             # or json: + top-5, recall, clip_benchmark's names
+  python evaluate.py curves RUN [RUN...] --out curves.png              # loss terms and held-out accuracy against step
+  python evaluate.py export RUN --out DIR                              # open_clip checkpoint + head.pt (--alpha A: WiSE-FT)
+  python evaluate.py import CKPT --model ViT-B-32 --pretrained openai --data imagenet --data-root DIR --out RUN
 
 Rows of the table are runs of one configuration (every argument that changes the numbers:
 common.run_config), averaged over seeds, named by method and tag and, where two rows of a method would
@@ -34,11 +39,16 @@ import torch.nn.functional as F
 from common import (AUTO_WORKERS, ClipClassifier, TrainArgs, atomic_save, check_data, data_workers, defaults, evaluate_task,
                     get_device, init_distributed, load_clip, load_run, load_task, log_results, plot_id_vs_ood, resolve_model,
                     run_log_args, scored_domains, seed_everything, set_threads, setup, start_run, zeroshot_head)
+from tracking import plot_curves
 
 
 GZSL_COLUMNS = (("S", "acc_seen"), ("U", "acc_unseen"), ("H", "h"))  # a generalized zero-shot row's columns per split
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
 EXPORTED = ("open_clip_model.pt", "head.pt", "open_clip_config.json")  # what `export` writes (module docstring)
+# --data imagenet's split names -> clip_benchmark's dataset names (table --format csv|json)
+CLIP_BENCHMARK = {"val": "imagenet1k", "imagenet-v2": "imagenetv2", "imagenet-sketch": "imagenet_sketch",
+                  "imagenet-a": "imagenet-a", "imagenet-r": "imagenet-r", "objectnet": "objectnet"}
+METRICS = (("acc1", "acc"), ("acc5", "top5"), ("mean_per_class_recall", "recall"), ("ece", "ece"), ("nll", "nll"))  # clip_benchmark's names
 SAME_INIT_COS = 0.9  # `import`: each tower's weights must have at least this cosine with θ0's (same initialisation)
 
 
@@ -148,6 +158,41 @@ def markdown_table(rows: list) -> str:
         cells = [fmt(cols.get(c, []), 4 if c.startswith(("ECE", "NLL")) else 1) for c in columns]
         lines.append(f"| {names[group]} | {len(seeds[group])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def records(rows: list) -> list:
+    """table --format csv|json: a record per (row group, split): its name, identity, split, clip_benchmark's dataset name
+    (ImageNet's splits), runs and their folders, each METRIC's mean and std over runs (fractions, as clip_benchmark
+    writes them; None where the rows lack it), and the full configuration."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(identity(r), r["split"])].append(r)
+    names = row_names(list(dict.fromkeys(g for g, _ in groups)), {identity(r): r.get("config", {}) for r in rows})
+    out = []
+    for (g, split), rs in groups.items():
+        rec = {"name": names[g], "method": g[0], "tag": g[1], "data": g[2], "model": g[3], "pretrained": rs[0].get("pretrained", ""),
+               "config_id": g[4], "split": split, "kind": rs[0]["kind"],
+               "clip_benchmark": CLIP_BENCHMARK.get(split, "") if g[2] == "imagenet" else "", "n": rs[0].get("n"),
+               "runs": len(rs), "run_dirs": sorted(r["run"] for r in rs)}
+        for name, key in METRICS:
+            v = [r[key] for r in rs if key in r]
+            rec.update({name: float(np.mean(v)) if v else None, f"{name}_std": float(np.std(v, ddof=1)) if len(v) > 1 else None})
+        out.append({**rec, "config": rs[0].get("config", {})})
+    return out
+
+
+def csv_table(recs: list) -> str:
+    """records as CSV: the configuration flattened to config.<field> columns, the run folders joined by ';'."""
+    import csv
+    import io
+
+    flat = [{**{k: v for k, v in r.items() if k != "config"}, "run_dirs": ";".join(r["run_dirs"]),
+             **{f"config.{k}": v for k, v in r["config"].items()}} for r in recs]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, list(dict.fromkeys(k for r in flat for k in r)), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buf.getvalue().rstrip("\n")
 
 
 def domainbed_tables(rows: list) -> str:
@@ -269,17 +314,6 @@ def export_command(a):
     return out
 
 
-def tower_cosines(state: dict, state0: dict) -> dict:
-    """{tower: cosine between its float weights in `state` and in θ0's}: the image tower (visual.*) and the rest."""
-    image = [k for k in state0 if k.startswith("visual.")]
-    cos = {}
-    for tower, keys in (("image tower", image), ("text tower", [k for k in state0 if k not in image])):
-        keys = [k for k in keys if state0[k].is_floating_point()]
-        x, y = (torch.cat([s[k].double().flatten() for k in keys]) for s in (state, state0))  # [P]
-        cos[tower] = F.cosine_similarity(x, y, dim=0).item()
-    return cos
-
-
 def import_command(a):
     """An open_clip checkpoint fine-tuned elsewhere from --model/--pretrained (a random-weight --model: from
     --seed's weights) -> a run folder (args.json, final.pt) that eval and merge.py take, then evaluated. Its
@@ -291,8 +325,8 @@ def import_command(a):
 
     check_data(a.data)
     out, path = Path(a.out), Path(a.checkpoint)
-    if (out / "args.json").exists():
-        raise SystemExit(f"error: {out} already holds a run: pass another --out")
+    if not a.out or (out / "args.json").exists():
+        raise SystemExit(f"error: {'--out ' + a.out + ' already holds a run' if a.out else 'import needs --out RUN_DIR'}")
     seed_everything(a.seed)
     clip, tokenizer, _ = load_clip(a.model, a.pretrained)
     state0 = clip.state_dict()
@@ -301,7 +335,10 @@ def import_command(a):
     except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same message
         raise SystemExit(f"error: could not read {path} as an open_clip checkpoint ({type(e).__name__}: {e})") from None
     odd = (sorted(set(state0) ^ set(state)) + [k for k in state0 if k in state and state[k].shape != state0[k].shape])
-    cos = {} if odd else tower_cosines(state, state0)
+    image = [k for k in state0 if k.startswith("visual.")]
+    towers = {"image tower": image, "text tower": [k for k in state0 if k not in image]}  # the text tower: all the rest
+    flat = lambda s, keys: torch.cat([s[k].double().flatten() for k in keys if state0[k].is_floating_point()])  # noqa: E731  [P]
+    cos = {} if odd else {t: F.cosine_similarity(flat(state, ks), flat(state0, ks), dim=0).item() for t, ks in towers.items()}
     if odd or min(cos.values()) < SAME_INIT_COS:
         why = (f"{len(odd)} tensor(s) missing, extra or of another shape ({', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''})"
                if odd else ", ".join(f"{t} cosine {c:.3f} with θ0's" for t, c in cos.items()) + f" (< {SAME_INIT_COS})")
@@ -309,7 +346,8 @@ def import_command(a):
                          f"{' (seed ' + str(a.seed) + ')' if not a.pretrained else ''}: {why}. Import checkpoints of that "
                          "architecture fine-tuned from those weights")
     clip.load_state_dict(state)
-    task = load_task(a.data, a.data_root, a.seed, a.zeroshot_data, source_domain=a.source_domain, test_domain=a.test_domain)
+    task = load_task(a.data, a.data_root, a.seed, a.zeroshot_data, source_domain=a.source_domain, test_domain=a.test_domain,
+                     unseen_classes=a.unseen_classes)
     saved = torch.load(a.head, map_location="cpu", weights_only=True) if a.head else None
     if saved and saved["classnames"] != task.classnames:
         raise SystemExit(f"error: --head {a.head} holds {len(saved['classnames'])} classes other than --data {a.data}'s")
@@ -318,7 +356,7 @@ def import_command(a):
             "head_from_text": saved["head_from_text"] if saved else True, "step": 0, "selected": False}
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
     args = {"method": a.method, **{k: getattr(a, k) for k in ("data", "data_root", "test_domain", "zeroshot_data",
-            "source_domain", "model", "pretrained", "seed")}, "steps": 0, "out": str(out),
+            "source_domain", "unseen_classes", "model", "pretrained", "seed")}, "steps": 0, "out": str(out),
             "imported": f"{path.resolve()} (sha1 {digest}){' + head ' + a.head if a.head else ''}"}
     out.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": ClipClassifier(clip, head, tokenizer).state_dict(), "meta": meta}, out / "final.pt")
@@ -330,13 +368,7 @@ def import_command(a):
 
 
 def curves(runs: list, out: str) -> str:
-    """Every log.jsonl quantity but the step, learning rate, gradient norm and throughput (the loss and its
-    terms, held-out accuracy in %) against step: a panel each, a colour and line style per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The log.jsonl of every run drawn against step (tracking.plot_curves); a missing or empty log is one message."""
     logs = {}
     for run in runs:
         path = Path(run) if str(run).endswith(".jsonl") else Path(run) / "log.jsonl"
@@ -345,72 +377,40 @@ def curves(runs: list, out: str) -> str:
             raise SystemExit(f"error: {path} is {'empty' if path.is_file() else 'missing'}: no training steps to draw "
                              "(a run writes a line per step; zero-shot, merged and imported runs train nothing)")
         logs[str(run)] = lines
-    keys = [k for k in dict.fromkeys(k for lines in logs.values() for r in lines for k in r)
-            if k not in ("step", "lr", "grad_norm", "images_per_s")]
-    cols = min(3, len(keys))
-    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4.5 * cols, 3.2 * -(-len(keys) // cols)), squeeze=False,
-                             sharex=True)
-    handles = {}
-    for i, (name, lines) in enumerate(logs.items()):
-        for ax, key in zip(axes.flat, keys):
-            pts = [(r["step"], 100 * r[key] if key == "heldout_acc" else r[key]) for r in lines if key in r]
-            handles[name] = ax.plot(*zip(*pts) if pts else ([], []), ["-", "--", ":", "-."][i % 4], color=f"C{i % 10}",
-                                    marker="o" if key == "heldout_acc" else None, markersize=4)[0]
-    for ax, key in zip(axes.flat, keys):
-        ax.set(title="held-out accuracy (%)" if key == "heldout_acc" else key, xlabel="step")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.tick_params(labelbottom=True)  # shared steps, but every panel labelled: a column may end above the last row
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(3, len(logs)), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out} ({len(keys)} panels, {len(logs)} run(s))")
-    return out
+    return plot_curves(logs, out)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("eval", help="evaluate a checkpoint (or a zero-shot model) on every split")
-    p.add_argument("--ckpt", default="", help="a run directory or a .pt written by a method file; empty = zero-shot --model")
-    for name, help_ in (("data", "dataset (zero-shot evaluation; a run knows its own)"), ("data_root", "dataset folder "
-                        "(for a run: only if it moved)"), ("model", "open_clip architecture or miniclip (zero-shot)"),
-                        ("pretrained", "open_clip tag or weights file (zero-shot)"), ("device", "cuda | cpu"),
-                        ("test_domain", "--data domainbed: the left-out domain (zero-shot; a run knows its own)"),
-                        ("out", "run directory of the zero-shot evaluation"), ("zeroshot_data", "DIR[,DIR...]: "
-                        "classification folders scored zero-shot with heads from the model's text tower (default: a "
-                        "run's own --zeroshot-data)"), ("source_domain", "--data domainnet: the domain whose test split is ID "
-                        "(zero-shot; a run knows its own)"), ("unseen_classes", "FILE of unseen class folders (zero-shot on "
-                        "--data folder: S / U / H; a run knows its own)")):
-        p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
-    p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
-    p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the zero-shot model (a random-weight --model)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
+    for command in ("eval", "import"):
+        p = sub.add_parser(command, help="evaluate a checkpoint (or a zero-shot model) on every split" if command == "eval"
+                           else "an open_clip checkpoint fine-tuned elsewhere as a run of this repo, then evaluated")
+        if command == "eval":
+            p.add_argument("--ckpt", default="", help="a run directory or a .pt written by a method file; empty = zero-shot --model")
+        else:
+            p.add_argument("checkpoint", help="open_clip checkpoint (a state dict, or open_clip training's {'state_dict': ...})")
+            p.add_argument("--head", default="", help="an export's head.pt (default: the zero-shot head of its text tower)")
+            p.add_argument("--method", default="imported", help="the method name its rows carry")
+        for name, help_ in (("data", "dataset (zero-shot evaluation, import; a run knows its own)"), ("data_root", "dataset "
+                            "folder (for a run: only if it moved)"), ("model", "open_clip architecture or miniclip (zero-shot; "
+                            "import: the one fine-tuned)"), ("pretrained", "open_clip tag or weights file (zero-shot; import: "
+                            "the one fine-tuned from)"), ("device", "cuda | cpu"),
+                            ("test_domain", "--data domainbed: the left-out domain (zero-shot; a run knows its own)"),
+                            ("out", "run directory of the zero-shot evaluation or the import"), ("zeroshot_data", "DIR[,DIR...]: "
+                            "classification folders scored zero-shot with heads from the model's text tower (default: a "
+                            "run's own --zeroshot-data)"), ("source_domain", "--data domainnet: the domain whose test split is ID "
+                            "(zero-shot; a run knows its own)"), ("unseen_classes", "FILE of unseen class folders (zero-shot on "
+                            "--data folder: S / U / H; a run knows its own)")):
+            p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
+        p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
+        p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the zero-shot model (a random-weight --model) and the task")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
     p = sub.add_parser("export", help="a run as an open_clip checkpoint + its head (head.pt)")
     p.add_argument("run", help="a run directory (trained, merged or imported)")
     p.add_argument("--out", required=True, help="folder for open_clip_model.pt, head.pt, open_clip_config.json")
     p.add_argument("--alpha", type=float, default=None, help="export WiSE-FT's θ_α of the run instead (0 = θ0, 1 = the run)")
-    p = sub.add_parser("import", help="an open_clip checkpoint fine-tuned elsewhere as a run of this repo")
-    p.add_argument("checkpoint", help="open_clip checkpoint (a state dict, or open_clip training's {'state_dict': ...})")
-    p.add_argument("--out", required=True, help="the run directory to write")
-    p.add_argument("--head", default="", help="an export's head.pt (default: the zero-shot head of the checkpoint's text tower)")
-    p.add_argument("--method", default="imported", help="the method name its rows carry")
-    for name, default, help_ in (("model", TrainArgs.model, "open_clip architecture (or config JSON) it was fine-tuned from"),
-                                 ("pretrained", "", "the open_clip tag or weights file it was fine-tuned from"),
-                                 ("data", TrainArgs.data, "dataset to evaluate and merge it on"), ("data_root", "", "dataset folder"),
-                                 ("source_domain", TrainArgs.source_domain, "--data domainnet: the ID domain"),
-                                 ("test_domain", "", "--data domainbed: the left-out domain"),
-                                 ("zeroshot_data", "", "[NAME=]DIR[,...]: extra folders scored zero-shot"), ("device", "", "cuda | cpu")):
-        p.add_argument("--" + name.replace("_", "-"), default=default, help=help_)
-    for name, default, help_ in (("seed", 0, "the task's seed (held-out slice) and a random-weight --model's initial weights"),
-                                 ("eval_batch_size", TrainArgs.eval_batch_size, "batch size for evaluation"),
-                                 ("workers", AUTO_WORKERS, "DataLoader worker processes (-1: from the free cores)"),
-                                 ("threads", 0, "torch CPU threads (0 = the cores free at start)")):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=help_)
     p = sub.add_parser("curves", help="loss terms and held-out accuracy against step, from each run's log.jsonl")
     p.add_argument("runs", nargs="+", help="run directories (or their log.jsonl)")
     p.add_argument("--out", default="curves.png", help="the PNG to write")
@@ -420,6 +420,8 @@ def main(argv=None):
         if name == "table":
             p.add_argument("--domainbed", action="store_true", help="leave-one-domain-out tables of the --data "
                            "domainbed runs: a column per test domain and their average")
+            p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="md: the markdown table; csv, "
+                           "json: a record per configuration and split, with top-5, per-class recall and clip_benchmark's names")
         if name == "plot":
             p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
             p.add_argument("--methods", default="", help="comma-separated methods to draw (default: all)")
@@ -436,7 +438,8 @@ def main(argv=None):
     if not rows:
         raise SystemExit(f"error: {path} holds no results rows: nothing to {'tabulate' if a.command == 'table' else 'plot'}")
     if a.command == "table":
-        print(domainbed_tables(rows) if a.domainbed else markdown_table(rows))
+        print(domainbed_tables(rows) if a.domainbed else markdown_table(rows) if a.format == "md"
+              else csv_table(records(rows)) if a.format == "csv" else json.dumps(records(rows), indent=1))
     else:
         chosen = [m for m in a.methods.split(",") if m]
         rows = [r for r in rows if not chosen or r["method"].split("+")[0] in chosen]

@@ -195,3 +195,48 @@ def test_curves_draws_every_loss_term_and_heldout_accuracy_and_names_a_missing_o
         evaluate.main(["curves", str(ft_run["run"]), str(other)])
     with pytest.raises(SystemExit, match=r"^error: .*nowhere/log.jsonl is missing: no training steps to draw"):
         evaluate.main(["curves", str(tmp_path / "nowhere")])
+
+
+# ---------------------------------------------------------------- reporting as the benchmarks do
+def test_top5_and_mean_per_class_recall_against_a_hand_computation(ft_run):
+    down, up = [7., 6., 5., 4., 3., 2., 1.], [1., 2., 3., 4., 5., 6., 7.]  # class 0 first / class 6 first
+    logits = torch.tensor([down, down, down, down, up, up])  # [6, 7]
+    labels = torch.tensor([0, 6, 4, 5, 0, 6])  # ranks 1, 7, 5, 6, 7, 1
+    m = common.classification_metrics(logits, labels)
+    assert m["acc"] == pytest.approx(2 / 6)
+    assert m["top5"] == pytest.approx(3 / 6)  # ranks 1, 5 and 1 are within the top 5
+    assert m["recall"] == pytest.approx((1 / 2 + 1 / 2 + 0 + 0) / 4)  # classes 0 and 6: 1 of 2 each; 4 and 5: 0 of 1
+    assert common.classification_metrics(logits[:, :3], torch.tensor([0, 2, 1, 1, 0, 2]))["top5"] == 1.0  # K <= 5
+    for row in rows_of(ft_run["run"]).values():  # every results row carries them; 4 classes: top-5 is 1
+        assert row["top5"] == 1.0 and 0 <= row["recall"] <= 1
+
+
+def test_table_csv_and_json_carry_the_configuration_metrics_and_clip_benchmark_names(tmp_path, capsys):
+    import csv
+
+    rows = []
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        for split, kind in (("val", "id"), ("imagenet-v2", "ood"), ("imagenet-sketch", "ood"), ("objectnet", "ood")):
+            rows.append({"run": f"runs/ft-s{seed}", "method": "ft", "tag": "", "data": "imagenet", "model": "ViT-B-16",
+                         "pretrained": "openai", "split": split, "kind": kind, "acc": acc, "top5": acc + 0.2, "recall": acc - 0.1,
+                         "ece": 0.1, "nll": 1.0, "n": 10, "seed": seed, "config": {"lr": 1e-5, "data": "imagenet"}, "config_id": "abc"})
+    rows.append({"run": "runs/zs", "method": "zeroshot", "tag": "", "data": "folder", "model": "ViT-B-16", "split": "test",
+                 "kind": "id", "acc": 0.25, "ece": 0.2, "nll": 2.0, "seed": 0})  # a row written before top-5 existed
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluate.main(["table", str(tmp_path / "results.jsonl"), "--format", "json"])
+    recs = json.loads(capsys.readouterr().out)
+    assert [(r["split"], r["clip_benchmark"]) for r in recs] == [
+        ("val", "imagenet1k"), ("imagenet-v2", "imagenetv2"), ("imagenet-sketch", "imagenet_sketch"), ("objectnet", "objectnet"),
+        ("test", "")]
+    val = recs[0]
+    assert (val["name"], val["runs"], val["run_dirs"], val["config"]) == ("ft [imagenet, ViT-B-16]", 2, ["runs/ft-s0", "runs/ft-s1"], rows[0]["config"])
+    assert val["acc1"] == pytest.approx(0.6) and val["acc5"] == pytest.approx(0.8) and val["mean_per_class_recall"] == pytest.approx(0.5)
+    assert val["acc1_std"] == pytest.approx(0.1414, abs=1e-4) and val["ece_std"] == pytest.approx(0.0)
+    assert recs[-1]["acc5"] is None and recs[-1]["acc1_std"] is None and recs[-1]["acc1"] == 0.25
+    evaluate.main(["table", str(tmp_path / "results.jsonl"), "--format", "csv"])
+    table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert len(table) == 5 and table[0]["config.lr"] == "1e-05" and table[0]["run_dirs"] == "runs/ft-s0;runs/ft-s1"
+    assert table[2]["clip_benchmark"] == "imagenet_sketch" and float(table[2]["acc5"]) == pytest.approx(0.8)
+    assert table[-1]["config.lr"] == "" and table[-1]["acc5"] == ""
+    evaluate.main(["table", str(tmp_path / "results.jsonl")])  # markdown as before: no top-5 / recall columns
+    assert "top5" not in capsys.readouterr().out
