@@ -44,7 +44,7 @@ from tracking import plot_curves
 
 GZSL_COLUMNS = (("S", "acc_seen"), ("U", "acc_unseen"), ("H", "h"))  # a generalized zero-shot row's columns per split
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
-EXPORTED = ("open_clip_model.pt", "head.pt", "open_clip_config.json")  # what `export` writes (module docstring)
+EXPORTED = ("open_clip_model.pt", "head.pt")  # what `export` writes, with the architecture's <MODEL>.json
 # --data imagenet's split names -> clip_benchmark's dataset names (table --format csv|json)
 CLIP_BENCHMARK = {"val": "imagenet1k", "imagenet-v2": "imagenetv2", "imagenet-sketch": "imagenet_sketch",
                   "imagenet-a": "imagenet-a", "imagenet-r": "imagenet-r", "objectnet": "objectnet"}
@@ -290,8 +290,8 @@ def write_json(value, path: Path):
 def export_command(a):
     """RUN -> OUT/open_clip_model.pt (the CLIP's plain state dict: open_clip.create_model_and_transforms(MODEL,
     pretrained=it) loads it), OUT/head.pt (head [K, D], class names, logit scale, head_from_text: logits =
-    exp(logit_scale) · n(encode_image(x)) @ headᵀ) and OUT/open_clip_config.json (the architecture, for a
-    config open_clip does not ship: open_clip.add_model_config). --alpha: WiSE-FT's θ_α of the run."""
+    exp(logit_scale) · n(encode_image(x)) @ headᵀ) and OUT/<MODEL>.json (the architecture, for a config
+    open_clip does not ship: open_clip.add_model_config registers it as MODEL). --alpha: WiSE-FT's θ_α."""
     from merge import load_run_weights, run_endpoints, wise
 
     run = load_run(a.run, "cpu")
@@ -308,7 +308,7 @@ def export_command(a):
                  "alpha": a.alpha, "source": str(run.dir)}, out / EXPORTED[1])
     import open_clip
 
-    write_json(open_clip.get_model_config(name), out / EXPORTED[2])
+    write_json(open_clip.get_model_config(name), out / f"{name}.json")
     print(f"exported {run.dir}{f' (WiSE-FT α={a.alpha:g})' if a.alpha is not None else ''} to {out}: "
           f"open_clip.create_model_and_transforms({name!r}, pretrained={str(out / EXPORTED[0])!r})")
     return out
@@ -409,7 +409,7 @@ def main(argv=None):
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores free at start)")
     p = sub.add_parser("export", help="a run as an open_clip checkpoint + its head (head.pt)")
     p.add_argument("run", help="a run directory (trained, merged or imported)")
-    p.add_argument("--out", required=True, help="folder for open_clip_model.pt, head.pt, open_clip_config.json")
+    p.add_argument("--out", required=True, help="folder for open_clip_model.pt, head.pt and <MODEL>.json")
     p.add_argument("--alpha", type=float, default=None, help="export WiSE-FT's θ_α of the run instead (0 = θ0, 1 = the run)")
     p = sub.add_parser("curves", help="loss terms and held-out accuracy against step, from each run's log.jsonl")
     p.add_argument("runs", nargs="+", help="run directories (or their log.jsonl)")

@@ -53,9 +53,10 @@ def test_round_trip_export_open_clip_import_eval_and_wise(ft_run, tmp_path):
     import open_clip
 
     evaluate.main(["export", str(ft_run["run"]), "--out", str(tmp_path / "exp")])
-    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted(evaluate.EXPORTED)
-    open_clip.add_model_config(ft_run["model"])
-    clip, _, _ = open_clip.create_model_and_transforms(Path(ft_run["model"]).stem, pretrained=str(tmp_path / "exp" / evaluate.EXPORTED[0]))
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted([*evaluate.EXPORTED, "tiny-vit.json"])
+    assert json.loads((tmp_path / "exp" / "tiny-vit.json").read_text()) == json.loads(Path(ft_run["model"]).read_text())
+    open_clip.add_model_config(tmp_path / "exp" / "tiny-vit.json")  # the architecture as exported
+    clip, _, _ = open_clip.create_model_and_transforms("tiny-vit", pretrained=str(tmp_path / "exp" / evaluate.EXPORTED[0]))
     run = common.load_run(ft_run["run"], "cpu")
     with torch.no_grad():
         want, got = run.model.clip.eval().encode_image(image_batch()), clip.eval().encode_image(image_batch())  # [B, D]
