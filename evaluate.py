@@ -50,6 +50,7 @@ CLIP_BENCHMARK = {"val": "imagenet1k", "imagenet-v2": "imagenetv2", "imagenet-sk
                   "imagenet-a": "imagenet-a", "imagenet-r": "imagenet-r", "objectnet": "objectnet"}
 METRICS = (("acc1", "acc"), ("acc5", "top5"), ("mean_per_class_recall", "recall"), ("ece", "ece"), ("nll", "nll"))  # clip_benchmark's names
 SAME_INIT_COS = 0.9  # `import`: each tower's weights must have at least this cosine with θ0's (same initialisation)
+WRAPPER, LINEAR_HEAD = "model.", "classification_head."  # `import`: a wrapper's CLIP and linear head on n(f(x)) (model soups')
 
 
 def read_results(path) -> list:
@@ -281,17 +282,12 @@ def evaluate_command(a):
     return rows
 
 
-def write_json(value, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)  # atomic: a reader never sees half a file
-
-
 def export_command(a):
     """RUN -> OUT/open_clip_model.pt (the CLIP's plain state dict: open_clip.create_model_and_transforms(MODEL,
     pretrained=it) loads it), OUT/head.pt (head [K, D], class names, logit scale, head_from_text: logits =
     exp(logit_scale) · n(encode_image(x)) @ headᵀ) and OUT/<MODEL>.json (the architecture, for a config
     open_clip does not ship: open_clip.add_model_config registers it as MODEL). --alpha: WiSE-FT's θ_α."""
+    import open_clip
     from merge import load_run_weights, run_endpoints, wise
 
     run = load_run(a.run, "cpu")
@@ -306,9 +302,8 @@ def export_command(a):
                  "logit_scale": clip.logit_scale.item(), "head_from_text": bool(run.meta.get("head_from_text")),
                  "model": name, "pretrained": run.meta["pretrained"], "data": run.args["data"], "method": run.method,
                  "alpha": a.alpha, "source": str(run.dir)}, out / EXPORTED[1])
-    import open_clip
-
-    write_json(open_clip.get_model_config(name), out / f"{name}.json")
+    (out / f"{name}.json.tmp").write_text(json.dumps(open_clip.get_model_config(name), indent=1))
+    (out / f"{name}.json.tmp").replace(out / f"{name}.json")  # atomic, as the two above
     print(f"exported {run.dir}{f' (WiSE-FT α={a.alpha:g})' if a.alpha is not None else ''} to {out}: "
           f"open_clip.create_model_and_transforms({name!r}, pretrained={str(out / EXPORTED[0])!r})")
     return out
@@ -316,9 +311,11 @@ def export_command(a):
 
 def import_command(a):
     """An open_clip checkpoint fine-tuned elsewhere from --model/--pretrained (a random-weight --model: from
-    --seed's weights) -> a run folder (args.json, final.pt) that eval and merge.py take, then evaluated. Its
-    head: the zero-shot head of its own text tower (default; a merge rebuilds it from the merged text tower),
-    or --head FILE (an export's head.pt). Refused with one message when its tensors are not --model's (names
+    --seed's weights) -> a run folder (args.json, final.pt) that eval and merge.py take, then evaluated. Also
+    a wrapper's (model soups'): the CLIP under WRAPPER, a LINEAR_HEAD, the text transformer left out (θ0's).
+    Its head: the wrapper's linear head (W / s; a bias has no place in s · n(f) Wᵀ: dropped, said) or else
+    the zero-shot head of its text tower (merges rebuild it from the merged tower); --head text: the latter,
+    --head FILE: an export's head.pt. Refused with one message when its tensors are not --model's (names
     and shapes), or when either tower's weights have a cosine below SAME_INIT_COS with θ0's (not fine-tuned
     from that initialisation). Its configuration names the file (and its sha1), so its rows keep apart."""
     import open_clip
@@ -334,6 +331,10 @@ def import_command(a):
         state = open_clip.factory.load_state_dict(str(path))  # a plain state dict or {"state_dict": ...} (open_clip's training)
     except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same message
         raise SystemExit(f"error: could not read {path} as an open_clip checkpoint ({type(e).__name__}: {e})") from None
+    linear = {k[len(LINEAR_HEAD):]: state.pop(k) for k in list(state) if k.startswith(LINEAR_HEAD)}  # weight [K, D], bias [K]
+    state = {k.removeprefix(WRAPPER): v for k, v in state.items()} if all(k.startswith(WRAPPER) for k in state) else state
+    if not any(k.startswith("transformer.") for k in state):  # a text transformer left out (model soups'): θ0's
+        state = {**{k: v for k, v in state0.items() if k.startswith("transformer.")}, **state}
     odd = (sorted(set(state0) ^ set(state)) + [k for k in state0 if k in state and state[k].shape != state0[k].shape])
     image = [k for k in state0 if k.startswith("visual.")]
     towers = {"image tower": image, "text tower": [k for k in state0 if k not in image]}  # the text tower: all the rest
@@ -348,19 +349,24 @@ def import_command(a):
     clip.load_state_dict(state)
     task = load_task(a.data, a.data_root, a.seed, a.zeroshot_data, source_domain=a.source_domain, test_domain=a.test_domain,
                      unseen_classes=a.unseen_classes)
-    saved = torch.load(a.head, map_location="cpu", weights_only=True) if a.head else None
-    if saved and saved["classnames"] != task.classnames:
-        raise SystemExit(f"error: --head {a.head} holds {len(saved['classnames'])} classes other than --data {a.data}'s")
-    head = saved["head"] if saved else zeroshot_head(clip, tokenizer, task.classnames, task.templates)  # [K, D]
+    saved = torch.load(a.head, map_location="cpu", weights_only=True) if a.head not in ("", "text") else None
+    own = {} if a.head else linear  # the checkpoint's own linear head, unless --head names another
+    if saved and saved["classnames"] != task.classnames or own and len(own["weight"]) != len(task.classnames):
+        raise SystemExit(f"error: {'--head ' + a.head if saved else path} holds a head over other classes than --data {a.data}'s")
+    if own.get("bias", torch.zeros(1)).abs().max() > 0:
+        print(f"note: its head's bias (max |b| {own['bias'].abs().max():.3g}) is dropped: logits here are s · n(f) Wᵀ")
+    head = (saved["head"] if saved else own["weight"] / clip.logit_scale.exp().detach() if own  # [K, D]
+            else zeroshot_head(clip, tokenizer, task.classnames, task.templates))
     meta = {"method": a.method, "model": a.model, "pretrained": a.pretrained, "data": a.data, "classnames": task.classnames,
-            "head_from_text": saved["head_from_text"] if saved else True, "step": 0, "selected": False}
+            "head_from_text": saved["head_from_text"] if saved else not own, "step": 0, "selected": False}
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
     args = {"method": a.method, **{k: getattr(a, k) for k in ("data", "data_root", "test_domain", "zeroshot_data",
             "source_domain", "unseen_classes", "model", "pretrained", "seed")}, "steps": 0, "out": str(out),
             "imported": f"{path.resolve()} (sha1 {digest}){' + head ' + a.head if a.head else ''}"}
     out.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": ClipClassifier(clip, head, tokenizer).state_dict(), "meta": meta}, out / "final.pt")
-    write_json(args, out / "args.json")
+    (out / "args.json.tmp").write_text(json.dumps(args, indent=2))
+    (out / "args.json.tmp").replace(out / "args.json")  # atomic: a run folder with args.json is a run
     print(f"imported {path} as the run {out} (cosine with θ0: "
           + ", ".join(f"{t} {c:.4f}" for t, c in cos.items()) + "); evaluating it")
     a.ckpt = str(out)
@@ -390,7 +396,8 @@ def main(argv=None):
             p.add_argument("--ckpt", default="", help="a run directory or a .pt written by a method file; empty = zero-shot --model")
         else:
             p.add_argument("checkpoint", help="open_clip checkpoint (a state dict, or open_clip training's {'state_dict': ...})")
-            p.add_argument("--head", default="", help="an export's head.pt (default: the zero-shot head of its text tower)")
+            p.add_argument("--head", default="", help="text (its text tower's zero-shot head) or an export's head.pt "
+                           "(default: the checkpoint's own linear head if it has one, else text)")
             p.add_argument("--method", default="imported", help="the method name its rows carry")
         for name, help_ in (("data", "dataset (zero-shot evaluation, import; a run knows its own)"), ("data_root", "dataset "
                             "folder (for a run: only if it moved)"), ("model", "open_clip architecture or miniclip (zero-shot; "

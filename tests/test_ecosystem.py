@@ -87,6 +87,30 @@ def test_round_trip_export_open_clip_import_eval_and_wise(ft_run, tmp_path):
     assert torch.equal(zs.model.head, common.run_theta0(run, "cpu").head)
 
 
+def test_import_of_a_wrapper_with_a_linear_head_and_no_text_transformer(ft_run, tmp_path, capsys):
+    """model soups' layout: the CLIP under "model.", its text transformer deleted, a linear head on n(f(x))."""
+    run = common.load_run(ft_run["run"], "cpu")
+    scale = run.model.scale.detach()
+    wrapped = {f"model.{k}": v for k, v in run.model.clip.state_dict().items() if not k.startswith("transformer.")}
+    for bias, name in ((torch.zeros(4), "soup.pt"), (torch.full((4,), 0.5), "soup_bias.pt")):
+        torch.save({**wrapped, "classification_head.weight": scale * run.model.head.detach(), "classification_head.bias": bias},
+                   tmp_path / name)
+    base = ["--model", ft_run["model"], "--data", "folder", "--data-root", ft_run["data"], "--workers", "0"]
+    evaluate.main(["import", str(tmp_path / "soup.pt"), *base, "--out", str(tmp_path / "runs" / "soup")])
+    got, want = rows_of(tmp_path / "runs" / "soup"), rows_of(ft_run["run"])
+    assert {s: r["acc"] for s, r in got.items()} == {s: r["acc"] for s, r in want.items()}
+    assert all(got[s]["nll"] == pytest.approx(want[s]["nll"], abs=1e-6) for s in want)
+    imported = common.load_run(tmp_path / "runs" / "soup", "cpu")
+    theta0 = common.run_theta0(run, "cpu").state_dict()
+    assert imported.meta["head_from_text"] is False and torch.allclose(imported.model.head, run.model.head, atol=1e-6)
+    assert all(torch.equal(v, theta0[k]) for k, v in imported.model.state_dict().items() if k.startswith("clip.transformer."))
+    assert "bias" not in capsys.readouterr().out
+    evaluate.main(["import", str(tmp_path / "soup_bias.pt"), *base, "--out", str(tmp_path / "runs" / "b")])
+    assert "note: its head's bias (max |b| 0.5) is dropped" in capsys.readouterr().out
+    evaluate.main(["import", str(tmp_path / "soup.pt"), *base, "--head", "text", "--out", str(tmp_path / "runs" / "t")])
+    assert common.load_run(tmp_path / "runs" / "t", "cpu").meta["head_from_text"] is True
+
+
 def test_export_of_a_merged_run_and_of_wise_alpha(ft_run, tmp_path):
     merge.main(["soup", "--kind", "uniform", "--ckpt", str(ft_run["run"]), str(ft_run["run"]), "--workers", "0",
                 "--out", str(tmp_path / "soup")])
@@ -171,6 +195,32 @@ def test_report_to_is_not_part_of_the_configuration_and_a_missing_package_is_one
         common.make_args(common.TrainArgs, "miniworld", report_to="tensorboard,wandb")
     with pytest.raises(SystemExit, match="unknown mlflow"):
         common.make_args(common.TrainArgs, "miniworld", report_to="mlflow")
+
+
+
+def test_report_to_wandb_logs_each_line_at_its_step_into_one_run_per_folder(tmp_path, monkeypatch):
+    """wandb is not installed here: a stand-in module records what tracking.Trackers asks of it."""
+    import importlib.util
+    import sys
+    import types
+
+    import tracking
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda values, step: calls.append(("log", values, step)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
+    for start in (0, 2):  # a run, then its resume: the same W&B run id
+        track = tracking.Trackers("wandb", tmp_path / "r", {"lr": 1e-5}, start)
+        track.log({"step": start + 1, "loss": 0.5, "lr": 1e-5})
+        track.close()
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert inits[0] == inits[1] and inits[0]["config"] == {"lr": 1e-5} and inits[0]["resume"] == "allow"
+    assert [c for c in calls if c[0] == "log"] == [("log", {"loss": 0.5, "lr": 1e-5}, 1), ("log", {"loss": 0.5, "lr": 1e-5}, 3)]
+    assert calls.count(("finish",)) == 2
 
 
 # ---------------------------------------------------------------- curves
