@@ -45,10 +45,10 @@ from tracking import plot_curves
 GZSL_COLUMNS = (("S", "acc_seen"), ("U", "acc_unseen"), ("H", "h"))  # a generalized zero-shot row's columns per split
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
 EXPORTED = ("open_clip_model.pt", "head.pt")  # what `export` writes, with the architecture's <MODEL>.json
-# --data imagenet's split names -> clip_benchmark's dataset names (table --format csv|json)
+# table --format csv|json: --data imagenet's splits and the rows' metrics (name -> key) under clip_benchmark's names
 CLIP_BENCHMARK = {"val": "imagenet1k", "imagenet-v2": "imagenetv2", "imagenet-sketch": "imagenet_sketch",
                   "imagenet-a": "imagenet-a", "imagenet-r": "imagenet-r", "objectnet": "objectnet"}
-METRICS = (("acc1", "acc"), ("acc5", "top5"), ("mean_per_class_recall", "recall"), ("ece", "ece"), ("nll", "nll"))  # clip_benchmark's names
+METRICS = (("acc1", "acc"), ("acc5", "top5"), ("mean_per_class_recall", "recall"), ("ece", "ece"), ("nll", "nll"))
 SAME_INIT_COS = 0.9  # `import`: each tower's weights must have at least this cosine with θ0's (same initialisation)
 WRAPPER, LINEAR_HEAD = "model.", "classification_head."  # `import`: a wrapper's CLIP and linear head on n(f(x)) (model soups')
 
@@ -171,8 +171,8 @@ def records(rows: list) -> list:
     names = row_names(list(dict.fromkeys(g for g, _ in groups)), {identity(r): r.get("config", {}) for r in rows})
     out = []
     for (g, split), rs in groups.items():
-        rec = {"name": names[g], "method": g[0], "tag": g[1], "data": g[2], "model": g[3], "pretrained": rs[0].get("pretrained", ""),
-               "config_id": g[4], "split": split, "kind": rs[0]["kind"],
+        rec = {"name": names[g], "method": g[0], "tag": g[1], "data": g[2], "model": g[3],
+               "pretrained": rs[0].get("pretrained", ""), "config_id": g[4], "split": split, "kind": rs[0]["kind"],
                "clip_benchmark": CLIP_BENCHMARK.get(split, "") if g[2] == "imagenet" else "", "n": rs[0].get("n"),
                "runs": len(rs), "run_dirs": sorted(r["run"] for r in rs)}
         for name, key in METRICS:
@@ -310,14 +310,13 @@ def export_command(a):
 
 
 def import_command(a):
-    """An open_clip checkpoint fine-tuned elsewhere from --model/--pretrained (a random-weight --model: from
-    --seed's weights) -> a run folder (args.json, final.pt) that eval and merge.py take, then evaluated. Also
-    a wrapper's (model soups'): the CLIP under WRAPPER, a LINEAR_HEAD, the text transformer left out (θ0's).
-    Its head: the wrapper's linear head (W / s; a bias has no place in s · n(f) Wᵀ: dropped, said) or else
-    the zero-shot head of its text tower (merges rebuild it from the merged tower); --head text: the latter,
-    --head FILE: an export's head.pt. Refused with one message when its tensors are not --model's (names
-    and shapes), or when either tower's weights have a cosine below SAME_INIT_COS with θ0's (not fine-tuned
-    from that initialisation). Its configuration names the file (and its sha1), so its rows keep apart."""
+    """An open_clip checkpoint fine-tuned from --model/--pretrained (a random-weight --model: --seed's weights)
+    -> a run folder (args.json, final.pt) that eval and merge.py take, then evaluated; also a wrapper's (model
+    soups': the CLIP under WRAPPER, a LINEAR_HEAD, no text transformer: θ0's). Head: the wrapper's (W / s; a bias
+    has no place in s · n(f) Wᵀ: dropped, said), else (--head text) its text tower's zero-shot head (merges
+    rebuild it), or --head FILE (an export's head.pt). Refused with one message when its tensors are not
+    --model's (names, shapes) or either tower has a cosine below SAME_INIT_COS with θ0's (not fine-tuned from
+    that initialisation). Its configuration names the file and its sha1, so its rows keep apart."""
     import open_clip
 
     check_data(a.data)
@@ -349,6 +348,8 @@ def import_command(a):
     clip.load_state_dict(state)
     task = load_task(a.data, a.data_root, a.seed, a.zeroshot_data, source_domain=a.source_domain, test_domain=a.test_domain,
                      unseen_classes=a.unseen_classes)
+    if a.head not in ("", "text") and not Path(a.head).is_file():
+        raise SystemExit(f"error: --head {a.head} is not a file (an export's head.pt), nor 'text' (the zero-shot head)")
     saved = torch.load(a.head, map_location="cpu", weights_only=True) if a.head not in ("", "text") else None
     own = {} if a.head else linear  # the checkpoint's own linear head, unless --head names another
     if saved and saved["classnames"] != task.classnames or own and len(own["weight"]) != len(task.classnames):
@@ -367,8 +368,7 @@ def import_command(a):
     atomic_save({"model": ClipClassifier(clip, head, tokenizer).state_dict(), "meta": meta}, out / "final.pt")
     (out / "args.json.tmp").write_text(json.dumps(args, indent=2))
     (out / "args.json.tmp").replace(out / "args.json")  # atomic: a run folder with args.json is a run
-    print(f"imported {path} as the run {out} (cosine with θ0: "
-          + ", ".join(f"{t} {c:.4f}" for t, c in cos.items()) + "); evaluating it")
+    print(f"imported {path} as {out} (cosine with θ0: {', '.join(f'{t} {c:.4f}' for t, c in cos.items())}); evaluating it")
     a.ckpt = str(out)
     return evaluate_command(a)
 
@@ -393,7 +393,7 @@ def main(argv=None):
         p = sub.add_parser(command, help="evaluate a checkpoint (or a zero-shot model) on every split" if command == "eval"
                            else "an open_clip checkpoint fine-tuned elsewhere as a run of this repo, then evaluated")
         if command == "eval":
-            p.add_argument("--ckpt", default="", help="a run directory or a .pt written by a method file; empty = zero-shot --model")
+            p.add_argument("--ckpt", default="", help="a run folder or a .pt written by a method file; empty = zero-shot --model")
         else:
             p.add_argument("checkpoint", help="open_clip checkpoint (a state dict, or open_clip training's {'state_dict': ...})")
             p.add_argument("--head", default="", help="text (its text tower's zero-shot head) or an export's head.pt "
@@ -406,9 +406,9 @@ def main(argv=None):
                             ("test_domain", "--data domainbed: the left-out domain (zero-shot; a run knows its own)"),
                             ("out", "run directory of the zero-shot evaluation or the import"), ("zeroshot_data", "DIR[,DIR...]: "
                             "classification folders scored zero-shot with heads from the model's text tower (default: a "
-                            "run's own --zeroshot-data)"), ("source_domain", "--data domainnet: the domain whose test split is ID "
-                            "(zero-shot; a run knows its own)"), ("unseen_classes", "FILE of unseen class folders (zero-shot on "
-                            "--data folder: S / U / H; a run knows its own)")):
+                            "run's own --zeroshot-data)"), ("source_domain", "--data domainnet: the domain whose test split "
+                            "is ID (zero-shot; a run knows its own)"), ("unseen_classes", "FILE of unseen class folders "
+                            "(zero-shot on --data folder: S / U / H; a run knows its own)")):
             p.add_argument("--" + name.replace("_", "-"), default=getattr(TrainArgs, name), help=help_)
         p.add_argument("--eval-batch-size", type=int, default=TrainArgs.eval_batch_size, help="batch size for evaluation")
         p.add_argument("--workers", type=int, default=AUTO_WORKERS, help="DataLoader worker processes (-1: from the free cores)")

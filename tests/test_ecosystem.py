@@ -77,6 +77,9 @@ def test_round_trip_export_open_clip_import_eval_and_wise(ft_run, tmp_path):
     for tag in ("wise a=0", "wise a=1"):
         assert rows_of(imported, tag) == rows_of(ft_run["run"], tag), tag
     assert rows_of(imported, "wise a=1") == original
+    merge.main(["soup", "--kind", "uniform", "--ckpt", str(ft_run["run"]), str(imported), "--workers", "0",
+                "--out", str(tmp_path / "runs" / "soup")])  # one initialisation and the same weights: the run itself
+    assert rows_of(tmp_path / "runs" / "soup", "soup uniform") == original
 
     # the default head is the zero-shot head of the checkpoint's own text tower: FT leaves that tower as θ0's,
     # so the imported run with it is WiSE-FT's α = 0 head on the fine-tuned image tower
@@ -137,6 +140,10 @@ def test_import_refuses_another_architecture_or_initialisation(ft_run, tmp_path,
     with pytest.raises(SystemExit, match=r"not a fine-tune .*: 1 tensor\(s\) missing, extra or of another shape \(text_projection\)"):
         evaluate.main(["import", str(tmp_path / "other_arch.pt"), *base, "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit, match=r"^error: --head nothere.pt is not a file"):
+        evaluate.main(["import", str(tmp_path / "other_init.pt"), *base, "--seed", "1", "--head", "nothere.pt", "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match=r"^error: could not read .*gone.pt as an open_clip checkpoint"):
+        evaluate.main(["import", str(tmp_path / "gone.pt"), *base, "--out", str(tmp_path / "e")])
     # the same weights declared as seed 1's are accepted: the rule is "from the stated initialisation"
     evaluate.main(["import", str(tmp_path / "other_init.pt"), *base, "--seed", "1", "--out", str(tmp_path / "c")])
     assert (tmp_path / "c" / "results.jsonl").is_file()
