@@ -47,9 +47,11 @@ import torch.nn.functional as F
 
 from tasks import FileImages, Split, Task, check_data, check_task_options, load_task, scored_domains
 from towers import check_batch_independent, grad_checkpointing, keyed_noise, text_modules, train_mode
+from tracking import Trackers, reporters
 
 REPO = Path(__file__).resolve().parent
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+TOP_K = 5  # the k of the top-k accuracy in every results row ("top5"; clip_benchmark's acc5)
 MAX_LOGIT_SCALE = math.log(100)  # a trained temperature is clamped here after every step (open_clip's rule)
 FREE_CORES_SAMPLE_S = 0.1  # seconds of /proc/stat sampled at start to count the idle cores (set_threads, data_workers)
 AUTO_WORKERS = -1  # --workers value that means: from the free cores (data_workers)
@@ -59,11 +61,11 @@ WAIT_POLL_S = 2  # seconds between looks for a file rank 0 is writing (wait_for_
 WAIT_NOTE_S = 600  # a process waiting for such a file says so every this many seconds
 # arguments a --resume may change (the others change the result: refused)
 RESUME_MAY_CHANGE = ("resume", "threads", "workers", "eval_batch_size", "device", "out", "ckpt_every", "keep_checkpoints",
-                     "grad_checkpointing")
+                     "grad_checkpointing", "report_to")
 # arguments that are not part of a run's identity (run_config): the seed, how and where it ran, plumbing
 NOT_CONFIG = ("seed", "method", "machine", "out", "resume", "threads", "workers", "device", "eval_batch_size", "ckpt_every",
               "keep_checkpoints", "grad_accum", "grad_checkpointing", "zeroshot_data", "cache", "prepare", "caption_batch_size",
-              "report_energy_gap", "lp_run", "merge", "source", "members")
+              "report_energy_gap", "lp_run", "merge", "source", "members", "report_to")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +105,7 @@ class TrainArgs:
     keep_checkpoints: bool = False  # keep ckpt/step_*.pt once the run is finished (final.pt holds its weights)
     device: str = ""  # cuda | cpu (default: cuda when available)
     threads: int = 0  # torch CPU threads (0 = a resumed run's own, else $OMP_NUM_THREADS, else the free cores / processes per node)
+    report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: log.jsonl's lines also to these (tracking.py)
 
 
 # The one fine-tuning recipe per --data that every method starts from (METHODS.md, "Conventions"):
@@ -197,6 +200,7 @@ def check_args(args):
         raise SystemExit("error: " + "; ".join(problems))
     check_task_options(args.data, args.shots, args.source_domain, args.unseen_classes, args.test_domain)
     check_batch("--batch-size", args.batch_size, args.grad_accum)
+    reporters(args.report_to)  # a tracker asked for and not installed stops here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,10 +307,12 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float | Call
                 else backward_mean)
     best = HeldoutBest(run, args.select == "heldout", start)
     log = open(run / "log.jsonl", "a") if is_main_process() else None
+    track = Trackers(args.report_to, run, run_config(args, env.method), start) if log else None  # --report-to
     bar = progress_bar(start, args.steps)
     train_mode(model)
     with stopped_with_a_message(run, env.rank, env.world):
         for step in bar:
+            began = time.perf_counter()
             if noise is not None:
                 noise.step = step
             terms = backward(stepper, data.next_step(), step, env.world, device, run)  # device tensors
@@ -324,18 +330,21 @@ def train(env: Env, loss_fn: Callable, args, *, ema_decay: Optional[float | Call
                 m = ema_decay(step) if callable(ema_decay) else ema_decay
                 ema_update([e for e, _ in ema_pairs], [p for _, p in ema_pairs], m)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
-            record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms}
+            record = {"step": step + 1, "lr": sched.get_last_lr()[0], **terms,
+                      "images_per_s": args.batch_size / (time.perf_counter() - began)}  # the step's, held-out check apart
             if heldout_due(args, step + 1, best.on):
                 record["heldout_acc"] = best.score(env, args, scored, head_from_text, step + 1, bar)
                 train_mode(model)
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                track.log(record)
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
                 save_checkpoint(run, step + 1, model, opt, sched, ema)
     data.report_unreadable()
     if log:
         log.close()
+        track.close()
     if best.on:  # the weights to evaluate are the best held-out step's; the rows will say which
         best.load_into(scored)
     elif head_from_text:
@@ -1089,7 +1098,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
 # Evaluation: accuracy, ECE and NLL of every test split, sharded under torchrun
 # ----------------------------------------------------------------------------------------------
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict:
-    """Accuracy, expected calibration error (equal-width confidence bins) and NLL."""
+    """Accuracy, expected calibration error (equal-width confidence bins), NLL, and clip_benchmark's other two:
+    top-5 accuracy (label among the min(5, K) highest logits: 1 when K <= 5) and mean per-class recall (the
+    mean over the classes present of the fraction of their images classified right)."""
     logits, labels = logits.float(), labels.long()
     logp = logits.log_softmax(-1)  # [N, K]
     conf, pred = logp.exp().max(-1)  # [N]
@@ -1102,7 +1113,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int
         if in_bin.any():
             ece += in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
     nll = F.nll_loss(logp, labels)
-    return {"acc": correct.mean().item(), "ece": ece.item(), "nll": nll.item(), "n": len(labels)}
+    top5 = (logits.topk(min(TOP_K, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()  # [N]
+    recall = torch.stack([correct[labels == c].mean() for c in labels.unique()]).mean()
+    return {"acc": correct.mean().item(), "ece": ece.item(), "nll": nll.item(), "n": len(labels), "top5": top5.mean().item(),
+            "recall": recall.item()}
 
 
 def gzsl_metrics(logits: torch.Tensor, labels: torch.Tensor, unseen: list) -> dict:

@@ -29,12 +29,14 @@ def test_baselines_ft_end_to_end_and_table(tmp_path, folder_data, tiny_model):
 
 @pytest.mark.parametrize("command, flags", [("eval", ["--ckpt", "--data", "--model", "--pretrained", "--seed",
                                                       "--test-domain"]),
-                                            ("table", ["results", "--domainbed"]), ("plot", ["results", "--out"])])
+                                            ("table", ["results", "--domainbed", "--format"]), ("plot", ["results", "--out"]),
+                                            ("export", ["run", "--out", "--alpha"]), ("curves", ["runs", "--out"]),
+                                            ("import", ["checkpoint", "--head", "--model", "--pretrained", "--data", "--out"])])
 def test_every_subcommand_has_its_own_help(tmp_path, command, flags):
     out = run_script([str(REPO / "evaluate.py"), command, "--help"], cwd=tmp_path).stdout
     assert out.startswith(f"usage: evaluate.py {command}") and all(f in out for f in flags)
     top = run_script([str(REPO / "evaluate.py"), "--help"], cwd=tmp_path).stdout
-    assert all(c in top for c in ("eval", "table", "plot"))
+    assert all(c in top for c in ("eval", "table", "plot", "export", "import", "curves"))
 
 
 def test_zero_shot_eval_equals_the_zeroshot_baseline(tmp_path, folder_data, tiny_model):
