@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from tasks import FileImages, Split, Task, check_data, check_task_options, load_task, scored_domains
 from towers import check_batch_independent, grad_checkpointing, keyed_noise, text_modules, train_mode
-from tracking import Trackers, reporters
+from tracking import Trackers, plot_curves, reporters  # noqa: F401 -- plot_curves: evaluate.py curves
 
 REPO = Path(__file__).resolve().parent
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
@@ -105,7 +105,7 @@ class TrainArgs:
     keep_checkpoints: bool = False  # keep ckpt/step_*.pt once the run is finished (final.pt holds its weights)
     device: str = ""  # cuda | cpu (default: cuda when available)
     threads: int = 0  # torch CPU threads (0 = a resumed run's own, else $OMP_NUM_THREADS, else the free cores / processes per node)
-    report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: log.jsonl's lines also to these (tracking.py)
+    report_to: str = "none"  # none | tensorboard | wandb | tensorboard,wandb: log.jsonl's lines also to these (tracking/)
 
 
 # The one fine-tuning recipe per --data that every method starts from (METHODS.md, "Conventions"):

@@ -16,10 +16,9 @@ training curves from log.jsonl; runs out to open_clip (export) and open_clip fin
 
 Rows of the table are runs of one configuration (every argument that changes the numbers:
 common.run_config), averaged over seeds, named by method and tag and, where two rows of a method would
-share a name, by the fields in which they differ; for every (run, tag, split) only the newest
-evaluation counts. Columns: ID accuracy, each OOD split, the OOD mean, each
-zero-shot transfer split and their mean, generalized zero-shot runs' (--unseen-classes) S, U and H per
-split, then ECE and NLL on ID and averaged over OOD splits.
+share a name, by the fields in which they differ; for every (run, tag, split) only the newest evaluation
+counts. Columns: ID accuracy, each OOD split, the OOD mean, each zero-shot transfer split and their mean,
+--unseen-classes runs' S, U and H per split, then ECE and NLL on ID and averaged over OOD splits.
 
 With --domainbed, the rows are the --data domainbed runs, one table per dataset (data root): a row per
 configuration but the test domain, a column per test domain (its accuracy, mean ± std over seeds) and
@@ -32,15 +31,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
 from common import (AUTO_WORKERS, ClipClassifier, TrainArgs, atomic_save, check_data, data_workers, defaults, evaluate_task,
-                    get_device, init_distributed, load_clip, load_run, load_task, log_results, plot_id_vs_ood, resolve_model,
-                    run_log_args, scored_domains, seed_everything, set_threads, setup, start_run, zeroshot_head)
-from tracking import plot_curves
-
+                    get_device, init_distributed, load_clip, load_run, load_task, log_results, plot_curves, plot_id_vs_ood,
+                    resolve_model, run_log_args, scored_domains, seed_everything, set_threads, setup, start_run, zeroshot_head)
 
 GZSL_COLUMNS = (("S", "acc_seen"), ("U", "acc_unseen"), ("H", "h"))  # a generalized zero-shot row's columns per split
 NEEDED = ("run", "method", "data", "model", "split", "kind", "acc")  # what a results row must hold to be tabulated
@@ -436,10 +432,9 @@ def main(argv=None):
             p.add_argument("--out", default="id_vs_ood.png", help="the PNG to write")
             p.add_argument("--methods", default="", help="comma-separated methods to draw (default: all)")
     a = parser.parse_args(argv)
-    if a.command == "curves":
-        return curves(a.runs, a.out)
-    if a.command in ("eval", "export", "import"):
-        return {"eval": evaluate_command, "export": export_command, "import": import_command}[a.command](a)
+    if a.command in ("eval", "export", "import", "curves"):
+        return {"eval": evaluate_command, "export": export_command, "import": import_command,
+                "curves": lambda a: curves(a.runs, a.out)}[a.command](a)
     path = Path(a.results) / "results.jsonl" if Path(a.results).is_dir() else Path(a.results)
     if not path.is_file():
         raise SystemExit(f"error: {path} does not exist (every run appends its rows to its own folder's and to "
@@ -448,6 +443,8 @@ def main(argv=None):
     if not rows:
         raise SystemExit(f"error: {path} holds no results rows: nothing to {'tabulate' if a.command == 'table' else 'plot'}")
     if a.command == "table":
+        if a.domainbed and a.format != "md":
+            raise SystemExit("error: table --domainbed writes markdown only; --format csv|json takes the rows without it")
         print(domainbed_tables(rows) if a.domainbed else markdown_table(rows) if a.format == "md"
               else csv_table(records(rows)) if a.format == "csv" else json.dumps(records(rows), indent=1))
     else:
