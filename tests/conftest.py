@@ -26,6 +26,16 @@ TINY_CONFIG = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny model
+    gains nothing from threads, and on a shared 2-core box they cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """Path of an open_clip config for a ~100k-parameter random CLIP (`--model PATH.json`)."""

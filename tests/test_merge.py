@@ -19,13 +19,7 @@ from conftest import COLOURS, stable_seed, write_images
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared 2-core box they cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: torch on one thread for the module
 
 
 def random_state(seed, scale=1.0):
