@@ -73,8 +73,8 @@ TPGM_STEPS = 200
 TPGM_BATCH = 128  # held-out images per radius step
 TPGM_INIT = 0.5  # radii start at this fraction of ‖θ_ft − θ0‖ (official TPGM code)
 TPGM_C_REG = 1.0  # μ: weight of TPGM-C's mean-ratio penalty (the Lipsum-FT paper sweeps 0.1–5)
-TASK_FIELDS = ("data", "data_root", "zeroshot_data", "source_domain", "unseen_classes", "test_domain")  # what the scored task is made of (common.load_run)
 TPGM_TEMPLATES = 16  # a text-head run's radii see the head of all its templates up to this many, else this many per step
+TASK_FIELDS = ("data", "data_root", "zeroshot_data", "source_domain", "unseen_classes", "test_domain")  # what the scored task is made of (common.load_run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,12 +365,13 @@ def cmd_soup(a, device):  # soup and stock
         for r, s in zip(runs, scores):
             print(f"  held-out {100 * s:6.2f}  {r.dir}")
         chosen = report_greedy("soup", runs, scores, lambda idx: heldout_acc(uniform_soup([states[i] for i in idx])))
-    tag, files = ("stock", {}) if a.command == "stock" else (f"soup {a.kind}", None)
     if a.command == "stock":  # θ0 of run 0: check_same_init made it every run's
-        merged, files["ratios.json"] = model_stock(run_theta0(runs[0], device).state_dict(), states)
-        t = list(files["ratios.json"].values()) or [np.nan]
+        merged, ratios = model_stock(run_theta0(runs[0], device).state_dict(), states)
+        tag, files, t = "stock", {"ratios.json": ratios}, list(ratios.values()) or [np.nan]
         print(f"Model Stock: t over the {len(t)} moved tensors: mean {np.mean(t):.3f}, min {min(t):.3f}, max {max(t):.3f}")
-    state = load_run_weights(runs[0], merged if a.command == "stock" else uniform_soup([states[i] for i in chosen]))
+    else:
+        merged, tag, files = uniform_soup([states[i] for i in chosen]), f"soup {a.kind}", None
+    state = load_run_weights(runs[0], merged)
     out, method, members = combined_run(a, runs, chosen, tag.replace(" ", "-"))
     save_run(out, state, runs[0], f"{method}+{tag.replace(' ', '-')}", {"merge": tag, "members": members}, files)
     rows = evaluate_task(model, task, tf, device, a.eval_batch_size, a.workers)
