@@ -80,7 +80,7 @@ class TrainArgs:
     data_root: str = ""  # dataset folder (not needed for miniworld); layouts in docs/data.md
     test_domain: str = ""  # --data domainbed: the domain left out of training and scored (leave-one-domain-out)
     zeroshot_data: str = ""  # [NAME=]DIR[,...]: extra classification folders scored zero-shot, with heads from the current text tower (NAME: a standard dataset, e.g. eurosat, whose names and templates are used)
-    shots: int = 0  # K training images per class, drawn by the seed (same for every method), the held-out slice apart (0 = all)
+    shots: int = 0  # K training images per class, drawn by the seed (same for every method), the held-out slice apart (0 = all; miniworld's recipe: 10)
     source_domain: str = "real"  # --data domainnet: the domain fine-tuned on (its test split is ID, the other four OOD)
     unseen_classes: str = ""  # FILE (--data folder): class folder names, one per line, left out of training: generalized zero-shot with the zero-shot head held fixed, scored S / U / H
     model: str = "miniclip"  # open_clip architecture (ViT-B-16, ...) or the built-in miniclip
@@ -112,10 +112,11 @@ class TrainArgs:
 # AdamW, 10% warm-up + cosine, RandomResizedCrop + flip. The papers': lr 1e-5, batch 256, crop scale
 # 0.08-1; ImageNet 10 epochs (50k steps), DomainNet 5k steps; weight decay 0.1 for every method (FT
 # included), so that a regulariser is the only difference from FT. miniworld's is the one that shows
-# FT's robustness loss on the built-in world in a few CPU minutes (docs/miniworld.md).
+# FT's robustness loss on the built-in world in a few CPU minutes, in the papers' regime: 10 training
+# images per class (--shots 0 = its full set, where the papers' claims do not hold: docs/regime_map.md).
 FT_RECIPES = {
     "miniworld": dict(steps=300, batch_size=128, lr=1e-4, weight_decay=0.1, crop_scale=0.5,
-                      eval_every=100, ckpt_every=100),
+                      eval_every=100, ckpt_every=100, shots=10),
     "imagenet": dict(steps=50_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08,
                      eval_every=5_000, ckpt_every=5_000),
     "domainnet": dict(steps=5_000, batch_size=256, lr=1e-5, weight_decay=0.1, crop_scale=0.08,

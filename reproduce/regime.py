@@ -2,7 +2,7 @@
 
   python reproduce/regime.py --shots 4,10,20,42,0 --seeds 0,1,2 --workers 2         # miniworld; 0 = the full set
   python reproduce/regime.py --shots 2,8,0 --extra "--data folder --data-root DIR"    # a user's folder
-  python reproduce/regime.py --shots 4,10,0 --full-from runs/reproduce               # K = full from reproduce.py's runs
+  python reproduce/regime.py --shots 4,10,0 --from runs/reproduce                    # K = 10 from reproduce.py's runs
 
 For every K of --shots and every seed it trains each method of --methods with `--shots K` (the method
 file's preset otherwise, --extra added) into RUNS/k<K>/<method>-s<seed> (RUNS/full/ for 0), WiSE-FT on FT
@@ -13,8 +13,10 @@ It writes --out (markdown) and --figures/regime_map.png: per K, FT against zero-
 WiSE-FT bulge per seed, each method against FT of the same seed (ΔID / ΔOOD / ΔZS, ± std over seeds, the
 paired per-image standard error of the seed-mean Δ, the OOD margin over FT's WiSE-FT curve), and issue #32's
 bars per K with the ones that fail named. Every number comes from the runs' results.jsonl and the per-image
-correctness each job saves (reproduce.correct). --full-from RUNS takes K = full from reproduce.py's runs (the same
-presets, so the same runs when --extra is empty there and here); only those caches are written into RUNS.
+correctness each job saves (reproduce.correct). --from RUNS[,RUNS] takes a K from reproduce.py's runs instead of
+training it: the K their FT runs were trained at (args.json; on miniworld the recipe's 10, or 0 from a reproduction
+run with --extra "--shots 0"). The same presets, so the same runs when --extra is empty there and here; only the
+per-image caches are written into those folders.
 
 Model selection at small K (METHODS.md, "Regimes"): the held-out slice is never carved from the K shots.
 On miniworld it is a split rendered apart from training (miniworld.task.TASK_SIZES["heldout"] = 1,000
@@ -40,10 +42,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "reproduce"))
 import reproduce  # noqa: E402
 
+from reproduce import BULGE, FT_GAIN, FT_OOD_LOSS, FT_ZS_LOSS, MAX_ID_COST, MIN_OOD_GAIN  # noqa: E402  (issue #32's bars)
+
 DEFAULT_METHODS = "zeroshot,ft,lipsum_ft,kd,car_ft,arf,flyp,carot,lora"  # issue #32's and the methods since; any row of reproduce.METHODS
-# issue #32's acceptance bars, in points
-FT_GAIN, FT_OOD_LOSS, FT_ZS_LOSS, BULGE = 7.0, -4.0, -4.0, 0.5  # FT ID − ZS ≥, FT OOD − ZS ≤, FT ZS − ZS ≤, bulge > (every seed)
-MAX_ID_COST, MIN_OOD_GAIN = -1.0, 3.0  # a robust method against FT: ΔID ≥ and ΔOOD ≥
 TASK_OPTIONS = ("data", "data_root", "source_domain", "unseen_classes", "test_domain")  # what load_task needs of --extra
 
 
@@ -88,16 +89,17 @@ def scored_job(module: str, argv: list, out: Path):
     return fn
 
 
-def jobs_of(a, runs: Path, seeds: list, shots: list, methods: list, extra: list, threads: int) -> list:
-    """(job, fn, needs) of the map: zero-shot per seed, then per K and seed each method and WiSE-FT on FT."""
+def jobs_of(a, runs: Path, seeds: list, shots: list, methods: list, extra: list, threads: int, sources: dict) -> list:
+    """(job, fn, needs) of the map: zero-shot per seed, then per K (not in sources: --from) and seed each method and
+    WiSE-FT on FT."""
     import merge
 
     module = {name: (file, argv) for name, file, argv in reproduce.METHODS}
     jobs = [(f"zeroshot-s{s}", scored_job("baselines", ["--method", "zeroshot", "--seed", str(s), "--threads", str(threads), *extra],
                                           runs / "zeroshot" / f"zeroshot-s{s}"), ()) for s in seeds]
     for k in shots:
-        if k == 0 and a.full_from:
-            continue  # K = full is read from reproduce.py's runs
+        if k in sources:
+            continue  # read from reproduce.py's runs
         for s in seeds:
             for name in methods:
                 if name == "zeroshot":
@@ -114,24 +116,27 @@ def jobs_of(a, runs: Path, seeds: list, shots: list, methods: list, extra: list,
     return jobs
 
 
-def folder_of(a, runs: Path, k: int) -> Path:
-    return Path(a.full_from) if k == 0 and a.full_from else runs / k_name(k)
-
-
-def check_full_from(folder: Path, seeds: list, methods: list):
-    """--full-from: every run the map needs is there, finished, trained on the full set, FT with its WiSE-FT rows."""
+def check_from(folders: list, seeds: list, methods: list, shots: list) -> dict:
+    """--from: {K: folder} of reproduce.py's runs folders, after checking that each holds every finished run the map
+    needs (and its results.jsonl, FT's WiSE-FT rows in it), all trained at one K of --shots that no other folder gives."""
     import json
 
-    missing = [f"{m}-s{s}" for s in seeds for m in methods if m != "zeroshot" and not (folder / f"{m}-s{s}" / "final.pt").is_file()]
-    shots = {f"ft-s{s}": json.loads((folder / f"ft-s{s}" / "args.json").read_text()).get("shots", 0)
-             for s in seeds if (folder / f"ft-s{s}" / "args.json").is_file()}
-    if missing or any(shots.values()) or not (folder / "results.jsonl").is_file():
-        raise SystemExit(f"error: --full-from {folder} lacks finished full-set runs of the map ({', '.join(missing) or 'results.jsonl'}"
-                         f"{'; trained with --shots: ' + str(shots) if any(shots.values()) else ''}): run "
-                         f"`python reproduce/reproduce.py --runs {folder} --methods {','.join(methods)}` first, or drop --full-from")
+    taken = {}
+    for folder in map(Path, folders):
+        need = [f"{m}-s{s}" for s in seeds for m in methods if m != "zeroshot"]
+        missing = [r for r in need if not (folder / r / "final.pt").is_file()]
+        if missing or not (folder / "results.jsonl").is_file():
+            raise SystemExit(f"error: --from {folder} lacks finished runs of the map ({', '.join(missing) or 'results.jsonl'}): run "
+                             f"`python reproduce/reproduce.py --runs {folder} --methods {','.join(methods)}` first, or leave it out of --from")
+        ks = sorted({json.loads((folder / r / "args.json").read_text()).get("shots", 0) for r in need})
+        if len(ks) != 1 or ks[0] not in shots or ks[0] in taken:
+            raise SystemExit(f"error: --from {folder}: its runs were trained at --shots {','.join(map(str, ks))}; each folder "
+                             f"gives the map one K, which must be in --shots ({','.join(map(str, shots))}) and in no other --from folder")
+        taken[ks[0]] = folder
+    return taken
 
 
-def summarise(a, runs: Path, seeds: list, shots: list, methods: list) -> dict:
+def summarise(runs: Path, seeds: list, shots: list, methods: list, sources: dict) -> dict:
     """Per K: {"ft": [(ΔID, ΔOOD, ΔZS) of FT − zero-shot per seed], "se_ft": {kind: paired SE}, "bulge": [(α, ID − FT's)
     per seed], "methods": {method: (paired_with_ft's columns, {kind: paired SE})}, "zs": zero-shot (ID, OOD, ZS) mean}."""
     import evaluate
@@ -140,7 +145,7 @@ def summarise(a, runs: Path, seeds: list, shots: list, methods: list) -> dict:
     zs_dirs = [runs / "zeroshot" / f"zeroshot-s{s}" for s in seeds]
     out = {}
     for k in shots:
-        folder = folder_of(a, runs, k)
+        folder = sources.get(k, runs / k_name(k))
         rows = [r for r in evaluate.read_results(folder / "results.jsonl") if r["method"] != "zeroshot" and r["seed"] in seeds]
         rows += zs_rows
         point, _ = reproduce.run_points(rows)
@@ -281,7 +286,7 @@ def main(argv=None):
     p.add_argument("--arf-args", default="", help="extra arguments for arf.py only (its --captions / --pool off miniworld)")
     p.add_argument("--wise-alphas", default="0,0.2,0.4,0.5,0.6,0.7,0.8,0.9,1", help="WiSE-FT α on FT (merge.py syntax)")
     p.add_argument("--runs", default="runs/regime", help="folder for every run: RUNS/k<K>/, RUNS/full/, RUNS/zeroshot/")
-    p.add_argument("--full-from", default="", help="take K = full from reproduce/reproduce.py's runs folder instead of training it")
+    p.add_argument("--from", dest="sources", default="", help="comma-separated reproduce/reproduce.py runs folders: each gives the K its runs were trained at, instead of training it")
     p.add_argument("--out", default="docs/regime_map.md", help="the markdown report")
     p.add_argument("--figures", default="docs", help="folder for regime_map.png (linked from the report)")
     p.add_argument("--workers", type=int, default=1, help="processes taking jobs in parallel (each gets cores / workers threads)")
@@ -301,12 +306,11 @@ def main(argv=None):
     if any(k < 0 for k in shots):
         raise SystemExit(f"error: --shots {a.shots}: K must be >= 0 (0 = the full set)")
     runs = Path(a.runs)
-    if a.full_from and 0 in shots:
-        check_full_from(Path(a.full_from), seeds, methods)
+    sources = check_from([f for f in a.sources.split(",") if f], seeds, methods, shots)
     per_class = {} if a.worker else check_shots(shots, seeds, extra)  # a K too large for a class stops here, with few_shot's message
     runs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // a.workers)
-    jobs = jobs_of(a, runs, seeds, shots, methods, extra, threads)
+    jobs = jobs_of(a, runs, seeds, shots, methods, extra, threads, sources)
     wall_start = time.time()
     workers = []
     if not a.worker:  # the coordinator: forget claims and failures of earlier (killed) runs, start helpers
@@ -326,7 +330,7 @@ def main(argv=None):
     failed = [name for (name, _, _), ok in zip(jobs, outcomes) if ok is not True and not (runs / ".done" / name).exists()]
     if failed:
         raise SystemExit(f"error: {len(failed)} jobs failed (see {runs / 'regime.log'}): {', '.join(failed)}")
-    result = summarise(a, runs, seeds, shots, methods)
+    result = summarise(runs, seeds, shots, methods, sources)
     out, figures = Path(a.out), Path(a.figures)
     out.parent.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)

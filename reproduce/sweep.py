@@ -39,10 +39,14 @@ def heldout_acc(run_dir: Path) -> float:
 
 
 def shots_of(extra: list) -> int:
-    """The --shots K of a run's arguments (0 = the full training set)."""
+    """The --shots K a run with these arguments trains at: its own, else its --data's recipe (0 = the full set)."""
+    import common
+
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--shots", type=int, default=0)
-    return p.parse_known_args(extra)[0].shots
+    p.add_argument("--data", default=common.TrainArgs.data)
+    p.add_argument("--shots", type=int)
+    known = p.parse_known_args(extra)[0]
+    return known.shots if known.shots is not None else common.defaults(common.TrainArgs, known.data, {})["shots"]
 
 
 def main(argv=None):

@@ -633,8 +633,10 @@ def test_resume_of_a_run_written_before_shots_and_source_domain_existed(tmp_path
 
 def test_default_run_folder_names_the_shots(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert common.check_run(common.make_args(common.TrainArgs), "ft") == Path("runs/ft-miniworld-miniclip-s0")
+    assert common.check_run(common.make_args(common.TrainArgs), "ft") == Path("runs/ft-miniworld-k10-miniclip-s0")  # its recipe's K
     assert common.check_run(common.make_args(common.TrainArgs, shots=4), "ft") == Path("runs/ft-miniworld-k4-miniclip-s0")
+    assert common.check_run(common.make_args(common.TrainArgs, shots=0), "ft") == Path("runs/ft-miniworld-miniclip-s0")
+    assert common.make_args(common.TrainArgs, "folder", data_root="x").shots == 0  # other --data: the full training set
 
 
 def test_gzsl_metrics_are_per_class_accuracies_over_all_classes_and_their_harmonic_mean():

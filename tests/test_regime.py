@@ -1,5 +1,5 @@
 """reproduce/regime.py end to end on a micro config (a generated folder, the tiny CLIP, 2 steps): a row per K,
-the bars, the figure; a rerun trains nothing; K = full read from another runs folder; a K larger than a class
+the bars, the figure; a rerun trains nothing; a K read from other runs folders (--from); a K larger than a class
 stops before any job; sweep.py at a K refuses an FT reference at another K and trains on the reference's shots."""
 import re
 import sys
@@ -64,7 +64,7 @@ def test_regime_map_micro(regime_map):
     assert (folder / "fig" / "regime_map.png").stat().st_size > 10_000 and "](fig/regime_map.png)" in report
 
 
-def test_regime_rerun_and_full_from(regime_map):
+def test_regime_rerun_and_from(regime_map):
     import regime
 
     argv, result, folder = regime_map
@@ -81,11 +81,25 @@ def test_regime_rerun_and_full_from(regime_map):
     regime.main(argv)
     assert (runs / ".done" / "lipsum_ft-k2-s0").exists() and (runs / "k2" / "lipsum_ft-s0" / "correct-test.npy").exists()
     assert (runs / "k2" / "lipsum_ft-s0" / "final.pt").stat().st_mtime_ns == stamp
-    # K = full read from another runs folder (reproduce.py's), which must hold full-set runs
-    again = regime.main([*argv, "--full-from", str(runs / "full")])
+    # a K read from other runs folders (reproduce.py's): each gives the one K its runs were trained at
+    again = regime.main([*argv, "--from", f"{runs / 'full'},{runs / 'k2'}"])
     assert again[0]["methods"]["lipsum_ft"][0]["ood"] == result[0]["methods"]["lipsum_ft"][0]["ood"]
-    with pytest.raises(SystemExit, match=r"--full-from .*k2 lacks finished full-set runs .*trained with --shots"):
-        regime.main([*argv, "--full-from", str(runs / "k2")])
+    assert again[2]["methods"]["lipsum_ft"][0]["id"] == result[2]["methods"]["lipsum_ft"][0]["id"]
+    with pytest.raises(SystemExit, match=r"--from .*full: its runs were trained at --shots 0; .* must be in --shots \(2\)"):
+        regime.main([*argv[:1], "2", *argv[2:], "--from", str(runs / "full")])
+    with pytest.raises(SystemExit, match=r"--from .*k2: .* in no other --from folder"):
+        regime.main([*argv, "--from", f"{runs / 'k2'},{runs / 'k2'}"])
+    with pytest.raises(SystemExit, match=r"--from .*zeroshot lacks finished runs of the map \(ft-s0"):
+        regime.main([*argv, "--from", str(runs / "zeroshot")])
+
+
+def test_sweep_trains_at_the_recipes_shots_unless_told():
+    """sweep.py's K (its runs' folder names, the FT reference it accepts) is what the runs train at: miniworld's
+    recipe K = 10 when --extra names none, 0 on a folder."""
+    import sweep
+
+    assert sweep.shots_of([]) == 10 and sweep.shots_of(["--shots", "0"]) == 0
+    assert sweep.shots_of(["--data", "folder", "--data-root", "x"]) == 0 and sweep.shots_of(["--data", "folder", "--shots", "3"]) == 3
 
 
 def test_sweep_at_k(regime_map, micro, tmp_path):

@@ -55,8 +55,9 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
         gap = next(line for line in robust.splitlines() if line.startswith(f"| {label} |")).split("|")[7].strip()
         assert gap != "–", label
     assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself (ΔID, ΔOOD)
+    assert "Training set: the full training split" in report  # a folder: no --shots, every image
     bars = report[report.index("## The world's bars"):report.index("## Text-space diagnostics")]
-    assert "| FT ID ≥ zero-shot + 15 |" in bars and re.search(r"FT's WiSE-FT bulge.*\| α (0|0\.5), (0|0\.5): ", bars)  # per seed
+    assert "| FT ID ≥ zero-shot + 7 |" in bars and re.search(r"FT's WiSE-FT bulge.*\| α (0|0\.5), (0|0\.5): ", bars)  # per seed
     for method in reproduce.BARS_ON:  # each against FT with its paired per-image SE
         assert f"| {method} (" in bars and "SE" in bars.split(f"| {method} (")[1].split("\n")[0], method
     assert "## Text-space diagnostics" in report and "| ft | 2 |" in report.split("## Text-space diagnostics")[1]
