@@ -1440,6 +1440,12 @@ def load_classifier(path: str, device="cpu", task: Optional[Task] = None):
     return model.to(device).eval(), meta, pp
 
 
+# The arguments that decide the task a run is scored on (load_task's), with what an args.json written before
+# one existed meant: a run is loaded on it, merges and tables combine only runs that agree on it.
+TASK_FIELDS = {"data": "miniworld", "data_root": "", "zeroshot_data": "", "source_domain": "real", "unseen_classes": "",
+               "test_domain": ""}
+
+
 def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, zeroshot_data: Optional[str] = None):
     """A run directory (or its final.pt / a step checkpoint) -> namespace(dir, args, meta, model, task,
     seed, data_root, eval_tf, method). `tasks` caches loaded tasks across calls; the zero-shot folders
@@ -1449,15 +1455,16 @@ def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, ze
     if not (run / "args.json").is_file():
         raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
     args = json.loads((run / "args.json").read_text())
-    key = (args["data"], data_root or args.get("data_root", ""), args.get("seed", 0),
-           args.get("zeroshot_data", "") if zeroshot_data is None else zeroshot_data, args.get("shots", 0),
-           args.get("source_domain", "real"), args.get("unseen_classes", ""), args.get("test_domain", ""))
+    task = {k: args.get(k, default) for k, default in TASK_FIELDS.items()}
+    task.update(root=data_root or task.pop("data_root"), seed=args.get("seed", 0), shots=args.get("shots", 0),
+                zeroshot_data=task["zeroshot_data"] if zeroshot_data is None else zeroshot_data)
+    key = tuple(sorted(task.items()))
     tasks = {} if tasks is None else tasks
     if key not in tasks:
-        tasks[key] = load_task(*key)
+        tasks[key] = load_task(**task)
     model, meta, pp = load_classifier(ckpt, device, tasks[key])
-    return argparse.Namespace(dir=run, args=args, meta=meta, model=model, task=tasks[key], seed=key[2],
-                              data_root=key[1], eval_tf=image_transforms(pp, 1.0)[1], method=meta["method"])
+    return argparse.Namespace(dir=run, args=args, meta=meta, model=model, task=tasks[key], seed=task["seed"],
+                              data_root=task["root"], eval_tf=image_transforms(pp, 1.0)[1], method=meta["method"])
 
 
 def run_theta0(run, device) -> ClipClassifier:

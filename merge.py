@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (AUTO_WORKERS, TransformedImages, as_template_fns, atomic_save, autocast, classification_metrics,
+from common import (AUTO_WORKERS, TASK_FIELDS, TransformedImages, as_template_fns, atomic_save, autocast, classification_metrics,
                     collate_skipping_bad, data_workers, evaluate_split, evaluate_task, get_device, init_distributed,
                     is_main_process, load_clip, load_run, log_results, plot_id_vs_ood, print_rows, rebuild_head_from_text,
                     run_log_args, run_theta0, seed_everything, split_logits)
@@ -74,7 +74,6 @@ TPGM_BATCH = 128  # held-out images per radius step
 TPGM_INIT = 0.5  # radii start at this fraction of ‖θ_ft − θ0‖ (official TPGM code)
 TPGM_C_REG = 1.0  # μ: weight of TPGM-C's mean-ratio penalty (the Lipsum-FT paper sweeps 0.1–5)
 TPGM_TEMPLATES = 16  # a text-head run's radii see the head of all its templates up to this many, else this many per step
-TASK_FIELDS = ("data", "data_root", "zeroshot_data", "source_domain", "unseen_classes", "test_domain")  # what the scored task is made of (common.load_run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +507,7 @@ def check_together(runs: list, why: str, same_model: bool = True):
     seed, --shots and the recipe may differ (soups are made of runs that differ in them)."""
     first = runs[0]
     for r in runs[1:]:
-        differ = [k for k in TASK_FIELDS if r.args.get(k, "") != first.args.get(k, "")]
+        differ = [k for k, default in TASK_FIELDS.items() if r.args.get(k, default) != first.args.get(k, default)]
         differ += [k for k in ("classnames", *(("model", "pretrained") if same_model else ())) if r.meta[k] != first.meta[k]]
         if differ:
             raise SystemExit(f"error: {r.dir} and {first.dir} differ in {', '.join(differ)}: {why}")

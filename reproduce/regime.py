@@ -45,7 +45,6 @@ import reproduce  # noqa: E402
 from reproduce import BULGE, FT_GAIN, FT_OOD_LOSS, FT_ZS_LOSS, MAX_ID_COST, MIN_OOD_GAIN  # noqa: E402  (issue #32's bars)
 
 DEFAULT_METHODS = "zeroshot,ft,lipsum_ft,kd,car_ft,arf,flyp,carot,lora"  # issue #32's and the methods since; any row of reproduce.METHODS
-TASK_OPTIONS = ("data", "data_root", "source_domain", "unseen_classes", "test_domain")  # what load_task needs of --extra
 
 
 def k_name(k: int) -> str:
@@ -53,9 +52,11 @@ def k_name(k: int) -> str:
 
 
 def task_options(extra: list) -> dict:
-    """The options of --extra that decide the task (the rest go to the method files untouched)."""
+    """The options of --extra that decide the task (common.TASK_FIELDS; the rest go to the method files untouched)."""
+    import common
+
     p = argparse.ArgumentParser(add_help=False)
-    for name, default in zip(TASK_OPTIONS, ("miniworld", "", "real", "", "")):
+    for name, default in common.TASK_FIELDS.items():
         p.add_argument("--" + name.replace("_", "-"), default=default)
     return vars(p.parse_known_args(extra)[0])
 
