@@ -2,7 +2,7 @@
 on every split of a task, then tables (markdown, CSV, JSON) and ID-vs-OOD plots from results.jsonl, and
 training curves from log.jsonl; runs out to open_clip (export) and open_clip fine-tunes in as runs (import).
 
-  python evaluate.py eval --ckpt runs/ft-miniworld-miniclip-s0        # a fine-tuned checkpoint
+  python evaluate.py eval --ckpt runs/ft-miniworld-k10-miniclip-s0        # a fine-tuned checkpoint
   python evaluate.py eval --model ViT-B-16 --pretrained openai --data imagenet --data-root DIR   # zero-shot
   python evaluate.py eval --ckpt RUN --zeroshot-data DIR1,DIR2        # + cross-dataset zero-shot transfer
   torchrun --nproc_per_node 8 evaluate.py eval --ckpt RUN              # every split shared out over 8 processes

@@ -45,7 +45,7 @@ Choices where the papers are silent (METHODS.md, "Weight-space methods and ensem
     ensembles only need the same task (logits of any architectures can be averaged).
 
 Run (any run directory written by a method file; RESULTS.md has measured numbers):
-  python merge.py wise --ckpt runs/ft-miniworld-miniclip-s0 --alphas 0:1:0.1   (and tpgm, tpgm-c --reg 1.0)
+  python merge.py wise --ckpt runs/ft-miniworld-k10-miniclip-s0 --alphas 0:1:0.1   (and tpgm, tpgm-c --reg 1.0)
   python merge.py soup --kind greedy --ckpt RUN1 RUN2 ...       (ensemble --kind output: the same for logits)
   python merge.py stock --ckpt RUN1 RUN2                         (Model Stock of two runs from one init)
   torchrun --nproc_per_node 8 merge.py wise --ckpt RUN          (any subcommand: every split shared out over 8 processes)

@@ -36,7 +36,8 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
             "--arf-args", f"--captioner dataset --captions {captions} --pool {pool} --retrieve-k 2"]
     reproduce.main(argv)
     report = (tmp_path / "RESULTS.md").read_text()
-    ablation_labels = [f"{method} ({tag})" for method, tag in reproduce.ABLATIONS.values()]  # "arf (no-cap)"
+    ablation_labels = [f"{method} ({'lam=1 ' if method == 'lipsum_ft' else ''}{tag})"  # "arf (no-cap)", "lipsum_ft (lam=1 kld)"
+                       for method, tag in reproduce.ABLATIONS.values()]
     labels = [name for name, _, _ in reproduce.METHODS if name not in reproduce.ABLATIONS] + ablation_labels
     for label in labels:
         assert f"| {label}" in report, label
@@ -56,6 +57,10 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
         assert gap != "–", label
     assert "| ft | 2 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in robust  # FT against itself (ΔID, ΔOOD)
     assert "Training set: the full training split" in report  # a folder: no --shots, every image
+    claims = report.split("## The papers' ordering claims")[1]
+    table3 = [line for line in claims.splitlines() if "beats its variant lipsum_ft (" in line]
+    assert len(table3) == 3 and not any("not measured" in line for line in table3)  # the ablations' rows found by their words
+    assert "| FT lowers zero-shot transfer | not measured (no such rows) |" in claims  # a folder has no transfer split
     bars = report[report.index("## The world's bars"):report.index("## Text-space diagnostics")]
     assert "| FT ID ≥ zero-shot + 7 |" in bars and re.search(r"FT's WiSE-FT bulge.*\| α (0|0\.5), (0|0\.5): ", bars)  # per seed
     for method in reproduce.BARS_ON:  # each against FT with its paired per-image SE
