@@ -139,7 +139,8 @@ def check_from(folders: list, seeds: list, methods: list, shots: list) -> dict:
 
 def summarise(runs: Path, seeds: list, shots: list, methods: list, sources: dict) -> dict:
     """Per K: {"ft": [(ΔID, ΔOOD, ΔZS) of FT − zero-shot per seed], "se_ft": {kind: paired SE}, "bulge": [(α, ID − FT's)
-    per seed], "methods": {method: (paired_with_ft's columns, {kind: paired SE})}, "zs": zero-shot (ID, OOD, ZS) mean}."""
+    per seed], "methods": {method: (paired_with_ft's columns, {kind: paired SE})}, "tags": {method: its rows' tag (the
+    coefficients it ran with)}, "zs": zero-shot (ID, OOD, ZS) mean}."""
     import evaluate
 
     zs_rows = [r for r in evaluate.read_results(runs / "zeroshot" / "results.jsonl") if r.get("tag", "") == "" and r["seed"] in seeds]
@@ -162,14 +163,15 @@ def summarise(runs: Path, seeds: list, shots: list, methods: list, sources: dict
             best_id, best = max(below) if below else (math.nan, math.nan)
             bulge.append((best, best_id - point[("ft", "", s)][0]))
         table = reproduce.paired_with_ft(rows, [])
-        per_method = {}
+        per_method, tags_of = {}, {}
         for m in methods:
             tags = [t for (mm, t) in table if mm == m and not t.startswith(reproduce.MERGED) and not reproduce.is_ablation(t)]
             dirs = [folder / f"{m}-s{s}" for s in seeds]
             if m in ("zeroshot", "ft") or not tags or not all((d / "final.pt").is_file() for d in dirs):
                 continue
             per_method[m] = (table[(m, tags[0])], {kind: reproduce.paired_se(dirs, ft_dirs, n) for kind, n in kinds.items()})
-        out[k] = dict(ft=[np.subtract(point[("ft", "", s)], point[("zeroshot", "", s)]) for s in seeds],
+            tags_of[m] = tags[0]
+        out[k] = dict(tags=tags_of, ft=[np.subtract(point[("ft", "", s)], point[("zeroshot", "", s)]) for s in seeds],
                       se_ft={kind: reproduce.paired_se(ft_dirs, zs_dirs, n) for kind, n in kinds.items()},
                       bulge=bulge, methods=per_method, zs=np.mean([point[("zeroshot", "", s)] for s in seeds], 0))
     return out
@@ -257,12 +259,14 @@ def report(result: dict, seeds: list, per_class: int, command: str, timing: str,
                      + " | " + ", ".join(f"α {al:g}: {b:+.2f}" for al, b in r["bulge"]) + " |")
     lines += ["", "## Each method against FT of the same seed", "",
               "Margin = OOD-mean margin over that seed's FT WiSE-FT curve at equal ID (> 0: robust beyond what interpolating "
-              "towards zero-shot buys; '–' outside the curve's ID range, seeds in range in brackets).", "",
+              "towards zero-shot buys; '–' outside the curve's ID range, seeds in range in brackets). Each row names the "
+              "coefficients its runs used (their tag): a K taken --from another folder has that folder's presets.", "",
               "| K | method | ΔID vs FT | ΔOOD vs FT | ΔZS vs FT | margin over FT's WiSE curve |", "|---|---|---|---|---|---|"]
     for k in ks:
         for m, (cols, se) in result[k]["methods"].items():
             n_margin = sum(not math.isnan(v) for v in cols["margin"])
-            lines.append(f"| {kname(k)} | {m} | {cell(cols['id'])} ({se_txt(se['id'])}) | {cell(cols['ood'])} ({se_txt(se['ood'])}) | "
+            tag = result[k]["tags"][m]
+            lines.append(f"| {kname(k)} | {m}{f' ({tag})' if tag else ''} | {cell(cols['id'])} ({se_txt(se['id'])}) | {cell(cols['ood'])} ({se_txt(se['ood'])}) | "
                          f"{cell(cols['zs'])} ({se_txt(se['zeroshot'])}) | {cell(cols['margin'])} ({n_margin}) |")
     lines += ["", "## Issue #32's bars per K", "",
               f"FT ID ≥ zero-shot + {FT_GAIN:g}, FT OOD mean ≤ zero-shot − {-FT_OOD_LOSS:g}, zero-shot transfer ≤ zero-shot − "

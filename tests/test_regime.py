@@ -56,7 +56,7 @@ def test_regime_map_micro(regime_map):
     ft_table = report.split("## FT against zero-shot")[1].split("## Each method")[0]
     assert "\n| 2 |" in ft_table and "\n| full (" in ft_table and len(re.findall(r"α [\d.]+: [+-]", ft_table)) == 4  # per K, seed
     methods = report.split("## Each method")[1].split("## Issue #32's bars")[0]
-    assert "| 2 | lipsum_ft | " in methods and "| full (" in methods and "SE" in methods
+    assert "| 2 | lipsum_ft (lam=1) | " in methods and "| full (" in methods and "SE" in methods  # with its coefficient
     bars = report.split("## Issue #32's bars per K")[1]
     assert "\n| 2 |" in bars and "\n| full (" in bars and "FT ID ≥ ZS + 7" in bars  # 2 steps: FT learns nothing
     assert "not measurable here: FT ZS transfer" in bars  # a folder without --zeroshot-data has no transfer split
