@@ -1456,7 +1456,8 @@ def load_run(path, device, data_root: str = "", tasks: Optional[dict] = None, ze
         raise SystemExit(f"error: {run} has no args.json; pass a run directory written by a method file")
     args = json.loads((run / "args.json").read_text())
     task = {k: args.get(k, default) for k, default in TASK_FIELDS.items()}
-    task.update(root=data_root or task.pop("data_root"), seed=args.get("seed", 0), shots=args.get("shots", 0),
+    saved_root = task.pop("data_root")
+    task.update(root=data_root or saved_root, seed=args.get("seed", 0), shots=args.get("shots", 0),
                 zeroshot_data=task["zeroshot_data"] if zeroshot_data is None else zeroshot_data)
     key = tuple(sorted(task.items()))
     tasks = {} if tasks is None else tasks
