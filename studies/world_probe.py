@@ -9,7 +9,8 @@ miniworld.task's, without pretraining anything.
   python studies/world_probe.py --variants task --methods zeroshot,ft,lipsum_ft,lipsum_ft-noobj --errors
 
 Each variant is rendered like miniworld.task (same styles as OOD splits, same zero-shot splits), handed to
-the method files through miniworld.load_task, and trained with each method file's miniworld preset into
+the method files through miniworld.load_task, and trained with each method file's miniworld preset on the
+variant's whole train split (`--shots 0`, its size set by --train-images; `--extra "--shots K"` cuts it) into
 RUNS/<variant>/<method>-s<seed>. Prints one line per (variant, method): ID, OOD mean, zero-shot-transfer
 mean (mean over seeds), and the best α < 1 of WiSE-FT on FT with its ID minus FT's (the bulge).
 Nothing here is used by the method files; it is a scaffold for redesigning the world.
@@ -180,7 +181,7 @@ def main(argv=None):
                         miniworld.WordTokenizer()))) if name == "lipsum_ft-noobj" else contextlib.nullcontext())
                     with texts:
                         method.main([*argv, "--seed", str(seed), "--out", str(run), "--threads", str(a.threads),
-                                     *a.extra.split()])
+                                     "--shots", "0", *a.extra.split()])  # the variant's whole train split (--train-images)
             if "ft" in a.methods.split(",") and not any('"tag": "wise' in line for line in (out / f"ft-s{seed}" / "results.jsonl").read_text().splitlines()):
                 merge.main(["wise", "--ckpt", str(out / f"ft-s{seed}"), "--alphas", WISE_ALPHAS])
         rows = evaluate.read_results(out / "results.jsonl")
