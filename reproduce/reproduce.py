@@ -310,7 +310,7 @@ def world_bars(runs: Path, rows: list, seeds: list) -> list:
         se = {k: paired_se(dirs, ft_dirs, [n for n, t in tests.items() if t.kind == k]) for k in ("id", "ood", "zeroshot")}
         d_id, d_ood, margin = np.mean(cols["id"]), np.mean(cols["ood"]), np.nanmean(cols["margin"])
         bar = f"ΔOOD ≥ +{MIN_OOD_GAIN:g} with ΔID ≥ −{-MAX_ID_COST:g}"
-        lines.append(f"| {method} ({tags[0]}): ΔID {cell(cols['id'])} (SE {se['id']:.1f}), ΔOOD {cell(cols['ood'])} "
+        lines.append(f"| {method}{f' ({tags[0]})' if tags[0] else ''}: ΔID {cell(cols['id'])} (SE {se['id']:.1f}), ΔOOD {cell(cols['ood'])} "
                      f"(SE {se['ood']:.1f}), ΔZS {cell(cols['zs'])} (SE {se['zeroshot']:.1f}), margin {cell(cols['margin'])} | "
                      + (f"required: {bar}; goal: margin > +1 | " if method in REQUIRED else f"reported: {bar} | ")
                      + f"{ok(d_ood >= MIN_OOD_GAIN and d_id >= MAX_ID_COST)}"

@@ -64,7 +64,8 @@ def test_reproduce_micro_writes_every_row(tmp_path, folder_data, tiny_model, mon
     bars = report[report.index("## The world's bars"):report.index("## Text-space diagnostics")]
     assert "| FT ID ≥ zero-shot + 7 |" in bars and re.search(r"FT's WiSE-FT bulge.*\| α (0|0\.5), (0|0\.5): ", bars)  # per seed
     for method in reproduce.BARS_ON:  # each against FT with its paired per-image SE
-        assert f"| {method} (" in bars and "SE" in bars.split(f"| {method} (")[1].split("\n")[0], method
+        line = next(line for line in bars.splitlines() if line.startswith((f"| {method}: ", f"| {method} (")))
+        assert "SE" in line and "()" not in line, method  # an untagged method is named alone
     assert "## Text-space diagnostics" in report and "| ft | 2 |" in report.split("## Text-space diagnostics")[1]
     assert "Pearson r" in report and (tmp_path / "docs" / "reproduce_energy_gap.png").exists()
     assert (tmp_path / "docs" / "reproduce_id_vs_ood.png").exists()
