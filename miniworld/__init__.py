@@ -40,9 +40,11 @@ The downstream task (load_task), shaped like ImageNet and its shifts (chance lev
 
 Two regimes, chosen from the regime map (docs/regime_map.md, `python reproduce/regime.py`): the default, 10
 images per class, where FT gains over zero-shot and forgets (shifts and zero-shot transfer drop), WiSE-FT
-bulges and the robust methods buy OOD accuracy for at most ~1 ID point, as on ImageNet in the papers; and
-the full set (`--shots 0`), where FT learns what the pretrained features hold, zero-shot adds nothing FT
-lacks and every regulariser pays 2-5 ID points for its OOD gain. Measured on this task: RESULTS.md (`python reproduce/reproduce.py --workers 2`, with the text-space
+bulges and Lipsum-FT, KD and CAR-FT buy OOD accuracy for at most 1 ID point, as on ImageNet in the papers;
+and the full set (`--shots 0`), where FT learns what the pretrained features hold, zero-shot adds nothing
+FT lacks and Lipsum-FT and KD pay 4-5 ID points for their OOD gain.
+
+Measured on this task: RESULTS.md (`python reproduce/reproduce.py --workers 2`, with the text-space
 diagnostics of reproduce/diagnostics.py). The classes were chosen by the checkpoint's zero-shot accuracy
 on fresh renders alone (studies/choose_classes.py, docs/choose_classes.md). Why the world looks as it does,
 what changed from RENDER_VERSION 2 (issue #18) and the probes behind it: docs/miniworld.md.
