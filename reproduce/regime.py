@@ -244,7 +244,7 @@ def report(result: dict, seeds: list, per_class: int, command: str, timing: str,
     kname = lambda k: f"full ({per_class}/class)" if k == 0 else str(k)  # noqa: E731
     lines = ["# Regime map: the papers' claims by training-set size", "",
              f"Written by `{command}` (seeds {', '.join(map(str, seeds))}). Every number comes from the runs' "
-             f"results.jsonl under `{runs}`. K = training images per class (`--shots K`, drawn per seed, nested in K); "
+             f"results.jsonl under `{runs}` (a K taken --from another folder: under that folder). K = training images per class (`--shots K`, drawn per seed, nested in K); "
              "the held-out slice is the same at every K (METHODS.md, Regimes). ± = std over seeds; SE = standard error "
              "of the seed-mean Δ from the per-image differences on the same test images.", "", timing, "",
              f"![regime map]({figure_link})", "", "Figure: means over seeds, error bars = std over seeds; dotted lines = the bars.", "",
