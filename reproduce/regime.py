@@ -156,21 +156,16 @@ def summarise(runs: Path, seeds: list, shots: list, methods: list, sources: dict
         ft_dirs = [folder / f"ft-s{s}" for s in seeds]
         tests = reproduce.test_splits(ft_dirs[0])
         kinds = {kind: [n for n, t in tests.items() if t.kind == kind] for kind in ("id", "ood", "zeroshot")}
-        curves = reproduce.ft_wise_curves(point, reproduce.wise_alphas(rows))
-        bulge = []
-        for s in seeds:
-            below = [(i, al) for al, i, _ in curves.get(s, []) if al < 1]
-            best_id, best = max(below) if below else (math.nan, math.nan)
-            bulge.append((best, best_id - point[("ft", "", s)][0]))
+        bulge = reproduce.wise_bulges(point, rows, seeds)
         table = reproduce.paired_with_ft(rows, [])
         per_method, tags_of = {}, {}
         for m in methods:
-            tags = [t for (mm, t) in table if mm == m and not t.startswith(reproduce.MERGED) and not reproduce.is_ablation(t)]
+            tag = reproduce.own_tag(table, m)
             dirs = [folder / f"{m}-s{s}" for s in seeds]
-            if m in ("zeroshot", "ft") or not tags or not all((d / "final.pt").is_file() for d in dirs):
+            if m in ("zeroshot", "ft") or tag is None or not all((d / "final.pt").is_file() for d in dirs):
                 continue
-            per_method[m] = (table[(m, tags[0])], {kind: reproduce.paired_se(dirs, ft_dirs, n) for kind, n in kinds.items()})
-            tags_of[m] = tags[0]
+            per_method[m] = (table[(m, tag)], {kind: reproduce.paired_se(dirs, ft_dirs, n) for kind, n in kinds.items()})
+            tags_of[m] = tag
         out[k] = dict(tags=tags_of, ft=[np.subtract(point[("ft", "", s)], point[("zeroshot", "", s)]) for s in seeds],
                       se_ft={kind: reproduce.paired_se(ft_dirs, zs_dirs, n) for kind, n in kinds.items()},
                       bulge=bulge, methods=per_method, zs=np.mean([point[("zeroshot", "", s)] for s in seeds], 0))

@@ -170,6 +170,22 @@ def ft_wise_curves(point: dict, alphas: dict) -> dict:
     return {seed: sorted(c) for seed, c in curves.items()}
 
 
+def wise_bulges(point: dict, rows: list, seeds: list) -> list:
+    """[(α, ID − FT's ID)] per seed: the best WiSE-FT point on FT's curve short of α = 1 (NaN, NaN without a curve)."""
+    curves = ft_wise_curves(point, wise_alphas(rows))
+    out = []
+    for seed in seeds:
+        below = [(i, al) for al, i, _ in curves.get(seed, []) if al < 1]  # (ID, α) of the curve's points short of FT
+        best_id, best = max(below) if below else (math.nan, math.nan)
+        out.append((best, best_id - point[("ft", "", seed)][0]))
+    return out
+
+
+def own_tag(table: dict, method: str):
+    """The tag of a method's own row in paired_with_ft's table (not a merge, not an ablation); None if it has none."""
+    return next((t for (m, t) in table if m == method and not t.startswith(MERGED) and not is_ablation(t)), None)
+
+
 def paired_with_ft(rows: list, gaps: list) -> dict:
     """{(method, tag): {column: [value per seed]}}: ID, OOD mean and zero-shot-transfer mean relative to
     FT of the same seed (points), the OOD margin over that seed's FT WiSE-FT curve at equal ID
@@ -286,31 +302,25 @@ def world_bars(runs: Path, rows: list, seeds: list) -> list:
              f"| FT ID ≥ zero-shot + {FT_GAIN:g} | {fi - zi:+.1f} ({stat([f[0] for f in ft])}) | {ok(fi - zi >= FT_GAIN)} |",
              f"| FT OOD mean ≤ zero-shot − {-FT_OOD_LOSS:g} | {fo - zo:+.1f} ({stat([f[1] for f in ft])}) | {ok(fo - zo <= FT_OOD_LOSS)} |",
              f"| FT zero-shot transfer ≤ zero-shot − {-FT_ZS_LOSS:g} | {fz - zz:+.1f} ({stat([f[2] for f in ft])}) | {ok(fz - zz <= FT_ZS_LOSS)} |"]
-    bulges, alphas = [], []
-    curves = ft_wise_curves(point, wise_alphas(rows))
-    for seed in seeds:
-        below = [(i, al) for al, i, _ in curves.get(seed, []) if al < 1]  # (ID, α) of the curve's points short of FT
-        if below:
-            best_id, best = max(below)
-            bulges.append(best_id - point[("ft", "", seed)][0])
-            alphas.append(best)
+    found = [(al, b) for al, b in wise_bulges(point, rows, seeds) if not math.isnan(b)]
+    alphas, bulges = [al for al, _ in found], [b for _, b in found]
     if bulges:
         lines.append(f"| FT's WiSE-FT bulge: best α < 1 on ID (per seed), its ID − FT's | α {', '.join(f'{a:g}' for a in alphas)}: "
                      f"{stat(bulges, '{:+.2f}')} | {ok(min(bulges) > BULGE)} (> +{BULGE:g} on every seed) |")
     table = paired_with_ft(rows, [])
     ft_dirs = [runs / f"ft-s{s}" for s in seeds]
     for method in BARS_ON:
-        tags = [t for (m, t) in table if m == method and not t.startswith(MERGED) and not is_ablation(t)]
-        if not tags:
+        tag = own_tag(table, method)
+        if tag is None:
             continue
-        cols = table[(method, tags[0])]
+        cols = table[(method, tag)]
         dirs = [runs / f"{method}-s{s}" for s in seeds]
         if not all((d / "final.pt").is_file() for d in dirs + ft_dirs):
             continue
         se = {k: paired_se(dirs, ft_dirs, [n for n, t in tests.items() if t.kind == k]) for k in ("id", "ood", "zeroshot")}
         d_id, d_ood, margin = np.mean(cols["id"]), np.mean(cols["ood"]), np.nanmean(cols["margin"])
         bar = f"ΔOOD ≥ +{MIN_OOD_GAIN:g} with ΔID ≥ −{-MAX_ID_COST:g}"
-        lines.append(f"| {method}{f' ({tags[0]})' if tags[0] else ''}: ΔID {cell(cols['id'])} (SE {se['id']:.1f}), ΔOOD {cell(cols['ood'])} "
+        lines.append(f"| {method}{f' ({tag})' if tag else ''}: ΔID {cell(cols['id'])} (SE {se['id']:.1f}), ΔOOD {cell(cols['ood'])} "
                      f"(SE {se['ood']:.1f}), ΔZS {cell(cols['zs'])} (SE {se['zeroshot']:.1f}), margin {cell(cols['margin'])} | "
                      + (f"required: {bar}; goal: margin > +1 | " if method in REQUIRED else f"reported: {bar} | ")
                      + f"{ok(d_ood >= MIN_OOD_GAIN and d_id >= MAX_ID_COST)}"
