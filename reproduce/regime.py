@@ -69,6 +69,7 @@ def check_shots(shots: list, seeds: list, extra: list) -> dict:
     per_class = {}
     for seed in seeds:
         options = task_options(extra)
+        options.pop("zeroshot_data")  # the K shots are drawn from training: no need to read the zero-shot folders here
         task = tasks.load_task(root=options.pop("data_root"), **options, seed=seed)
         labels = np.asarray(task.train.images.labels)
         counts = np.bincount(labels, minlength=len(task.classnames))

@@ -46,6 +46,7 @@ def shots_of(extra: list) -> int:
     p.add_argument("--data", default=common.TrainArgs.data)
     p.add_argument("--shots", type=int)
     known = p.parse_known_args(extra)[0]
+    common.check_data(known.data)  # an unknown --data stops here with the loader's message
     return known.shots if known.shots is not None else common.defaults(common.TrainArgs, known.data, {})["shots"]
 
 

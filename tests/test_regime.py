@@ -100,6 +100,8 @@ def test_sweep_trains_at_the_recipes_shots_unless_told():
 
     assert sweep.shots_of([]) == 10 and sweep.shots_of(["--shots", "0"]) == 0
     assert sweep.shots_of(["--data", "folder", "--data-root", "x"]) == 0 and sweep.shots_of(["--data", "folder", "--shots", "3"]) == 3
+    with pytest.raises(SystemExit, match="imagnet"):  # a typo in --data is one message, not a KeyError
+        sweep.shots_of(["--data", "imagnet"])
 
 
 def test_sweep_at_k(regime_map, micro, tmp_path):
